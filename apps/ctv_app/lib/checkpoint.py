@@ -1,0 +1,57 @@
+"""CTV checkpoints: weights plus the parameters and provenance they were trained with.
+
+Layout: ``{"model": state_dict, "params": CTVParams dict, "meta": {...}}``. ``"model"`` is the
+key MONAI Label's BasicInferTask loads. Writes are atomic (temp file + rename) so a reader
+never sees a half-written file, and a crash mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from .params import CTVParams
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str, state_dict: dict, params: CTVParams, meta: dict[str, Any]) -> str:
+    """Write atomically; returns the file's sha256, which is the model version."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"model": state_dict, "params": params.to_dict(), "meta": meta}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return file_sha256(path)
+
+
+def load_checkpoint(path: str, map_location: str = "cpu") -> dict[str, Any]:
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path} is not a CTV checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def read_params(path: str) -> CTVParams | None:
+    """The parameters a checkpoint was trained with, or None for a bare state dict / missing file."""
+    if not path or not os.path.exists(path):
+        return None
+    ckpt = load_checkpoint(path)
+    return CTVParams.from_dict(ckpt["params"]) if "params" in ckpt else None

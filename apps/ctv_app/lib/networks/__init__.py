@@ -1,0 +1,3 @@
+from .se_dynunet import IterativeRefinementNet, SEResBlock, SEResDynUNet, build_network
+
+__all__ = ["SEResBlock", "SEResDynUNet", "IterativeRefinementNet", "build_network"]

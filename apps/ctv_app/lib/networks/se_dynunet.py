@@ -1,0 +1,154 @@
+"""Residual DynUNet with channel squeeze-and-excitation, plus optional iterative refinement."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import ChannelSELayer
+from monai.networks.blocks.dynunet_block import UnetResBlock
+from monai.networks.nets import DynUNet
+from torch import nn
+
+
+class SEResBlock(UnetResBlock):
+    """UnetResBlock with squeeze-and-excitation recalibrating the residual branch (SE-ResNet order)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, *args, se_reduction: int = 4, **kwargs):
+        super().__init__(spatial_dims, in_channels, out_channels, *args, **kwargs)
+        self.se = ChannelSELayer(spatial_dims, out_channels, r=min(se_reduction, out_channels))
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        residual = inp
+        out = self.lrelu(self.norm1(self.conv1(inp)))
+        out = self.se(self.norm2(self.conv2(out)))
+        if hasattr(self, "conv3"):
+            residual = self.conv3(residual)
+        if hasattr(self, "norm3"):
+            residual = self.norm3(residual)
+        return self.lrelu(out + residual)
+
+
+class SEResDynUNet(DynUNet):
+    """DynUNet whose encoder and bottleneck blocks are residual SE blocks.
+
+    Deep-supervision heads (``deep_supr_num`` of them) are returned only in training mode,
+    stacked on dim 1 as DynUNet does; in eval mode the forward gives the full-resolution logits.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Sequence[Sequence[int] | int],
+        strides: Sequence[Sequence[int] | int],
+        filters: Sequence[int],
+        deep_supervision: bool = True,
+        deep_supr_num: int = 2,
+        se_reduction: int = 4,
+        dropout: float | None = None,
+    ):
+        if len(kernel_size) != len(strides):
+            raise ValueError(f"kernel_size and strides need one entry per level, got {len(kernel_size)} and {len(strides)}")
+        if len(filters) != len(strides):
+            raise ValueError(f"filters needs one entry per level ({len(strides)}), got {len(filters)}")
+        if any(f <= 0 for f in filters):
+            raise ValueError(f"filters must be positive, got {list(filters)}")
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
+        if se_reduction < 1:
+            raise ValueError(f"se_reduction must be >= 1, got {se_reduction}")
+        if dropout is not None and not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if deep_supervision and not 1 <= deep_supr_num <= len(strides) - 2:
+            raise ValueError(f"deep_supr_num must be in [1, {len(strides) - 2}] for {len(strides)} levels, got {deep_supr_num}")
+        self.se_reduction = se_reduction
+        super().__init__(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            kernel_size=kernel_size,
+            strides=strides,
+            upsample_kernel_size=strides[1:],
+            filters=filters,
+            dropout=dropout,
+            deep_supervision=deep_supervision,
+            deep_supr_num=deep_supr_num,
+            res_block=True,
+        )
+
+    # DynUNet builds every encoder block through these three hooks.
+    def _block(self, in_ch: int, out_ch: int, kernel, stride) -> SEResBlock:
+        return SEResBlock(
+            self.spatial_dims, in_ch, out_ch, kernel, stride, self.norm_name, self.act_name,
+            dropout=self.dropout, se_reduction=self.se_reduction,
+        )
+
+    def get_input_block(self) -> nn.Module:
+        return self._block(self.in_channels, self.filters[0], self.kernel_size[0], self.strides[0])
+
+    def get_bottleneck(self) -> nn.Module:
+        return self._block(self.filters[-2], self.filters[-1], self.kernel_size[-1], self.strides[-1])
+
+    def get_downsamples(self) -> nn.ModuleList:
+        pairs = zip(self.filters[:-2], self.filters[1:-1], self.kernel_size[1:-1], self.strides[1:-1])
+        return nn.ModuleList([self._block(i, o, k, s) for i, o, k, s in pairs])
+
+
+class IterativeRefinementNet(nn.Module):
+    """Runs ``net`` K times on (image, previous mask), starting from an all-zero mask.
+
+    ``net`` must take ``image_channels + mask_channels`` inputs and give ``mask_channels``
+    logits. The mask fed back is the sigmoid of the previous pass, detached so that each
+    pass learns to correct a given mask rather than back-propagating through all K passes.
+    """
+
+    def __init__(self, net: nn.Module, image_channels: int, mask_channels: int, passes: int):
+        super().__init__()
+        if passes < 1:
+            raise ValueError(f"passes must be >= 1, got {passes}")
+        expected = getattr(net, "in_channels", image_channels + mask_channels)
+        if expected != image_channels + mask_channels:
+            raise ValueError(f"net takes {expected} channels, refinement feeds {image_channels}+{mask_channels}")
+        self.net = net
+        self.image_channels = image_channels
+        self.mask_channels = mask_channels
+        self.passes = passes
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        mask = image.new_zeros((image.shape[0], self.mask_channels, *image.shape[2:]))
+        out = image
+        for _ in range(self.passes):
+            out = self.net(torch.cat([image, mask], dim=1))
+            main = out[:, 0] if out.dim() == image.dim() + 1 else out  # deep supervision stacks heads on dim 1
+            mask = torch.sigmoid(main).detach()
+        return out
+
+
+def build_network(
+    filters: Sequence[int] = (16, 32, 64, 128, 256),
+    refinement_passes: int = 0,
+    deep_supr_num: int = 2,
+    dropout: float | None = None,
+) -> nn.Module:
+    """The CTV network: 1 CT channel in, 1 CTV logit out; 3-D, first level anisotropy-free."""
+    levels = len(filters)
+    if levels < 3:
+        raise ValueError(f"need at least 3 levels, got filters={list(filters)}")
+    strides = [1] + [2] * (levels - 1)
+    in_channels = 2 if refinement_passes else 1
+    net = SEResDynUNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=1,
+        kernel_size=[3] * levels,
+        strides=strides,
+        filters=list(filters),
+        deep_supervision=deep_supr_num > 0,
+        deep_supr_num=max(deep_supr_num, 1),
+        dropout=dropout,
+    )
+    if refinement_passes:
+        return IterativeRefinementNet(net, image_channels=1, mask_channels=1, passes=refinement_passes)
+    return net

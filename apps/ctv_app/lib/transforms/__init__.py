@@ -1,0 +1,13 @@
+from .geometry import RestoreGeometry, RestoreGeometryd
+from .pipeline import post_transforms, pre_transforms, train_transforms
+from .validation import ValidateCT, ValidateCTd
+
+__all__ = [
+    "RestoreGeometry",
+    "RestoreGeometryd",
+    "ValidateCT",
+    "ValidateCTd",
+    "pre_transforms",
+    "post_transforms",
+    "train_transforms",
+]

@@ -1,0 +1,86 @@
+"""The CTV transform chains. Infer and train share ``pre_transforms`` so they can never drift apart."""
+
+from __future__ import annotations
+
+from monai.transforms import (
+    Activationsd,
+    AsDiscreted,
+    CastToTyped,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    FillHolesd,
+    KeepLargestConnectedComponentd,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+    SqueezeDimd,
+)
+
+from ..params import CTVParams
+from .geometry import RestoreGeometryd
+from .validation import LoadCTImaged, ValidateCTd
+
+
+def pre_transforms(params: CTVParams, with_label: bool = False) -> list:
+    """Load, validate, orient to RAS, resample to the target spacing, window and normalise."""
+    keys = ["image", "label"] if with_label else ["image"]
+    lo, hi = params.window
+    chain = [
+        LoadCTImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        ValidateCTd(keys="image"),
+        Orientationd(keys=keys, axcodes="RAS"),
+        Spacingd(keys=keys, pixdim=params.target_spacing, mode=["bilinear", "nearest"][: len(keys)]),
+    ]
+    if params.normalisation == "scale":
+        chain.append(ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    else:
+        chain += [
+            ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True),
+            NormalizeIntensityd(keys="image"),
+        ]
+    chain.append(EnsureTyped(keys=keys, dtype="float32"))
+    return chain
+
+
+def train_transforms(params: CTVParams, samples_per_volume: int = 4) -> list:
+    """Random patches around foreground and background, then geometric and intensity augmentation."""
+    keys = ["image", "label"]
+    return [
+        SpatialPadd(keys=keys, spatial_size=params.patch_size),
+        RandCropByPosNegLabeld(
+            keys=keys, label_key="label", spatial_size=params.patch_size, pos=2, neg=1,
+            num_samples=samples_per_volume, image_key="image", image_threshold=-1e9,
+        ),
+        RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+        RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
+        RandAffined(
+            keys=keys, prob=0.3, rotate_range=[0.175] * 3, translate_range=[8] * 3, scale_range=[0.1] * 3,
+            mode=["bilinear", "nearest"], padding_mode="border",
+        ),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.3),
+        RandShiftIntensityd(keys="image", offsets=0.05, prob=0.3),
+        RandGaussianNoised(keys="image", prob=0.3, std=0.03),
+    ]
+
+
+def post_transforms(params: CTVParams) -> list:
+    """Probabilities -> input grid -> binary mask -> largest component -> holes filled."""
+    return [
+        Activationsd(keys="pred", sigmoid=True),
+        RestoreGeometryd(keys="pred", ref_image="image"),
+        AsDiscreted(keys="pred", threshold=params.threshold),
+        KeepLargestConnectedComponentd(keys="pred", applied_labels=[1], connectivity=1),
+        FillHolesd(keys="pred", applied_labels=[1]),
+        CastToTyped(keys="pred", dtype="uint8"),
+        SqueezeDimd(keys="pred", dim=0),
+    ]

@@ -1,0 +1,71 @@
+"""Reject input that is not a readable 3-D CT before any model time is spent on it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import LoadImaged, MapTransform, Transform
+
+from ..errors import InvalidInputError
+
+MIN_VOXELS_PER_AXIS = 4
+SPACING_RANGE_MM = (0.05, 20.0)
+# A CT in HU holds air or fat (< -200 HU) in at least 1% of voxels and tops out far below 5000 HU;
+# MR, PET, 8-bit images and label maps fail one of these.
+CT_LOW_HU, CT_LOW_FRACTION, CT_MAX_P99 = -200.0, 0.01, 5000.0
+
+
+class LoadCTImaged(LoadImaged):
+    """LoadImaged that reports an unreadable file as the caller's error, naming the file."""
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except Exception as e:  # readers raise many types; all mean the same thing to the caller
+            name = os.path.basename(str(data.get(self.keys[0], "")))
+            raise InvalidInputError(f"image '{name}' is not a readable 3D image: {type(e).__name__}: {e}") from e
+
+
+class ValidateCT(Transform):
+    """Raise InvalidInputError unless ``img`` (channel-first) is a finite, 3-D, CT-like volume in HU."""
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        name = os.path.basename(str(img.meta.get("filename_or_obj", "image"))) if isinstance(img, MetaTensor) else "image"
+        spatial = tuple(img.shape[1:])
+        if img.shape[0] != 1 or len(spatial) != 3:
+            raise InvalidInputError(f"'{name}' must be a single-channel 3D volume, got shape {tuple(img.shape)}")
+        if min(spatial) < MIN_VOXELS_PER_AXIS:
+            raise InvalidInputError(f"'{name}' is {spatial} voxels; need at least {MIN_VOXELS_PER_AXIS} along every axis")
+        if isinstance(img, MetaTensor):
+            spacing = np.linalg.norm(np.asarray(img.affine)[:3, :3], axis=0)
+            if not (np.all(spacing >= SPACING_RANGE_MM[0]) and np.all(spacing <= SPACING_RANGE_MM[1])):
+                raise InvalidInputError(f"'{name}' has voxel spacing {np.round(spacing, 3).tolist()} mm, outside {SPACING_RANGE_MM} mm")
+        values = torch.as_tensor(img).float()
+        if not bool(torch.isfinite(values).all()):
+            raise InvalidInputError(f"'{name}' contains NaN or infinite values")
+        sample = values.flatten()[:: max(1, values.numel() // 1_000_000)]
+        low_fraction = float((sample < CT_LOW_HU).float().mean())
+        p99 = float(torch.quantile(sample, 0.99))
+        if low_fraction < CT_LOW_FRACTION or p99 > CT_MAX_P99:
+            raise InvalidInputError(
+                f"'{name}' does not look like CT in Hounsfield units: {low_fraction:.1%} of voxels below "
+                f"{CT_LOW_HU:.0f} HU (need >= {CT_LOW_FRACTION:.0%}) and 99th percentile {p99:.0f} (need <= {CT_MAX_P99:.0f})"
+            )
+        return img
+
+
+class ValidateCTd(MapTransform):
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.validate = ValidateCT()
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.validate(d[key])
+        return d

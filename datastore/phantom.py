@@ -1,0 +1,272 @@
+"""Synthetic female pelvic CT phantom with a cervical-cancer CTV label.
+
+SYNTHETIC DATA. Nothing here comes from a patient. The phantom exists so that tests,
+benchmarks and the demo weights have unlimited, reproducible, correctly labelled
+volumes. It looks roughly like a planning CT (HU values, anatomy, noise) but a model
+trained on it is not a clinical model.
+
+Anatomy is defined in millimetres in patient RAS space (x: right->left,
+y: posterior->anterior, z: inferior->superior), origin near the pelvic centre, so the
+same seed gives the same patient at any matrix size and spacing.
+
+CTV rule (stated once, here):
+    core = uterus + cervix + upper vagina (the upper 20 mm of the vaginal tube)
+    CTV  = core grown by a parametrial margin (10 mm left-right, 5 mm antero-posterior
+           and cranio-caudal), kept inside the pelvic cavity, minus bone, bladder and rectum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+AIR_HU = -1000.0
+FAT_HU = -95.0
+MUSCLE_HU = 45.0
+URINE_HU = 8.0
+GAS_HU = -900.0
+CORTICAL_HU = 900.0
+TRABECULAR_HU = 250.0
+
+UPPER_VAGINA_MM = 20.0
+PARAMETRIAL_MARGIN_MM = (10.0, 5.0, 5.0)  # x (lateral), y (AP), z (SI)
+
+SMALL_SHAPE = (112, 96, 48)
+SMALL_SPACING = (3.5, 3.5, 5.0)
+FULL_SHAPE = (512, 512, 120)
+FULL_SPACING = (0.977, 0.977, 3.0)
+
+
+@dataclass
+class Phantom:
+    """One synthetic case: ``image`` in HU and ``label`` (CTV=1), both indexed (i, j, k)."""
+
+    image: np.ndarray  # int16 HU
+    label: np.ndarray  # uint8 0/1
+    affine: np.ndarray  # 4x4 voxel -> RAS mm, LPS-ordered axes like a DICOM-derived NIfTI
+    seed: int
+
+
+class _Grid:
+    """Physical coordinates of a diagonal-affine grid, evaluated lazily inside bounding boxes."""
+
+    def __init__(self, shape: tuple[int, int, int], spacing: tuple[float, float, float]):
+        # Axes stored LPS-ordered (x and y decrease with index) as most CT NIfTI files are.
+        self.shape = shape
+        self.axes = [
+            -(np.arange(shape[0]) - (shape[0] - 1) / 2.0) * spacing[0],
+            -(np.arange(shape[1]) - (shape[1] - 1) / 2.0) * spacing[1],
+            (np.arange(shape[2]) - (shape[2] - 1) / 2.0) * spacing[2],
+        ]
+        self.spacing = spacing
+
+    @property
+    def affine(self) -> np.ndarray:
+        aff = np.diag([-self.spacing[0], -self.spacing[1], self.spacing[2], 1.0])
+        aff[:3, 3] = [self.axes[0][0], self.axes[1][0], self.axes[2][0]]
+        return aff
+
+    def box(self, lo: np.ndarray, hi: np.ndarray) -> tuple[tuple[slice, ...], list[np.ndarray]]:
+        """Index slices covering the physical box [lo, hi] and the broadcastable coordinates inside."""
+        slices, coords = [], []
+        for d in range(3):
+            ax = self.axes[d]
+            inside = np.nonzero((ax >= lo[d]) & (ax <= hi[d]))[0]
+            if inside.size == 0:
+                sl = slice(0, 0)
+            else:
+                sl = slice(int(inside[0]), int(inside[-1]) + 1)
+            slices.append(sl)
+            c = ax[sl].astype(np.float32)
+            shape = [1, 1, 1]
+            shape[d] = c.size
+            coords.append(c.reshape(shape))
+        return tuple(slices), coords
+
+
+def _rotation(tilt_x_deg: float, tilt_y_deg: float) -> np.ndarray:
+    ax, ay = np.deg2rad(tilt_x_deg), np.deg2rad(tilt_y_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    return ry @ rx
+
+
+class _Painter:
+    def __init__(self, grid: _Grid):
+        self.grid = grid
+
+    def ellipsoid(self, center, radii, rot=None, reach=None) -> tuple[tuple[slice, ...], np.ndarray]:
+        center, radii = np.asarray(center, float), np.asarray(radii, float)
+        r = radii.max() if reach is None else reach
+        sl, (x, y, z) = self.grid.box(center - r, center + r)
+        dx, dy, dz = x - center[0], y - center[1], z - center[2]
+        if rot is not None:
+            # body-frame coordinates = R^T (p - c)
+            u = rot[0, 0] * dx + rot[1, 0] * dy + rot[2, 0] * dz
+            v = rot[0, 1] * dx + rot[1, 1] * dy + rot[2, 1] * dz
+            w = rot[0, 2] * dx + rot[1, 2] * dy + rot[2, 2] * dz
+        else:
+            u, v, w = dx, dy, dz
+        return sl, (u / radii[0]) ** 2 + (v / radii[1]) ** 2 + (w / radii[2]) ** 2 <= 1.0
+
+    def capsule(self, p0, p1, radius: float, flatten=(1.0, 1.0)) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
+        """Segment p0->p1 with a (possibly elliptic) section; also returns the axial parameter t in [0,1]."""
+        p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
+        lo = np.minimum(p0, p1) - radius * max(flatten)
+        hi = np.maximum(p0, p1) + radius * max(flatten)
+        sl, (x, y, z) = self.grid.box(lo, hi)
+        d = p1 - p0
+        length2 = float(d @ d)
+        t = ((x - p0[0]) * d[0] + (y - p0[1]) * d[1] + (z - p0[2]) * d[2]) / length2
+        t = np.clip(t, 0.0, 1.0)
+        ex = (x - (p0[0] + t * d[0])) / flatten[0]
+        ey = (y - (p0[1] + t * d[1])) / flatten[1]
+        ez = z - (p0[2] + t * d[2])
+        return sl, ex**2 + ey**2 + ez**2 <= radius**2, t
+
+
+def make_phantom(
+    seed: int,
+    shape: tuple[int, int, int] = SMALL_SHAPE,
+    spacing: tuple[float, float, float] = SMALL_SPACING,
+) -> Phantom:
+    """Build one deterministic phantom: same ``seed`` -> same anatomy at any shape/spacing."""
+    rng = np.random.default_rng(seed)
+    grid = _Grid(tuple(int(s) for s in shape), tuple(float(s) for s in spacing))
+    paint = _Painter(grid)
+    img = np.full(grid.shape, AIR_HU, dtype=np.float32)
+    organ = {k: np.zeros(grid.shape, dtype=bool) for k in ("cavity", "bone", "bladder", "rectum", "uterus", "cervix", "vagina_upper")}
+
+    def put(mask_sl, value, name=None):
+        sl, m = mask_sl[0], mask_sl[1]
+        img[sl][m] = value
+        if name:
+            organ[name][sl] |= m
+
+    def clear(name, mask_sl):
+        sl, m = mask_sl[0], mask_sl[1]
+        organ[name][sl] &= ~m
+
+    size = rng.uniform(0.9, 1.12)
+
+    # Body outline (fat) with muscle inside: elliptic cylinders.
+    body_a, body_b = 175.0 * size, 125.0 * size
+    fat = rng.uniform(12.0, 35.0)
+    put(paint.ellipsoid((0, 5, 0), (body_a, body_b, 1e4)), FAT_HU)
+    put(paint.ellipsoid((0, 5, 0), (body_a - fat, body_b - fat, 1e4)), MUSCLE_HU)
+    # Pelvic cavity: fat-filled space where the organs sit, narrowing towards the floor.
+    cav_c = np.array([0.0, 0.0, -5.0])
+    cav_r = np.array([68.0, 55.0, 95.0]) * size
+    put(paint.ellipsoid(cav_c, cav_r), FAT_HU + 10.0, "cavity")
+
+    # Vagina, cervix, uterus along a tilted axis (anteversion + lateral tilt).
+    ante = rng.uniform(15.0, 60.0)
+    lat = rng.uniform(-15.0, 15.0)
+    rot = _rotation(-ante, lat)  # positive anteversion tips the fundus anteriorly
+    axis = rot @ np.array([0.0, 0.0, 1.0])
+    os_pt = np.array([rng.uniform(-12, 12), rng.uniform(-12, 6), rng.uniform(-35, -15)])  # external os
+    vag_len = rng.uniform(55.0, 75.0)
+    vag_top = os_pt + np.array([0.0, -3.0, 5.0])
+    vag_bot = vag_top + np.array([0.0, 8.0, -vag_len])
+    vag_sl, vag_m, vag_t = paint.capsule(vag_bot, vag_top, rng.uniform(9.0, 12.0), flatten=(1.6, 0.6))
+    put((vag_sl, vag_m), MUSCLE_HU - 5.0)
+    upper = vag_m & (vag_t >= 1.0 - UPPER_VAGINA_MM / vag_len)
+    organ["vagina_upper"][vag_sl] |= upper
+
+    tissue_hu = rng.uniform(55.0, 85.0)
+    cx_len = rng.uniform(25.0, 35.0)
+    cx_r = rng.uniform(11.0, 16.0)
+    cx_top = os_pt + axis * cx_len
+    put(paint.capsule(os_pt, cx_top, cx_r)[:2], tissue_hu - 10.0, "cervix")
+    ut_r = np.array([rng.uniform(24, 36), rng.uniform(16, 25), rng.uniform(30, 45)])
+    ut_c = cx_top + axis * (ut_r[2] * 0.8)
+    put(paint.ellipsoid(ut_c, ut_r, rot), tissue_hu, "uterus")
+
+    # Bladder: variable filling, anterior-inferior to the uterus; it pushes the organs aside.
+    fill = rng.uniform(0.55, 1.35)
+    bl_r = np.array([38.0, 30.0, 26.0]) * fill
+    bl_c = np.array([rng.uniform(-8, 8), 42.0 + 10 * fill, -28.0 + 12 * fill])
+    bl = paint.ellipsoid(bl_c, bl_r)
+    put(bl, URINE_HU, "bladder")
+    for name in ("uterus", "cervix", "vagina_upper"):
+        clear(name, bl)
+
+    # Rectum: posterior tube, muscular wall, gas and stool in the lumen.
+    rc_r = rng.uniform(11.0, 17.0)
+    rc_pts = [np.array([0.0, -35.0, -80.0]), np.array([rng.uniform(-6, 6), -48.0, 0.0]), np.array([rng.uniform(-25, -10), -35.0, 45.0])]
+    gas = rng.uniform(0.2, 0.9)
+    for p0, p1 in zip(rc_pts[:-1], rc_pts[1:]):
+        wall = paint.capsule(p0, p1, rc_r)
+        put(wall[:2], MUSCLE_HU, "rectum")
+        for name in ("uterus", "cervix", "vagina_upper"):
+            clear(name, wall)
+        lumen_sl, lumen_m, lumen_t = paint.capsule(p0, p1, rc_r - 3.0)
+        put((lumen_sl, lumen_m), -40.0)
+        # Gas rises to the anterior (non-dependent) side of the lumen.
+        y = grid.axes[1][lumen_sl[1]].reshape(1, -1, 1)
+        gas_m = lumen_m & (y > (p0[1] + p1[1]) / 2 + rc_r * (1 - 2 * gas))
+        put((lumen_sl, gas_m), GAS_HU)
+
+    # Bones: cortical shell around trabecular core.
+    def bone(outer, inner):
+        put(outer, CORTICAL_HU, "bone")
+        put(inner, TRABECULAR_HU)
+
+    for side in (-1.0, 1.0):
+        fh_c = np.array([side * 92.0 * size, 8.0, -60.0])
+        bone(paint.ellipsoid(fh_c, (24, 24, 24)), paint.ellipsoid(fh_c, (20, 20, 20)))
+        neck_end = fh_c + np.array([side * 45.0, -5.0, -45.0])
+        bone(paint.capsule(fh_c, neck_end, 15.0)[:2], paint.capsule(fh_c, neck_end, 11.0)[:2])
+        # Superior pubic ramus towards the symphysis.
+        sym = np.array([side * 8.0, 70.0 * size, -62.0])
+        bone(paint.capsule(fh_c + np.array([-side * 15, 20, 0]), sym, 9.0)[:2], paint.capsule(fh_c + np.array([-side * 15, 20, 0]), sym, 6.0)[:2])
+        # Iliac wing: a curved plate (sector of an elliptic shell) above the acetabulum.
+        wc = np.array([side * 30.0, -10.0, 70.0])
+        outer = paint.ellipsoid(wc, (105 * size, 70, 60), reach=110.0)
+        inner = paint.ellipsoid(wc, (95 * size, 60, 62), reach=110.0)
+        sl, m = outer
+        x, y, z = (grid.axes[d][sl[d]].reshape([-1 if e == d else 1 for e in range(3)]) for d in range(3))
+        sector = (side * x > side * wc[0] + 25) & (y < wc[1] + 45) & (z > 20)
+        plate = m & ~inner[1] & sector
+        put((sl, plate), CORTICAL_HU, "bone")
+    # Sacrum: flattened ellipsoid tilted forward, behind the rectum.
+    sac_rot = _rotation(-30.0, 0.0)
+    sac_c = np.array([0.0, -72.0 * size, 35.0])
+    bone(paint.ellipsoid(sac_c, (45, 14, 65), sac_rot), paint.ellipsoid(sac_c, (41, 10, 61), sac_rot))
+
+    # CTV from the organ masks, by the rule in the module docstring.
+    core = organ["uterus"] | organ["cervix"] | organ["vagina_upper"]
+    sampling = tuple(s / m for s, m in zip(grid.spacing, PARAMETRIAL_MARGIN_MM))
+    grown = ndimage.distance_transform_edt(~core, sampling=sampling) <= 1.0 if core.any() else core
+    ctv = grown & organ["cavity"] & ~organ["bone"] & ~organ["bladder"] & ~organ["rectum"]
+    ctv |= core & ~organ["bladder"] & ~organ["rectum"] & ~organ["bone"]
+
+    # Scanner: partial-volume blur (~1.2 mm) then correlated quantum noise.
+    blur = [1.2 / s for s in grid.spacing]
+    img = ndimage.gaussian_filter(img, blur, truncate=2.0)
+    noise_sd = rng.uniform(10.0, 22.0)
+    noise = rng.standard_normal(grid.shape, dtype=np.float32)
+    noise = ndimage.gaussian_filter(noise, [0.6 / s for s in grid.spacing], truncate=2.0)
+    noise *= noise_sd / max(float(noise.std()), 1e-6)
+    img = img + noise * (img > -800)  # little noise in air, as on a real scanner after reconstruction
+    return Phantom(
+        image=np.clip(np.rint(img), -1024, 3071).astype(np.int16),
+        label=ctv.astype(np.uint8),
+        affine=grid.affine,
+        seed=seed,
+    )
+
+
+def save_nifti(phantom: Phantom, image_path: str, label_path: str | None = None) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(phantom.image, phantom.affine)
+    img.header.set_xyzt_units("mm")
+    img.header["descrip"] = b"SYNTHETIC pelvic phantom - not patient data"
+    nib.save(img, image_path)
+    if label_path is not None:
+        lab = nib.Nifti1Image(phantom.label, phantom.affine)
+        lab.header.set_xyzt_units("mm")
+        nib.save(lab, label_path)

@@ -1,0 +1,164 @@
+"""Offline CTV training on a folder of images + labels.
+
+    python -m ctv_train.train --data runs/phantoms --out apps/ctv_app/model/ctv.pt --epochs 40
+
+Uses the app's own pre-processing, network and loss (ctv_app.lib), validates on a
+held-out split every epoch, and keeps the best checkpoint (atomic write, with metadata).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader, list_data_collate
+from monai.transforms import Compose
+
+from ctv_app.lib.checkpoint import load_checkpoint, save_checkpoint
+from ctv_app.lib.inferers import build_inferer
+from ctv_app.lib.losses import DeepSupervisionDiceBCELoss
+from ctv_app.lib.networks import build_network
+from ctv_app.lib.params import CTVParams
+from ctv_app.lib.transforms import pre_transforms, train_transforms
+
+from .data import find_pairs
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    lr: float = 1e-4
+    volumes_per_batch: int = 2
+    patches_per_volume: int = 2
+    val_fraction: float = 0.15
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0  # 0: torch default
+
+
+def dice(pred: torch.Tensor, target: torch.Tensor) -> float:
+    inter = float((pred * target).sum())
+    total = float(pred.sum() + target.sum())
+    return 1.0 if total == 0 else 2.0 * inter / total
+
+
+def labels_digest(pairs: list[dict[str, str]]) -> str:
+    """Hash of the training labels' names and sizes+mtimes: identifies the label set a model saw."""
+    h = hashlib.sha256()
+    for p in pairs:
+        st = os.stat(p["label"])
+        h.update(f"{p['id']}:{st.st_size}:{int(st.st_mtime)}\n".encode())
+    return h.hexdigest()
+
+
+def split(pairs: list[dict[str, str]], val_fraction: float, seed: int) -> tuple[list, list]:
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(round(len(pairs) * val_fraction)))
+    val = [pairs[i] for i in sorted(order[:n_val])]
+    train = [pairs[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+@torch.no_grad()
+def validate(net: torch.nn.Module, val_ds, params: CTVParams, device: str) -> float:
+    """Mean Dice on the resampled grid (cheap; the served pipeline is evaluated by evaluate.py)."""
+    net.eval()
+    inferer = build_inferer(params, device=device, flip_tta=False)
+    scores = []
+    for item in val_ds:
+        logits = inferer(item["image"][None].to(device), net)
+        pred = (torch.sigmoid(logits) > params.threshold).float().cpu()
+        scores.append(dice(pred[0], item["label"]))
+    net.train()
+    return float(np.mean(scores))
+
+
+def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainConfig, log=print) -> dict:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train_pairs, val_pairs = split(pairs, cfg.val_fraction, cfg.seed)
+    pre = pre_transforms(params, with_label=True)
+    train_ds = CacheDataset(
+        train_pairs, transform=Compose(pre + train_transforms(params, cfg.patches_per_volume)), progress=False
+    )
+    val_ds = CacheDataset(val_pairs, transform=Compose(pre), progress=False)
+    loader = DataLoader(
+        train_ds, batch_size=cfg.volumes_per_batch, shuffle=True, num_workers=0, collate_fn=list_data_collate
+    )
+    net = build_network(params.filters, params.refinement_passes, params.deep_supr_num, params.dropout).to(cfg.device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    loss_fn = DeepSupervisionDiceBCELoss()
+
+    start_epoch, best, history = 0, -1.0, []
+    resume_path = out + ".last"
+    if os.path.exists(resume_path):
+        ckpt = load_checkpoint(resume_path, cfg.device)
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["meta"]["optimizer"])
+        start_epoch, best, history = ckpt["meta"]["epoch"] + 1, ckpt["meta"]["best_val_dice"], ckpt["meta"]["history"]
+        log(f"resumed from {resume_path} at epoch {start_epoch}")
+
+    digest = labels_digest(train_pairs)
+    for epoch in range(start_epoch, cfg.epochs):
+        t0, losses = time.time(), []
+        for batch in loader:
+            image, label = batch["image"].to(cfg.device), batch["label"].to(cfg.device)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(image), label)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        val_dice = validate(net, val_ds, params, cfg.device)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": val_dice, "seconds": time.time() - t0})
+        meta = {
+            "epoch": epoch,
+            "val_dice": val_dice,
+            "train_labels": [p["id"] for p in train_pairs],
+            "train_labels_sha256": digest,
+            "val_labels": [p["id"] for p in val_pairs],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "train_config": cfg.__dict__,
+        }
+        if val_dice > best:
+            best = val_dice
+            save_checkpoint(out, net.state_dict(), params, {**meta, "best_val_dice": best})
+        save_checkpoint(
+            resume_path, net.state_dict(), params,
+            {**meta, "best_val_dice": best, "history": history, "optimizer": opt.state_dict()},
+        )
+        log(f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} val_dice {val_dice:.4f} best {best:.4f} ({time.time() - t0:.0f}s)")
+    if os.path.exists(resume_path):
+        os.unlink(resume_path)  # finished: nothing to resume
+    return {"best_val_dice": best, "history": history, "train": len(train_pairs), "val": len(val_pairs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="folder datastore with labels/final")
+    ap.add_argument("--out", required=True, help="checkpoint to write (best validation Dice)")
+    ap.add_argument("--params", default="{}", help="JSON overrides of CTVParams, e.g. '{\"normalisation\": \"zscore\"}'")
+    for name, default in TrainConfig().__dict__.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    args = ap.parse_args()
+    params = CTVParams().updated(json.loads(args.params))
+    cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig().__dict__})
+    pairs = find_pairs(args.data)
+    if len(pairs) < 2:
+        raise SystemExit(f"need at least 2 labelled images in {args.data}, found {len(pairs)}")
+    result = train(pairs, args.out, params, cfg)
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+
+
+if __name__ == "__main__":
+    main()
