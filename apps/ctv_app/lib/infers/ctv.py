@@ -1,0 +1,98 @@
+"""The CTV infer task: MONAI Label's BasicInferTask with the CTV hooks filled in."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, Callable, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import Inferer
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from ..checkpoint import load_checkpoint
+from ..inferers import build_inferer
+from ..params import CTVParams
+from ..provenance import input_sha256, model_record, software_versions
+from ..transforms import post_transforms, pre_transforms
+
+logger = logging.getLogger(__name__)
+
+
+class CTVInfer(BasicInferTask):
+    """Whole-volume CTV segmentation; the result keeps the input's exact shape and affine."""
+
+    def __init__(self, path: str, network: torch.nn.Module, params: CTVParams, name: str = "ctv", **kwargs):
+        super().__init__(
+            path=path,
+            network=network,
+            type=InferType.SEGMENTATION,
+            labels=params.labels,
+            dimension=3,
+            description="Cervical-cancer CTV on planning CT (residual SE-DynUNet)",
+            roi_size=params.patch_size,
+            config={"flip_tta": params.flip_tta, "threshold": params.threshold},
+            **kwargs,
+        )
+        self.name = name
+        self.params = params
+        self._model_records: dict[tuple[str, float], dict[str, Any]] = {}
+
+    def pre_transforms(self, data=None) -> Sequence[Callable]:
+        return pre_transforms(self.params)
+
+    def inferer(self, data=None) -> Inferer:
+        flip_tta = bool(data.get("flip_tta", self.params.flip_tta)) if data else self.params.flip_tta
+        return build_inferer(self.params, device=data.get("device") if data else None, flip_tta=flip_tta)
+
+    def post_transforms(self, data=None) -> Sequence[Callable]:
+        params = self.params
+        if data and "threshold" in data:
+            params = params.updated({"threshold": float(data["threshold"])})
+        return post_transforms(params)
+
+    def _get_network(self, device, data):
+        network = super()._get_network(device, data)
+        if data is not None:
+            data["model_record"] = self.model_record()
+        return network
+
+    def model_record(self) -> dict[str, Any]:
+        """Provenance of the checkpoint now on disk, cached per (path, mtime) like the network itself."""
+        path = self.get_path()
+        key = (path, os.stat(path).st_mtime)
+        if key not in self._model_records:
+            self._model_records = {key: model_record(self.name, path, load_checkpoint(path))}
+        return self._model_records[key]
+
+    def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[Any, Any]:
+        """Write the mask as NIfTI with the affine the loader read from the input, bit for bit."""
+        image = data["image"]
+        affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
+        mask = np.asarray(data["pred"], dtype=np.uint8)
+        out = nib.Nifti1Image(mask, affine)
+        out.header.set_xyzt_units("mm")
+        out.header["descrip"] = f"CTV {data.get('model_record', {}).get('sha256', '')[:12]}".encode()[:79]
+        path = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+        nib.save(out, path)
+
+        source = data.get("image_path")
+        result = dict(data.get(self.output_json_key, {}))
+        result["provenance"] = {
+            "input": {
+                "image": os.path.basename(str(source)) if source else None,
+                "sha256": input_sha256(source) if source and os.path.exists(source) else None,
+                "shape": [int(s) for s in mask.shape],
+                "affine": affine.tolist(),
+            },
+            "model": data.get("model_record"),
+            "software": software_versions(),
+            "request": {"flip_tta": bool(data.get("flip_tta", self.params.flip_tta)), "threshold": data.get("threshold", self.params.threshold)},
+        }
+        result["ctv_voxels"] = int(mask.sum())
+        result["ctv_volume_ml"] = float(mask.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)
+        return path, result

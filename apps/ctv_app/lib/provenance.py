@@ -1,0 +1,46 @@
+"""What every result names: the exact input bytes and the exact model it came from."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from importlib import metadata
+from typing import Any
+
+from .checkpoint import file_sha256
+
+
+def input_sha256(path: str) -> str:
+    """sha256 of a file; for a DICOM series folder, of its sorted files' names and digests."""
+    if os.path.isdir(path):
+        h = hashlib.sha256()
+        for root, _, files in sorted(os.walk(path)):
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                h.update(f"{os.path.relpath(full, path)}:{file_sha256(full)}\n".encode())
+        return h.hexdigest()
+    return file_sha256(path)
+
+
+def software_versions() -> dict[str, str]:
+    versions = {}
+    for pkg in ("ctv-label", "monai", "monailabel", "torch"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "unknown"
+    return versions
+
+
+def model_record(name: str, path: str, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    meta = checkpoint.get("meta", {})
+    return {
+        "name": name,
+        "file": os.path.basename(path),
+        "sha256": file_sha256(path),
+        "trained": meta.get("time"),
+        "epoch": meta.get("epoch"),
+        "val_dice": meta.get("val_dice"),
+        "train_labels_sha256": meta.get("train_labels_sha256"),
+        "params": checkpoint.get("params"),
+    }

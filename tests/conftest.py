@@ -1,0 +1,56 @@
+"""Session fixtures: a temporary datastore and the real server serving it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ctv_datastore.build import HELD_OUT_SEED_START, build
+
+from .support import REAL_CT, ServerProcess
+
+HELD_OUT_SEEDS = list(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + 4))
+
+
+def write_bad_inputs(folder: Path) -> None:
+    """Files a user might drop into a datastore by mistake."""
+    (folder / "not_an_image.nii.gz").write_bytes(b"this is not a NIfTI file\n")
+    nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), folder / "slice_2d.nii.gz")
+    mr = np.random.default_rng(0).uniform(0, 255, (48, 48, 24)).astype(np.uint8)
+    nib.save(nib.Nifti1Image(mr, np.diag([1.0, 1.0, 3.0, 1.0])), folder / "mr_like.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def studies(tmp_path_factory) -> Path:
+    """Held-out phantoms (never seen in training), the real CT (linked, not copied) and bad files."""
+    folder = tmp_path_factory.mktemp("studies")
+    build(str(folder), HELD_OUT_SEEDS, labelled=set())
+    if REAL_CT.exists():
+        os.symlink(REAL_CT, folder / REAL_CT.name)
+    write_bad_inputs(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def truth_dir(tmp_path_factory) -> Path:
+    """Phantom ground truth, kept outside the served datastore."""
+    folder = tmp_path_factory.mktemp("truth")
+    build(str(folder), HELD_OUT_SEEDS, labelled=set(HELD_OUT_SEEDS))
+    return folder / "labels" / "final"
+
+
+@pytest.fixture(scope="session")
+def server(studies, tmp_path_factory):
+    with ServerProcess(studies, tmp_path_factory.mktemp("server")) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from monailabel.client import MONAILabelClient
+
+    return MONAILabelClient(server.url)

@@ -1,0 +1,121 @@
+"""The real server, through MONAI Label's own client: /info, /datastore, /infer/ctv."""
+
+from __future__ import annotations
+
+import hashlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+from scipy import ndimage
+
+from .conftest import HELD_OUT_SEEDS
+from .support import APP_DIR, REAL_CT
+
+MIN_PHANTOM_DICE = 0.85
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def infer(client: MONAILabelClient, image_id: str, params: dict | None = None):
+    result_file, result = client.infer("ctv", image_id, params or {})
+    return nib.load(result_file), result
+
+
+def test_info_serves_ctv_model(client):
+    info = client.info()
+    assert "ctv" in info["models"]
+    assert info["models"]["ctv"]["labels"] == {"CTV": 1}
+    assert info["models"]["ctv"]["type"] == "segmentation"
+
+
+def test_datastore_lists_studies(client):
+    ids = set(client.datastore()["objects"])
+    assert {f"phantom_{s:05d}" for s in HELD_OUT_SEEDS} <= ids
+
+
+@pytest.mark.parametrize("seed", HELD_OUT_SEEDS)
+def test_phantom_contour_matches_truth_on_input_grid(client, studies, truth_dir, seed):
+    name = f"phantom_{seed:05d}"
+    source = nib.load(studies / f"{name}.nii.gz")
+    result, params = infer(client, name)
+    assert result.shape == source.shape
+    assert np.array_equal(result.affine, source.affine)
+    mask = np.asarray(result.dataobj)
+    assert set(np.unique(mask)) <= {0, 1}
+    truth = np.asarray(nib.load(truth_dir / f"{name}.nii.gz").dataobj)
+    score = dice(mask, truth)
+    print(f"{name}: Dice {score:.3f}, latency {params['latencies']['total']} s")
+    assert score >= MIN_PHANTOM_DICE
+
+
+def test_result_names_its_input_and_model(client, studies):
+    name = f"phantom_{HELD_OUT_SEEDS[0]:05d}"
+    _, params = infer(client, name)
+    prov = params["provenance"]
+    assert prov["input"]["sha256"] == sha256(studies / f"{name}.nii.gz")
+    assert prov["model"]["sha256"] == sha256(APP_DIR / "model" / "ctv.pt")
+    assert prov["model"]["params"]["target_spacing"] == [4.0, 4.0, 4.0]
+    assert set(params["latencies"]) >= {"pre", "infer", "post", "write", "total"}
+
+
+def test_flip_tta_changes_little(client, truth_dir):
+    name = f"phantom_{HELD_OUT_SEEDS[1]:05d}"
+    plain, _ = infer(client, name)
+    tta, params = infer(client, name, {"flip_tta": True})
+    assert params["provenance"]["request"]["flip_tta"] is True
+    truth = np.asarray(nib.load(truth_dir / f"{name}.nii.gz").dataobj)
+    assert dice(np.asarray(tta.dataobj), truth) >= MIN_PHANTOM_DICE
+    assert dice(np.asarray(tta.dataobj), np.asarray(plain.dataobj)) > 0.9
+
+
+@pytest.mark.skipif(not REAL_CT.exists(), reason="../shared/data is absent: real-CT check skipped")
+def test_real_ct_mask_is_binary_and_inside_body(client):
+    source = nib.load(REAL_CT)
+    result, params = infer(client, REAL_CT.name.removesuffix(".nii.gz"))
+    assert result.shape == source.shape
+    assert np.array_equal(result.affine, source.affine)
+    mask = np.asarray(result.dataobj)
+    assert np.isfinite(mask).all()
+    assert set(np.unique(mask)) <= {0, 1}
+    hu = np.asarray(source.dataobj, dtype=np.float32)
+    body = ndimage.binary_fill_holes(hu > -400)
+    labelled, _ = ndimage.label(body)
+    body = labelled == np.argmax(np.bincount(labelled.ravel())[1:]) + 1
+    outside = int((mask.astype(bool) & ~body).sum())
+    print(f"real CT: {int(mask.sum())} CTV voxels, {outside} outside body, latency {params['latencies']}")
+    assert outside == 0
+
+
+@pytest.mark.parametrize(
+    "image_id, status, words",
+    [
+        ("no_such_study", 404, "not in the datastore"),
+        ("not_an_image", 422, "not a readable 3D image"),
+        ("slice_2d", 422, "3D volume"),
+        ("mr_like", 422, "does not look like CT"),
+    ],
+)
+def test_bad_input_gets_4xx_naming_the_problem(client, server, image_id, status, words):
+    with pytest.raises(MONAILabelClientException) as err:
+        client.infer("ctv", image_id, {})
+    assert f"Status: {status}" in str(err.value)
+    assert words in str(err.value)
+    assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
+
+
+def test_unknown_model_is_404_and_server_stays_up(server):
+    r = requests.post(f"{server.url}/infer/not_a_model?image=phantom_{HELD_OUT_SEEDS[0]:05d}", timeout=30)
+    assert r.status_code == 404
+    assert "not_a_model" in r.json()["detail"]
+    assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
