@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up, build the synthetic demo datastore, and serve the CTV model on http://127.0.0.1:8000.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh
+# SYNTHETIC phantoms (held-out seeds): 8 studies, the first 3 with a CTV label to start from.
+.venv/bin/python -m ctv_datastore.build --out datastore/demo --seeds 9100-9107 --labelled 9100-9102
+PATH="$PWD/.venv/bin:$PATH" exec monailabel start_server --app apps/ctv_app --studies "${STUDIES:-datastore/demo}" \
+  --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" "$@"
