@@ -1,0 +1,44 @@
+"""The offline trainer: checkpoints carry their metadata, and an interrupted run resumes."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctv_app.lib.checkpoint import load_checkpoint
+from ctv_app.lib.params import CTVParams
+from ctv_datastore.build import build
+from ctv_train.data import find_pairs
+from ctv_train.train import TrainConfig, train
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_training_writes_metadata_and_resumes_after_interruption(tmp_path):
+    data = tmp_path / "data"
+    build(str(data), [1, 2, 3, 4], labelled={1, 2, 3, 4})
+    pairs = find_pairs(str(data))
+    assert [p["id"] for p in pairs] == [f"phantom_{s:05d}" for s in (1, 2, 3, 4)]
+    params = CTVParams(filters=(8, 16, 32), patch_size=(32, 32, 32))
+    out = str(tmp_path / "ctv.pt")
+    cfg = TrainConfig(epochs=2, lr=1e-3, val_fraction=0.25, volumes_per_batch=2, patches_per_volume=1)
+
+    def stop_after_first_epoch(msg: str) -> None:
+        if msg.startswith("epoch 1/"):
+            raise Interrupt(msg)
+
+    with pytest.raises(Interrupt):
+        train(pairs, out, params, cfg, log=stop_after_first_epoch)
+    first = load_checkpoint(out)
+    assert first["meta"]["epoch"] == 0
+    assert len(first["meta"]["train_labels"]) == 3 and len(first["meta"]["val_labels"]) == 1
+    assert len(first["meta"]["train_labels_sha256"]) == 64
+    assert first["params"] == params.to_dict()
+
+    messages = []
+    result = train(pairs, out, params, cfg, log=messages.append)
+    assert messages[0].startswith("resumed") and "epoch 1" in messages[0]
+    assert [h["epoch"] for h in result["history"]] == [0, 1]
+    assert not (tmp_path / "ctv.pt.last").exists()
+    assert 0.0 <= result["best_val_dice"] <= 1.0
