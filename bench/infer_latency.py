@@ -61,7 +61,7 @@ def main() -> None:
 
         rows = []
         with ServerProcess(studies, Path(tmp) / "server") as server:
-            client = MONAILabelClient(server.url)
+            client = MONAILabelClient(server.url, tmpdir=str(Path(tmp) / "client"))
             for label, image_id in cases.items():
                 path = str(studies / f"{image_id}.nii.gz")
                 http_s, res = timed(lambda: client.infer("ctv", image_id, {})[1], args.repeats)

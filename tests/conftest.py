@@ -50,7 +50,8 @@ def server(studies, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def client(server):
+def client(server, tmp_path_factory):
     from monailabel.client import MONAILabelClient
 
-    return MONAILabelClient(server.url)
+    # Own result folder: the server deletes its result file by name in the shared /tmp after replying.
+    return MONAILabelClient(server.url, tmpdir=str(tmp_path_factory.mktemp("client")))

@@ -34,6 +34,7 @@ def save_checkpoint(path: str, state_dict: dict, params: CTVParams, meta: dict[s
             torch.save({"model": state_dict, "params": params.to_dict(), "meta": meta}, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; other service accounts read served models
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
