@@ -33,7 +33,7 @@ TRABECULAR_HU = 250.0
 UPPER_VAGINA_MM = 20.0
 PARAMETRIAL_MARGIN_MM = (10.0, 5.0, 5.0)  # x (lateral), y (AP), z (SI)
 
-SMALL_SHAPE = (112, 96, 48)
+SMALL_SHAPE = (112, 96, 64)
 SMALL_SPACING = (3.5, 3.5, 5.0)
 FULL_SHAPE = (512, 512, 120)
 FULL_SPACING = (0.977, 0.977, 3.0)
@@ -52,13 +52,13 @@ class Phantom:
 class _Grid:
     """Physical coordinates of a diagonal-affine grid, evaluated lazily inside bounding boxes."""
 
-    def __init__(self, shape: tuple[int, int, int], spacing: tuple[float, float, float]):
+    def __init__(self, shape: tuple[int, int, int], spacing: tuple[float, float, float], z_offset: float = 0.0):
         # Axes stored LPS-ordered (x and y decrease with index) as most CT NIfTI files are.
         self.shape = shape
         self.axes = [
             -(np.arange(shape[0]) - (shape[0] - 1) / 2.0) * spacing[0],
             -(np.arange(shape[1]) - (shape[1] - 1) / 2.0) * spacing[1],
-            (np.arange(shape[2]) - (shape[2] - 1) / 2.0) * spacing[2],
+            (np.arange(shape[2]) - (shape[2] - 1) / 2.0) * spacing[2] + z_offset,
         ]
         self.spacing = spacing
 
@@ -134,7 +134,9 @@ def make_phantom(
 ) -> Phantom:
     """Build one deterministic phantom: same ``seed`` -> same anatomy at any shape/spacing."""
     rng = np.random.default_rng(seed)
-    grid = _Grid(tuple(int(s) for s in shape), tuple(float(s) for s in spacing))
+    # Where the scan starts and stops varies between patients: shift the field of view in z.
+    z_offset = np.random.default_rng([seed, 1]).uniform(-30.0, 50.0)
+    grid = _Grid(tuple(int(s) for s in shape), tuple(float(s) for s in spacing), z_offset)
     paint = _Painter(grid)
     img = np.full(grid.shape, AIR_HU, dtype=np.float32)
     organ = {k: np.zeros(grid.shape, dtype=bool) for k in ("cavity", "bone", "bladder", "rectum", "uterus", "cervix", "vagina_upper")}
@@ -160,6 +162,13 @@ def make_phantom(
     cav_c = np.array([0.0, 0.0, -5.0])
     cav_r = np.array([68.0, 55.0, 95.0]) * size
     put(paint.ellipsoid(cav_c, cav_r), FAT_HU + 10.0, "cavity")
+
+    def bone(outer, inner):
+        """Cortical shell around a trabecular core."""
+        put(outer, CORTICAL_HU, "bone")
+        put(inner, TRABECULAR_HU)
+
+    _paint_abdomen(paint, put, bone, rng, size)
 
     # Vagina, cervix, uterus along a tilted axis (anteversion + lateral tilt).
     ante = rng.uniform(15.0, 60.0)
@@ -209,11 +218,7 @@ def make_phantom(
         gas_m = lumen_m & (y > (p0[1] + p1[1]) / 2 + rc_r * (1 - 2 * gas))
         put((lumen_sl, gas_m), GAS_HU)
 
-    # Bones: cortical shell around trabecular core.
-    def bone(outer, inner):
-        put(outer, CORTICAL_HU, "bone")
-        put(inner, TRABECULAR_HU)
-
+    # Bones are painted last so that they win where shapes overlap.
     for side in (-1.0, 1.0):
         fh_c = np.array([side * 92.0 * size, 8.0, -60.0])
         bone(paint.ellipsoid(fh_c, (24, 24, 24)), paint.ellipsoid(fh_c, (20, 20, 20)))
@@ -257,6 +262,29 @@ def make_phantom(
         affine=grid.affine,
         seed=seed,
     )
+
+
+def _paint_abdomen(paint: _Painter, put, bone, rng: np.random.Generator, size: float) -> None:
+    """Above the pelvis: lumbar spine, liver, kidneys and bowel, none of them CTV.
+
+    The liver's HU overlaps the uterus's on purpose: a model must use context, not intensity.
+    """
+    put(paint.ellipsoid((0, 5, 215), (140 * size, 95 * size, 130)), FAT_HU + 5.0)
+    for z in np.arange(110.0, 420.0, 34.0):  # vertebral bodies with discs between them
+        c = np.array([0.0, -55.0 * size, z])
+        bone(paint.capsule(c - [0, 0, 12], c + [0, 0, 12], 19.0)[:2], paint.capsule(c - [0, 0, 12], c + [0, 0, 12], 15.0)[:2])
+        put(paint.capsule(c + [0, -22, -8], c + [0, -38, -8], 7.0)[:2], CORTICAL_HU, "bone")  # spinous process
+    for side in (-1.0, 1.0):
+        put(paint.ellipsoid((side * 38.0, -38.0 * size, 200.0), (16, 18, 120)), MUSCLE_HU)  # psoas
+        put(paint.ellipsoid((side * 68.0 * size, -42.0, rng.uniform(150, 185)), (28, 22, 52), _rotation(0, side * 15)), rng.uniform(28.0, 40.0))
+    liver_c = np.array([-62.0 * size, 12.0, rng.uniform(215.0, 250.0)])
+    put(paint.ellipsoid(liver_c, np.array([85.0, 78.0, 72.0]) * size), rng.uniform(50.0, 72.0))
+    for _ in range(int(rng.integers(4, 9))):
+        p0 = np.array([rng.uniform(-80, 80), rng.uniform(-15, 60), rng.uniform(125, 230)])
+        p1 = p0 + rng.uniform(-45, 45, 3)
+        r = rng.uniform(10.0, 17.0)
+        put(paint.capsule(p0, p1, r)[:2], MUSCLE_HU - 5.0)
+        put(paint.capsule(p0, p1, r - 3.0)[:2], GAS_HU if rng.random() < 0.5 else rng.uniform(0.0, 25.0))
 
 
 def save_nifti(phantom: Phantom, image_path: str, label_path: str | None = None) -> None:

@@ -127,3 +127,43 @@ def test_params_validate_and_round_trip_through_checkpoint(tmp_path):
     assert read_params(str(path)) == params
     assert load_checkpoint(str(path))["meta"]["epoch"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left behind
+
+
+def _blobs(shape=(40, 36, 30), seed=0) -> torch.Tensor:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape), 2.0)
+    return torch.as_tensor((noise > 0.08)[None], dtype=torch.float32)
+
+
+def test_clean_mask_matches_monai_largest_component_and_fill_holes():
+    from monai.transforms import FillHoles, KeepLargestConnectedComponent
+
+    from ctv_app.lib.transforms import CleanMask
+
+    for seed in range(3):
+        mask = _blobs(seed=seed)
+        mask[0, 10:20, 10:20, 10:20] = 1
+        mask[0, 13:16, 13:16, 13:16] = 0  # an enclosed hole
+        expected = FillHoles(applied_labels=[1])(KeepLargestConnectedComponent(applied_labels=[1], connectivity=1)(mask))
+        got = CleanMask()(mask)
+        assert torch.equal(torch.as_tensor(got) > 0, torch.as_tensor(expected) > 0)
+        assert int(torch.as_tensor(got)[0, 14, 14, 14]) == 1
+    assert CleanMask()(torch.zeros(1, 8, 8, 8)).sum() == 0
+
+
+def test_restore_with_floor_gives_the_same_mask_as_a_full_resample():
+    src_affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    dst_affine = np.diag([-0.9, -0.9, 3.0, 1.0])
+    dst_affine[:3, 3] = [100.0, 90.0, -5.0]
+    prob = torch.zeros(1, 50, 45, 40)
+    prob[0, 20:30, 18:27, 15:22] = 0.9
+    prob[0, 25, 22, 18] = 0.4
+    dst_shape = (200, 180, 50)
+    full = RestoreGeometry()(prob, src_affine, dst_affine, dst_shape)
+    cropped = RestoreGeometry(floor=0.25)(prob, src_affine, dst_affine, dst_shape)
+    assert (full > 0.5).sum() > 1000
+    assert torch.equal(full.as_tensor() > 0.5, cropped.as_tensor() > 0.5)
+    empty = RestoreGeometry(floor=0.25)(torch.zeros(1, 8, 8, 8), src_affine, dst_affine, dst_shape)
+    assert empty.shape == (1, *dst_shape) and empty.sum() == 0

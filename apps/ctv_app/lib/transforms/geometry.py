@@ -20,19 +20,49 @@ class RestoreGeometry(Transform):
 
     Use bilinear on probabilities, then threshold: this keeps sub-voxel boundary information
     that resampling a binary mask with nearest neighbour would throw away.
+
+    With ``floor``, only the destination box around source voxels above ``floor`` is resampled
+    and the rest is 0. Any destination voxel outside that box interpolates source values that
+    are all <= floor, so thresholding above ``floor`` gives the same mask as a full resample,
+    at a fraction of the cost on a 512x512xN grid.
     """
 
-    def __init__(self, mode: str = "bilinear"):
+    def __init__(self, mode: str = "bilinear", floor: float | None = None):
         self.resample = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)
+        self.floor = floor
 
     def __call__(self, img: torch.Tensor, src_affine, dst_affine, dst_shape) -> MetaTensor:
-        src = MetaTensor(torch.as_tensor(img, dtype=torch.float32), affine=torch.as_tensor(np.asarray(src_affine), dtype=torch.float64))
-        dst_affine = torch.as_tensor(np.asarray(dst_affine), dtype=torch.float64)
-        out = self.resample(src, dst_affine=dst_affine, spatial_size=[int(s) for s in dst_shape])
-        out = MetaTensor(out.as_tensor(), affine=dst_affine)
-        if tuple(out.shape[1:]) != tuple(int(s) for s in dst_shape):
-            raise RuntimeError(f"restore produced shape {tuple(out.shape[1:])}, expected {tuple(dst_shape)}")
-        return out
+        src_affine = np.asarray(src_affine, dtype=np.float64)
+        dst_affine = np.asarray(dst_affine, dtype=np.float64)
+        dst_shape = tuple(int(s) for s in dst_shape)
+        values = torch.as_tensor(img, dtype=torch.float32)
+        lo, hi = np.zeros(3, dtype=int), np.array(dst_shape)
+        if self.floor is not None:
+            box = self._destination_box(values, src_affine, dst_affine, dst_shape)
+            if box is None:
+                return MetaTensor(torch.zeros((values.shape[0], *dst_shape)), affine=torch.as_tensor(dst_affine))
+            lo, hi = box
+        sub_affine = dst_affine.copy()
+        sub_affine[:3, 3] = dst_affine[:3, :3] @ lo + dst_affine[:3, 3]
+        src = MetaTensor(values, affine=torch.as_tensor(src_affine))
+        sub = self.resample(src, dst_affine=torch.as_tensor(sub_affine), spatial_size=[int(s) for s in hi - lo])
+        out = torch.zeros((values.shape[0], *dst_shape), dtype=torch.float32)
+        out[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = sub.as_tensor()
+        return MetaTensor(out, affine=torch.as_tensor(dst_affine))
+
+    def _destination_box(self, values, src_affine, dst_affine, dst_shape):
+        hot = np.argwhere(np.asarray(values.amax(dim=0) > self.floor))
+        if hot.size == 0:
+            return None
+        # Source box grown by one voxel (the interpolation support), corners mapped to destination indices.
+        corners = np.array(np.meshgrid(*[[hot[:, d].min() - 1, hot[:, d].max() + 1] for d in range(3)], indexing="ij"))
+        corners = np.concatenate([corners.reshape(3, -1), np.ones((1, 8))])
+        idx = (np.linalg.inv(dst_affine) @ src_affine @ corners)[:3]
+        lo = np.clip(np.floor(idx.min(axis=1)).astype(int) - 1, 0, dst_shape)
+        hi = np.clip(np.ceil(idx.max(axis=1)).astype(int) + 2, 0, dst_shape)
+        if np.any(hi <= lo):
+            return None
+        return lo, hi
 
 
 class RestoreGeometryd(MapTransform):
@@ -42,10 +72,10 @@ class RestoreGeometryd(MapTransform):
     destination is the loader's ``original_affine`` and ``spatial_shape``.
     """
 
-    def __init__(self, keys: KeysCollection, ref_image: str = "image", mode: str = "bilinear"):
+    def __init__(self, keys: KeysCollection, ref_image: str = "image", mode: str = "bilinear", floor: float | None = None):
         super().__init__(keys)
         self.ref_image = ref_image
-        self.restore = RestoreGeometry(mode)
+        self.restore = RestoreGeometry(mode, floor)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

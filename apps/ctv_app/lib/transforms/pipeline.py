@@ -8,8 +8,6 @@ from monai.transforms import (
     CastToTyped,
     EnsureChannelFirstd,
     EnsureTyped,
-    FillHolesd,
-    KeepLargestConnectedComponentd,
     NormalizeIntensityd,
     Orientationd,
     RandAffined,
@@ -26,6 +24,7 @@ from monai.transforms import (
 
 from ..params import CTVParams
 from .geometry import RestoreGeometryd
+from .postprocessing import CleanMaskd
 from .validation import LoadCTImaged, ValidateCTd
 
 
@@ -77,10 +76,9 @@ def post_transforms(params: CTVParams) -> list:
     """Probabilities -> input grid -> binary mask -> largest component -> holes filled."""
     return [
         Activationsd(keys="pred", sigmoid=True),
-        RestoreGeometryd(keys="pred", ref_image="image"),
+        RestoreGeometryd(keys="pred", ref_image="image", floor=params.threshold / 2),
         AsDiscreted(keys="pred", threshold=params.threshold),
-        KeepLargestConnectedComponentd(keys="pred", applied_labels=[1], connectivity=1),
-        FillHolesd(keys="pred", applied_labels=[1]),
+        CleanMaskd(keys="pred"),
         CastToTyped(keys="pred", dtype="uint8"),
         SqueezeDimd(keys="pred", dim=0),
     ]
