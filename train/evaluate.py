@@ -19,10 +19,7 @@ import numpy as np
 from ctv_app.lib.configs.ctv import CTVConfig
 from ctv_datastore.build import build, parse_seeds
 
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+from .metrics import dice
 
 
 def evaluate(model: str, seeds: list[int], conf: dict[str, str] | None = None) -> dict:

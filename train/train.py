@@ -29,6 +29,7 @@ from ctv_app.lib.params import CTVParams
 from ctv_app.lib.transforms import pre_transforms, train_transforms
 
 from .data import find_pairs
+from .metrics import dice
 
 
 @dataclass
@@ -41,12 +42,6 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # 0: torch default
-
-
-def dice(pred: torch.Tensor, target: torch.Tensor) -> float:
-    inter = float((pred * target).sum())
-    total = float(pred.sum() + target.sum())
-    return 1.0 if total == 0 else 2.0 * inter / total
 
 
 def labels_digest(pairs: list[dict[str, str]]) -> str:
@@ -76,7 +71,7 @@ def validate(net: torch.nn.Module, val_ds, params: CTVParams, device: str) -> fl
     for item in val_ds:
         logits = inferer(item["image"][None].to(device), net)
         pred = (torch.sigmoid(logits) > params.threshold).float().cpu()
-        scores.append(dice(pred[0], item["label"]))
+        scores.append(dice(pred[0], item["label"].cpu()))
     net.train()
     return float(np.mean(scores))
 

@@ -36,7 +36,7 @@ def pre_transforms(params: CTVParams, with_label: bool = False) -> list:
         LoadCTImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
         ValidateCTd(keys="image"),
-        Orientationd(keys=keys, axcodes="RAS"),
+        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=keys, pixdim=params.target_spacing, mode=["bilinear", "nearest"][: len(keys)]),
     ]
     if params.normalisation == "scale":
