@@ -19,10 +19,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from monailabel.client import MONAILabelClient  # noqa: E402
-
 from ctv_app.lib.configs.ctv import CTVConfig  # noqa: E402
 from ctv_datastore.phantom import FULL_SHAPE, FULL_SPACING, make_phantom, save_nifti  # noqa: E402
+from monailabel.client import MONAILabelClient  # noqa: E402
+
 from tests.support import APP_DIR, REAL_CT, ServerProcess  # noqa: E402
 
 
@@ -72,8 +72,13 @@ def main() -> None:
         print(f"\nmedian of {args.repeats} warm runs (seconds)")
         print(f"{'case':38s} {'/infer/ctv':>10s} {'in-process':>10s} {'ratio':>6s} {'+flipTTA':>9s} {'ratio':>6s}")
         for label, http_s, local_s, tta_s, lat in rows:
-            print(f"{label:38s} {http_s:10.2f} {local_s:10.2f} {http_s / local_s:6.2f} {tta_s:9.2f} {tta_s / http_s:6.2f}")
-            print(f"{'':38s} server breakdown: " + ", ".join(f"{k} {lat[k]}" for k in ("pre", "infer", "post", "write", "total")))
+            print(
+                f"{label:38s} {http_s:10.2f} {local_s:10.2f} {http_s / local_s:6.2f} {tta_s:9.2f} {tta_s / http_s:6.2f}"
+            )
+            print(
+                f"{'':38s} server breakdown: "
+                + ", ".join(f"{k} {lat[k]}" for k in ("pre", "infer", "post", "write", "total"))
+            )
 
 
 if __name__ == "__main__":

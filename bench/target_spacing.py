@@ -15,14 +15,13 @@ import time
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import Spacing
-
 from ctv_app.lib.inferers import build_inferer
 from ctv_app.lib.networks import build_network
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.transforms import RestoreGeometry
 from ctv_datastore.phantom import FULL_SHAPE, FULL_SPACING, make_phantom
+from monai.data import MetaTensor
+from monai.transforms import Spacing
 
 SPACINGS = (2.0, 3.0, 4.0, 5.0)
 SEEDS = (9600, 9601, 9602)
@@ -44,7 +43,13 @@ def main() -> None:
             truth = p.label > 0
             dices.append(2 * (back & truth).sum() / (back.sum() + truth.sum()))
             voxels.append(int(np.prod(coarse.shape[1:])))
-        x = torch.rand(1, 1, *Spacing(pixdim=(s, s, s))(MetaTensor(torch.zeros(1, *FULL_SHAPE), affine=torch.as_tensor(phantoms[0].affine))).shape[1:])
+        x = torch.rand(
+            1,
+            1,
+            *Spacing(pixdim=(s, s, s))(
+                MetaTensor(torch.zeros(1, *FULL_SHAPE), affine=torch.as_tensor(phantoms[0].affine))
+            ).shape[1:],
+        )
         with torch.no_grad():
             inferer(x, net)  # warm-up
             t0 = time.perf_counter()
@@ -52,7 +57,10 @@ def main() -> None:
             seconds.append(time.perf_counter() - t0)
         rows.append((s, float(np.mean(dices)), float(np.min(dices)), int(np.mean(voxels)), float(np.mean(seconds))))
     ref = next(r for r in rows if r[0] == 4.0)
-    print(f"{'spacing':>8s} {'ceiling Dice':>13s} {'(min)':>7s} {'voxels':>10s} {'vs 4mm':>7s} {'forward s':>10s} {'vs 4mm':>7s}")
+    print(
+        f"{'spacing':>8s} {'ceiling Dice':>13s} {'(min)':>7s} {'voxels':>10s} {'vs 4mm':>7s}"
+        f" {'forward s':>10s} {'vs 4mm':>7s}"
+    )
     for s, d, dmin, v, sec in rows:
         print(f"{s:6.1f}mm {d:13.3f} {dmin:7.3f} {v:10d} {v / ref[3]:7.2f} {sec:10.2f} {sec / ref[4]:7.2f}")
 

@@ -139,7 +139,10 @@ def make_phantom(
     grid = _Grid(tuple(int(s) for s in shape), tuple(float(s) for s in spacing), z_offset)
     paint = _Painter(grid)
     img = np.full(grid.shape, AIR_HU, dtype=np.float32)
-    organ = {k: np.zeros(grid.shape, dtype=bool) for k in ("cavity", "bone", "bladder", "rectum", "uterus", "cervix", "vagina_upper")}
+    organ = {
+        k: np.zeros(grid.shape, dtype=bool)
+        for k in ("cavity", "bone", "bladder", "rectum", "uterus", "cervix", "vagina_upper")
+    }
 
     def put(mask_sl, value, name=None):
         sl, m = mask_sl[0], mask_sl[1]
@@ -204,7 +207,11 @@ def make_phantom(
 
     # Rectum: posterior tube, muscular wall, gas and stool in the lumen.
     rc_r = rng.uniform(11.0, 17.0)
-    rc_pts = [np.array([0.0, -35.0, -80.0]), np.array([rng.uniform(-6, 6), -48.0, 0.0]), np.array([rng.uniform(-25, -10), -35.0, 45.0])]
+    rc_pts = [
+        np.array([0.0, -35.0, -80.0]),
+        np.array([rng.uniform(-6, 6), -48.0, 0.0]),
+        np.array([rng.uniform(-25, -10), -35.0, 45.0]),
+    ]
     gas = rng.uniform(0.2, 0.9)
     for p0, p1 in zip(rc_pts[:-1], rc_pts[1:]):
         wall = paint.capsule(p0, p1, rc_r)
@@ -226,7 +233,10 @@ def make_phantom(
         bone(paint.capsule(fh_c, neck_end, 15.0)[:2], paint.capsule(fh_c, neck_end, 11.0)[:2])
         # Superior pubic ramus towards the symphysis.
         sym = np.array([side * 8.0, 70.0 * size, -62.0])
-        bone(paint.capsule(fh_c + np.array([-side * 15, 20, 0]), sym, 9.0)[:2], paint.capsule(fh_c + np.array([-side * 15, 20, 0]), sym, 6.0)[:2])
+        bone(
+            paint.capsule(fh_c + np.array([-side * 15, 20, 0]), sym, 9.0)[:2],
+            paint.capsule(fh_c + np.array([-side * 15, 20, 0]), sym, 6.0)[:2],
+        )
         # Iliac wing: a curved plate (sector of an elliptic shell) above the acetabulum.
         wc = np.array([side * 30.0, -10.0, 70.0])
         outer = paint.ellipsoid(wc, (105 * size, 70, 60), reach=110.0)
@@ -272,11 +282,17 @@ def _paint_abdomen(paint: _Painter, put, bone, rng: np.random.Generator, size: f
     put(paint.ellipsoid((0, 5, 215), (140 * size, 95 * size, 130)), FAT_HU + 5.0)
     for z in np.arange(110.0, 420.0, 34.0):  # vertebral bodies with discs between them
         c = np.array([0.0, -55.0 * size, z])
-        bone(paint.capsule(c - [0, 0, 12], c + [0, 0, 12], 19.0)[:2], paint.capsule(c - [0, 0, 12], c + [0, 0, 12], 15.0)[:2])
+        bone(
+            paint.capsule(c - [0, 0, 12], c + [0, 0, 12], 19.0)[:2],
+            paint.capsule(c - [0, 0, 12], c + [0, 0, 12], 15.0)[:2],
+        )
         put(paint.capsule(c + [0, -22, -8], c + [0, -38, -8], 7.0)[:2], CORTICAL_HU, "bone")  # spinous process
     for side in (-1.0, 1.0):
         put(paint.ellipsoid((side * 38.0, -38.0 * size, 200.0), (16, 18, 120)), MUSCLE_HU)  # psoas
-        put(paint.ellipsoid((side * 68.0 * size, -42.0, rng.uniform(150, 185)), (28, 22, 52), _rotation(0, side * 15)), rng.uniform(28.0, 40.0))
+        put(
+            paint.ellipsoid((side * 68.0 * size, -42.0, rng.uniform(150, 185)), (28, 22, 52), _rotation(0, side * 15)),
+            rng.uniform(28.0, 40.0),
+        )
     liver_c = np.array([-62.0 * size, 12.0, rng.uniform(215.0, 250.0)])
     put(paint.ellipsoid(liver_c, np.array([85.0, 78.0, 72.0]) * size), rng.uniform(50.0, 72.0))
     for _ in range(int(rng.integers(4, 9))):

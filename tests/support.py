@@ -28,7 +28,9 @@ def free_port() -> int:
 class ServerProcess:
     """``monailabel start_server`` on 127.0.0.1:<free port>; stopped by its own pid on exit."""
 
-    def __init__(self, studies: Path, workdir: Path, conf: dict[str, str] | None = None, startup_timeout_s: float = 180):
+    def __init__(
+        self, studies: Path, workdir: Path, conf: dict[str, str] | None = None, startup_timeout_s: float = 180
+    ):
         self.studies, self.workdir, self.conf = Path(studies), Path(workdir), conf or {}
         self.startup_timeout_s = startup_timeout_s
         self.port = free_port()
@@ -47,12 +49,24 @@ class ServerProcess:
         monailabel = shutil.which("monailabel", path=env["PATH"])
         if not monailabel:
             raise RuntimeError("the monailabel command is not installed in this environment")
-        cmd = [monailabel, "start_server", "--app", str(APP_DIR), "--studies", str(self.studies),
-               "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [
+            monailabel,
+            "start_server",
+            "--app",
+            str(APP_DIR),
+            "--studies",
+            str(self.studies),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         for key, value in self.conf.items():
             cmd += ["--conf", key, value]
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+            )
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
             if self.proc.poll() is not None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
-
 from ctv_app.lib.checkpoint import load_checkpoint, read_params, save_checkpoint
 from ctv_app.lib.errors import InvalidInputError
 from ctv_app.lib.losses import DeepSupervisionDiceBCELoss
@@ -14,6 +12,7 @@ from ctv_app.lib.networks import IterativeRefinementNet, SEResDynUNet, build_net
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.transforms import RestoreGeometry, ValidateCT
 from ctv_datastore.phantom import make_phantom
+from monai.data import MetaTensor
 
 
 def test_deep_supervision_heads_only_in_training_mode():
@@ -43,7 +42,14 @@ def test_network_has_squeeze_excitation_in_residual_blocks():
     ],
 )
 def test_network_rejects_bad_arguments(kwargs, words):
-    args = dict(spatial_dims=3, in_channels=1, out_channels=1, kernel_size=[3] * 4, strides=[1, 2, 2, 2], filters=(8, 16, 32, 64))
+    args = dict(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        kernel_size=[3] * 4,
+        strides=[1, 2, 2, 2],
+        filters=(8, 16, 32, 64),
+    )
     args.update(kwargs)
     with pytest.raises(ValueError, match=words):
         SEResDynUNet(**args)
@@ -138,15 +144,16 @@ def _blobs(shape=(40, 36, 30), seed=0) -> torch.Tensor:
 
 
 def test_clean_mask_matches_monai_largest_component_and_fill_holes():
-    from monai.transforms import FillHoles, KeepLargestConnectedComponent
-
     from ctv_app.lib.transforms import CleanMask
+    from monai.transforms import FillHoles, KeepLargestConnectedComponent
 
     for seed in range(3):
         mask = _blobs(seed=seed)
         mask[0, 10:20, 10:20, 10:20] = 1
         mask[0, 13:16, 13:16, 13:16] = 0  # an enclosed hole
-        expected = FillHoles(applied_labels=[1])(KeepLargestConnectedComponent(applied_labels=[1], connectivity=1)(mask))
+        expected = FillHoles(applied_labels=[1])(
+            KeepLargestConnectedComponent(applied_labels=[1], connectivity=1)(mask)
+        )
         got = CleanMask()(mask)
         assert torch.equal(torch.as_tensor(got) > 0, torch.as_tensor(expected) > 0)
         assert int(torch.as_tensor(got)[0, 14, 14, 14]) == 1

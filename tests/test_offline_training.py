@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from ctv_app.lib.checkpoint import load_checkpoint
 from ctv_app.lib.params import CTVParams
 from ctv_datastore.build import build

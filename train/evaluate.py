@@ -15,7 +15,6 @@ import tempfile
 
 import nibabel as nib
 import numpy as np
-
 from ctv_app.lib.configs.ctv import CTVConfig
 from ctv_datastore.build import build, parse_seeds
 
@@ -36,8 +35,13 @@ def evaluate(model: str, seeds: list[int], conf: dict[str, str] | None = None) -
             os.unlink(result_path)
             scores[seed] = dice(pred, np.asarray(nib.load(os.path.join(tmp, "labels", "final", name)).dataobj))
     values = np.array(list(scores.values()))
-    return {"n": len(values), "mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            "min": float(values.min()), "per_seed": scores}
+    return {
+        "n": len(values),
+        "mean": float(values.mean()),
+        "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        "min": float(values.min()),
+        "per_seed": scores,
+    }
 
 
 def main() -> None:
@@ -47,7 +51,9 @@ def main() -> None:
     ap.add_argument("--conf", default="{}", help='JSON of --conf overrides, e.g. {"ctv_flip_tta": "true"}')
     args = ap.parse_args()
     result = evaluate(args.model, parse_seeds(args.seeds), json.loads(args.conf))
-    print(f"Dice on {result['n']} held-out phantoms: {result['mean']:.3f} +- {result['sd']:.3f} (min {result['min']:.3f})")
+    print(
+        f"Dice on {result['n']} held-out phantoms: {result['mean']:.3f} +- {result['sd']:.3f} (min {result['min']:.3f})"
+    )
     print(json.dumps(result))
 
 

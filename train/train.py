@@ -18,15 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, list_data_collate
-from monai.transforms import Compose
-
 from ctv_app.lib.checkpoint import load_checkpoint, save_checkpoint
 from ctv_app.lib.inferers import build_inferer
 from ctv_app.lib.losses import DeepSupervisionDiceBCELoss
 from ctv_app.lib.networks import build_network
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.transforms import pre_transforms, train_transforms
+from monai.data import CacheDataset, DataLoader, list_data_collate
+from monai.transforms import Compose
 
 from .data import find_pairs
 from .metrics import dice
@@ -115,7 +114,9 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
             opt.step()
             losses.append(float(loss))
         val_dice = validate(net, val_ds, params, cfg.device)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": val_dice, "seconds": time.time() - t0})
+        history.append(
+            {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": val_dice, "seconds": time.time() - t0}
+        )
         meta = {
             "epoch": epoch,
             "val_dice": val_dice,
@@ -129,10 +130,15 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
             best = val_dice
             save_checkpoint(out, net.state_dict(), params, {**meta, "best_val_dice": best})
         save_checkpoint(
-            resume_path, net.state_dict(), params,
+            resume_path,
+            net.state_dict(),
+            params,
             {**meta, "best_val_dice": best, "history": history, "optimizer": opt.state_dict()},
         )
-        log(f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} val_dice {val_dice:.4f} best {best:.4f} ({time.time() - t0:.0f}s)")
+        log(
+            f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} val_dice {val_dice:.4f} best {best:.4f}"
+            f" ({time.time() - t0:.0f}s)"
+        )
     if os.path.exists(resume_path):
         os.unlink(resume_path)  # finished: nothing to resume
     return {"best_val_dice": best, "history": history, "train": len(train_pairs), "val": len(val_pairs)}
@@ -142,7 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="folder datastore with labels/final")
     ap.add_argument("--out", required=True, help="checkpoint to write (best validation Dice)")
-    ap.add_argument("--params", default="{}", help="JSON overrides of CTVParams, e.g. '{\"normalisation\": \"zscore\"}'")
+    ap.add_argument("--params", default="{}", help='JSON overrides of CTVParams, e.g. \'{"normalisation": "zscore"}\'')
     for name, default in TrainConfig().__dict__.items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     args = ap.parse_args()

@@ -1,6 +1,6 @@
 """MONAI Label app: cervical-cancer CTV contouring on planning CT.
 
-    monailabel start_server --app apps/ctv_app --studies datastore/demo
+monailabel start_server --app apps/ctv_app --studies datastore/demo
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ class CTVApp(MONAILabelApp):
         """MONAI Label's infer, with the caller's mistakes answered as 4xx instead of 500."""
         model = request.get("model")
         if model not in self._infers:
-            raise HTTPException(status_code=404, detail=f"model '{model}' is not served here; available: {sorted(self._infers)}")
+            raise HTTPException(
+                status_code=404, detail=f"model '{model}' is not served here; available: {sorted(self._infers)}"
+            )
         try:
             image = request.get("image")
             if isinstance(image, str) and not os.path.exists(image):

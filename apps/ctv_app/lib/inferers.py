@@ -27,8 +27,12 @@ class FlipTTAInferer(Inferer):
 
 def build_inferer(params: CTVParams, device: str | torch.device | None = None, flip_tta: bool | None = None) -> Inferer:
     inferer: Inferer = SlidingWindowInferer(
-        roi_size=params.patch_size, overlap=params.sw_overlap, mode="gaussian", sw_batch_size=2,
-        sw_device=device, device=device,
+        roi_size=params.patch_size,
+        overlap=params.sw_overlap,
+        mode="gaussian",
+        sw_batch_size=2,
+        sw_device=device,
+        device=device,
     )
     if params.flip_tta if flip_tta is None else flip_tta:
         inferer = FlipTTAInferer(inferer)

@@ -48,7 +48,9 @@ class CTVParams:
             raise ValueError(f"patch_size must be 3 sizes >= 8, got {self.patch_size}")
         divisor = 2 ** (len(self.filters) - 1)
         if any(p % divisor for p in self.patch_size):
-            raise ValueError(f"patch_size {self.patch_size} must be divisible by {divisor} for {len(self.filters)} levels")
+            raise ValueError(
+                f"patch_size {self.patch_size} must be divisible by {divisor} for {len(self.filters)} levels"
+            )
         if not 0.0 <= self.sw_overlap < 1.0:
             raise ValueError(f"sw_overlap must be in [0, 1), got {self.sw_overlap}")
         if not 0.0 < self.threshold < 1.0:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from typing import Any, Callable, Sequence
@@ -19,8 +18,6 @@ from ..inferers import build_inferer
 from ..params import CTVParams
 from ..provenance import input_sha256, model_record, software_versions
 from ..transforms import post_transforms, pre_transforms
-
-logger = logging.getLogger(__name__)
 
 
 class CTVInfer(BasicInferTask):
@@ -91,7 +88,10 @@ class CTVInfer(BasicInferTask):
             },
             "model": data.get("model_record"),
             "software": software_versions(),
-            "request": {"flip_tta": bool(data.get("flip_tta", self.params.flip_tta)), "threshold": data.get("threshold", self.params.threshold)},
+            "request": {
+                "flip_tta": bool(data.get("flip_tta", self.params.flip_tta)),
+                "threshold": data.get("threshold", self.params.threshold),
+            },
         }
         result["ctv_voxels"] = int(mask.sum())
         result["ctv_volume_ml"] = float(mask.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)

@@ -50,7 +50,9 @@ class SEResDynUNet(DynUNet):
         dropout: float | None = None,
     ):
         if len(kernel_size) != len(strides):
-            raise ValueError(f"kernel_size and strides need one entry per level, got {len(kernel_size)} and {len(strides)}")
+            raise ValueError(
+                f"kernel_size and strides need one entry per level, got {len(kernel_size)} and {len(strides)}"
+            )
         if len(filters) != len(strides):
             raise ValueError(f"filters needs one entry per level ({len(strides)}), got {len(filters)}")
         if any(f <= 0 for f in filters):
@@ -62,7 +64,9 @@ class SEResDynUNet(DynUNet):
         if dropout is not None and not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if deep_supervision and not 1 <= deep_supr_num <= len(strides) - 2:
-            raise ValueError(f"deep_supr_num must be in [1, {len(strides) - 2}] for {len(strides)} levels, got {deep_supr_num}")
+            raise ValueError(
+                f"deep_supr_num must be in [1, {len(strides) - 2}] for {len(strides)} levels, got {deep_supr_num}"
+            )
         self.se_reduction = se_reduction
         super().__init__(
             spatial_dims=spatial_dims,
@@ -81,8 +85,15 @@ class SEResDynUNet(DynUNet):
     # DynUNet builds every encoder block through these three hooks.
     def _block(self, in_ch: int, out_ch: int, kernel, stride) -> SEResBlock:
         return SEResBlock(
-            self.spatial_dims, in_ch, out_ch, kernel, stride, self.norm_name, self.act_name,
-            dropout=self.dropout, se_reduction=self.se_reduction,
+            self.spatial_dims,
+            in_ch,
+            out_ch,
+            kernel,
+            stride,
+            self.norm_name,
+            self.act_name,
+            dropout=self.dropout,
+            se_reduction=self.se_reduction,
         )
 
     def get_input_block(self) -> nn.Module:

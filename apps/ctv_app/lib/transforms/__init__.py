@@ -1,6 +1,6 @@
 from .geometry import RestoreGeometry, RestoreGeometryd
-from .postprocessing import CleanMask, CleanMaskd
 from .pipeline import post_transforms, pre_transforms, train_transforms
+from .postprocessing import CleanMask, CleanMaskd
 from .validation import ValidateCT, ValidateCTd
 
 __all__ = [

@@ -72,7 +72,9 @@ class RestoreGeometryd(MapTransform):
     destination is the loader's ``original_affine`` and ``spatial_shape``.
     """
 
-    def __init__(self, keys: KeysCollection, ref_image: str = "image", mode: str = "bilinear", floor: float | None = None):
+    def __init__(
+        self, keys: KeysCollection, ref_image: str = "image", mode: str = "bilinear", floor: float | None = None
+    ):
         super().__init__(keys)
         self.ref_image = ref_image
         self.restore = RestoreGeometry(mode, floor)

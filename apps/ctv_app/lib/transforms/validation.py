@@ -35,16 +35,22 @@ class ValidateCT(Transform):
     """Raise InvalidInputError unless ``img`` (channel-first) is a finite, 3-D, CT-like volume in HU."""
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        name = os.path.basename(str(img.meta.get("filename_or_obj", "image"))) if isinstance(img, MetaTensor) else "image"
+        name = (
+            os.path.basename(str(img.meta.get("filename_or_obj", "image"))) if isinstance(img, MetaTensor) else "image"
+        )
         spatial = tuple(img.shape[1:])
         if img.shape[0] != 1 or len(spatial) != 3:
             raise InvalidInputError(f"'{name}' must be a single-channel 3D volume, got shape {tuple(img.shape)}")
         if min(spatial) < MIN_VOXELS_PER_AXIS:
-            raise InvalidInputError(f"'{name}' is {spatial} voxels; need at least {MIN_VOXELS_PER_AXIS} along every axis")
+            raise InvalidInputError(
+                f"'{name}' is {spatial} voxels; need at least {MIN_VOXELS_PER_AXIS} along every axis"
+            )
         if isinstance(img, MetaTensor):
             spacing = np.linalg.norm(np.asarray(img.affine)[:3, :3], axis=0)
             if not (np.all(spacing >= SPACING_RANGE_MM[0]) and np.all(spacing <= SPACING_RANGE_MM[1])):
-                raise InvalidInputError(f"'{name}' has voxel spacing {np.round(spacing, 3).tolist()} mm, outside {SPACING_RANGE_MM} mm")
+                raise InvalidInputError(
+                    f"'{name}' has voxel spacing {np.round(spacing, 3).tolist()} mm, outside {SPACING_RANGE_MM} mm"
+                )
         values = torch.as_tensor(img).float()
         if not bool(torch.isfinite(values).all()):
             raise InvalidInputError(f"'{name}' contains NaN or infinite values")
@@ -54,7 +60,8 @@ class ValidateCT(Transform):
         if low_fraction < CT_LOW_FRACTION or p99 > CT_MAX_P99:
             raise InvalidInputError(
                 f"'{name}' does not look like CT in Hounsfield units: {low_fraction:.1%} of voxels below "
-                f"{CT_LOW_HU:.0f} HU (need >= {CT_LOW_FRACTION:.0%}) and 99th percentile {p99:.0f} (need <= {CT_MAX_P99:.0f})"
+                f"{CT_LOW_HU:.0f} HU (need >= {CT_LOW_FRACTION:.0%}) and 99th percentile {p99:.0f} "
+                f"(need <= {CT_MAX_P99:.0f})"
             )
         return img
 
