@@ -19,10 +19,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ctv_app.lib.configs.ctv import CTVConfig  # noqa: E402
-from ctv_datastore.phantom import FULL_SHAPE, FULL_SPACING, make_phantom, save_nifti  # noqa: E402
 from monailabel.client import MONAILabelClient  # noqa: E402
 
+from ctv_app.lib.configs.ctv import CTVConfig  # noqa: E402
+from ctv_datastore.phantom import FULL_SHAPE, FULL_SPACING, make_phantom, save_nifti  # noqa: E402
 from tests.support import APP_DIR, REAL_CT, ServerProcess  # noqa: E402
 
 

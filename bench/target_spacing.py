@@ -15,13 +15,14 @@ import time
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.transforms import Spacing
+
 from ctv_app.lib.inferers import build_inferer
 from ctv_app.lib.networks import build_network
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.transforms import RestoreGeometry
 from ctv_datastore.phantom import FULL_SHAPE, FULL_SPACING, make_phantom
-from monai.data import MetaTensor
-from monai.transforms import Spacing
 
 SPACINGS = (2.0, 3.0, 4.0, 5.0)
 SEEDS = (9600, 9601, 9602)

@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
 from ctv_datastore.build import HELD_OUT_SEED_START, build
 
 from .support import REAL_CT, ServerProcess

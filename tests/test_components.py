@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
+
 from ctv_app.lib.checkpoint import load_checkpoint, read_params, save_checkpoint
 from ctv_app.lib.errors import InvalidInputError
 from ctv_app.lib.losses import DeepSupervisionDiceBCELoss
@@ -12,7 +14,6 @@ from ctv_app.lib.networks import IterativeRefinementNet, SEResDynUNet, build_net
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.transforms import RestoreGeometry, ValidateCT
 from ctv_datastore.phantom import make_phantom
-from monai.data import MetaTensor
 
 
 def test_deep_supervision_heads_only_in_training_mode():
@@ -144,8 +145,9 @@ def _blobs(shape=(40, 36, 30), seed=0) -> torch.Tensor:
 
 
 def test_clean_mask_matches_monai_largest_component_and_fill_holes():
-    from ctv_app.lib.transforms import CleanMask
     from monai.transforms import FillHoles, KeepLargestConnectedComponent
+
+    from ctv_app.lib.transforms import CleanMask
 
     for seed in range(3):
         mask = _blobs(seed=seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ctv_app.lib.checkpoint import load_checkpoint
 from ctv_app.lib.params import CTVParams
 from ctv_datastore.build import build

@@ -15,6 +15,7 @@ import tempfile
 
 import nibabel as nib
 import numpy as np
+
 from ctv_app.lib.configs.ctv import CTVConfig
 from ctv_datastore.build import build, parse_seeds
 

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from monai.data import CacheDataset, DataLoader, list_data_collate
+from monai.transforms import Compose
+
 from ctv_app.lib.checkpoint import load_checkpoint, save_checkpoint
 from ctv_app.lib.inferers import build_inferer
 from ctv_app.lib.losses import DeepSupervisionDiceBCELoss
 from ctv_app.lib.networks import build_network
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.transforms import pre_transforms, train_transforms
-from monai.data import CacheDataset, DataLoader, list_data_collate
-from monai.transforms import Compose
 
 from .data import find_pairs
 from .metrics import dice
