@@ -89,7 +89,11 @@ def test_real_ct_mask_is_binary_and_inside_body(client):
     assert np.isfinite(mask).all()
     assert set(np.unique(mask)) <= {0, 1}
     hu = np.asarray(source.dataobj, dtype=np.float32)
-    body = ndimage.binary_fill_holes(hu > -400)
+    # Body contour as a planning system draws it: per axial slice, tissue above -400 HU with
+    # enclosed air (bowel gas) filled; largest connected body in 3D.
+    axial = [code in "SI" for code in nib.aff2axcodes(source.affine)].index(True)
+    tissue = np.moveaxis(hu > -400, axial, 0)
+    body = np.moveaxis(np.stack([ndimage.binary_fill_holes(axial_slice) for axial_slice in tissue]), 0, axial)
     labelled, _ = ndimage.label(body)
     body = labelled == np.argmax(np.bincount(labelled.ravel())[1:]) + 1
     outside = int((mask.astype(bool) & ~body).sum())
