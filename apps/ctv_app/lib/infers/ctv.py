@@ -31,7 +31,6 @@ class CTVInfer(BasicInferTask):
             labels=params.labels,
             dimension=3,
             description="Cervical-cancer CTV on planning CT (residual SE-DynUNet)",
-            roi_size=params.patch_size,
             config={"flip_tta": params.flip_tta, "threshold": params.threshold},
             **kwargs,
         )
