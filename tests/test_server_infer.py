@@ -123,3 +123,23 @@ def test_unknown_model_is_404_and_server_stays_up(server):
     assert r.status_code == 404
     assert "not_a_model" in r.json()["detail"]
     assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
+
+
+def test_server_serves_weights_named_by_conf(studies, tmp_path):
+    """README: `--conf ctv_model <path>` serves your own checkpoint, and results name it."""
+    from ctv_app.lib.checkpoint import load_checkpoint, save_checkpoint
+    from ctv_app.lib.params import CTVParams
+
+    from .support import ServerProcess
+
+    shipped = load_checkpoint(str(APP_DIR / "model" / "ctv.pt"))
+    own = tmp_path / "ctv_hospital.pt"
+    digest = save_checkpoint(
+        str(own), shipped["model"], CTVParams.from_dict(shipped["params"]), {**shipped["meta"], "site": "test"}
+    )
+    assert digest != sha256(APP_DIR / "model" / "ctv.pt")
+    with ServerProcess(studies, tmp_path / "server", conf={"ctv_model": str(own)}) as server:
+        client = MONAILabelClient(server.url, tmpdir=str(tmp_path / "client"))
+        _, params = client.infer("ctv", f"phantom_{HELD_OUT_SEEDS[0]:05d}", {})
+    assert params["provenance"]["model"]["sha256"] == digest
+    assert params["provenance"]["model"]["file"] == "ctv_hospital.pt"

@@ -36,7 +36,11 @@ class CTVConfig(TaskConfig):
         logger.info(f"CTV model {self.path} (exists: {os.path.exists(self.path)}) params {self.params.to_dict()}")
 
     def infer(self) -> InferTask:
-        return CTVInfer(path=self.path, network=self.network, params=self.params, name=self.name)
+        # Load the weights at start-up: the first request is not slowed, and a bad file fails loudly now.
+        preload = os.path.exists(self.path)
+        if not preload:
+            logger.warning(f"CTV weights not found at {self.path}: /infer/ctv will fail until they exist")
+        return CTVInfer(path=self.path, network=self.network, params=self.params, name=self.name, preload=preload)
 
     def trainer(self) -> Optional[TrainTask]:
         return None
