@@ -42,3 +42,53 @@ def test_training_writes_metadata_and_resumes_after_interruption(tmp_path):
     assert [h["epoch"] for h in result["history"]] == [0, 1]
     assert not (tmp_path / "ctv.pt.last").exists()
     assert 0.0 <= result["best_val_dice"] <= 1.0
+
+
+def test_kfold_tests_every_case_once_and_never_trains_on_it():
+    from ctv_train.crossval import kfold
+
+    items = [f"case{i}" for i in range(10)]
+    splits = kfold(items, 3, seed=1)
+    tested = [x for _, test in splits for x in test]
+    assert sorted(tested) == sorted(items)
+    for train_items, test_items in splits:
+        assert not set(train_items) & set(test_items)
+        assert len(train_items) + len(test_items) == len(items)
+    assert kfold(items, 3, seed=1) == splits
+    with pytest.raises(ValueError, match="folds"):
+        kfold(items, 11, seed=1)
+
+
+def test_crossval_cli_prints_per_fold_dice(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    build(str(data), list(range(20, 26)), labelled=set(range(20, 26)))
+    params = json.dumps({"filters": [8, 16, 32], "patch_size": [32, 32, 32]})
+    cmd = [
+        sys.executable,
+        "-m",
+        "ctv_train.crossval",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "cv"),
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.001",
+        "--val-fraction",
+        "0.34",
+        "--params",
+        params,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["folds"] == 2 and len(summary["fold_dice"]) == 2
+    assert all(0.0 <= d <= 1.0 for d in summary["fold_dice"])
+    assert "fold 0: Dice" in out and "fold 1: Dice" in out and "2-fold Dice:" in out
+    assert (tmp_path / "cv" / "fold0" / "ctv.pt").exists() and (tmp_path / "cv" / "fold1" / "ctv.pt").exists()

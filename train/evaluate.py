@@ -19,30 +19,40 @@ import numpy as np
 from ctv_app.lib.configs.ctv import CTVConfig
 from ctv_datastore.build import build, parse_seeds
 
+from .data import find_pairs
 from .metrics import dice
 
 
-def evaluate(model: str, seeds: list[int], conf: dict[str, str] | None = None) -> dict:
-    config = CTVConfig()
-    config.init("ctv", os.path.dirname(model), {"ctv_model": model, **(conf or {})}, None)
-    task = config.infer()
-    scores = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        build(tmp, seeds, labelled=set(seeds))
-        for seed in seeds:
-            name = f"phantom_{seed:05d}.nii.gz"
-            result_path, _ = task({"image": os.path.join(tmp, name), "device": "cpu"})
-            pred = np.asarray(nib.load(result_path).dataobj)
-            os.unlink(result_path)
-            scores[seed] = dice(pred, np.asarray(nib.load(os.path.join(tmp, "labels", "final", name)).dataobj))
+def summarise(scores: dict) -> dict:
     values = np.array(list(scores.values()))
     return {
         "n": len(values),
         "mean": float(values.mean()),
         "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
         "min": float(values.min()),
-        "per_seed": scores,
+        "per_case": scores,
     }
+
+
+def evaluate_pairs(model: str, pairs: list[dict[str, str]], conf: dict[str, str] | None = None) -> dict:
+    """Dice per ``{"id", "image", "label"}`` pair, predicted by the served infer task in-process."""
+    config = CTVConfig()
+    config.init("ctv", os.path.dirname(model), {"ctv_model": model, **(conf or {})}, None)
+    task = config.infer()
+    scores = {}
+    for pair in pairs:
+        result_path, _ = task({"image": pair["image"], "device": "cpu"})
+        pred = np.asarray(nib.load(result_path).dataobj)
+        os.unlink(result_path)
+        scores[pair["id"]] = dice(pred, np.asarray(nib.load(pair["label"]).dataobj))
+    return summarise(scores)
+
+
+def evaluate(model: str, seeds: list[int], conf: dict[str, str] | None = None) -> dict:
+    """Dice on freshly generated held-out phantoms."""
+    with tempfile.TemporaryDirectory() as tmp:
+        build(tmp, seeds, labelled=set(seeds))
+        return evaluate_pairs(model, find_pairs(tmp), conf)
 
 
 def main() -> None:

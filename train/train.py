@@ -145,19 +145,28 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
     return {"best_val_dice": best, "history": history, "train": len(train_pairs), "val": len(val_pairs)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_training_args(ap: argparse.ArgumentParser) -> None:
+    """Arguments shared by the training CLIs: data folder, CTVParams overrides, TrainConfig fields."""
     ap.add_argument("--data", required=True, help="folder datastore with labels/final")
-    ap.add_argument("--out", required=True, help="checkpoint to write (best validation Dice)")
     ap.add_argument("--params", default="{}", help='JSON overrides of CTVParams, e.g. \'{"normalisation": "zscore"}\'')
     for name, default in TrainConfig().__dict__.items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
-    args = ap.parse_args()
-    params = CTVParams().updated(json.loads(args.params))
-    cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig().__dict__})
+
+
+def parse_training_args(args: argparse.Namespace) -> tuple[list[dict[str, str]], CTVParams, TrainConfig]:
     pairs = find_pairs(args.data)
     if len(pairs) < 2:
         raise SystemExit(f"need at least 2 labelled images in {args.data}, found {len(pairs)}")
+    params = CTVParams().updated(json.loads(args.params))
+    return pairs, params, TrainConfig(**{k: getattr(args, k) for k in TrainConfig().__dict__})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(ap)
+    ap.add_argument("--out", required=True, help="checkpoint to write (best validation Dice)")
+    args = ap.parse_args()
+    pairs, params, cfg = parse_training_args(args)
     result = train(pairs, args.out, params, cfg)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
 
