@@ -5,6 +5,12 @@ benchmarks and the demo weights have unlimited, reproducible, correctly labelled
 volumes. It looks roughly like a planning CT (HU values, anatomy, noise) but a model
 trained on it is not a clinical model.
 
+Anatomy: body outline (subcutaneous fat, muscle), a fat-filled pelvic cavity holding the
+uterus, cervix and vagina (random size, position, anteversion and lateral tilt), a bladder of
+variable filling, a rectum with gas, pelvic bones (iliac wings, sacrum, femoral heads and
+necks, pubic rami); above the pelvis lumbar spine, psoas, kidneys, liver and bowel loops,
+none of which is CTV. Partial-volume blur and correlated noise of 10-22 HU.
+
 Anatomy is defined in millimetres in patient RAS space (x: right->left,
 y: posterior->anterior, z: inferior->superior), origin near the pelvic centre, so the
 same seed gives the same patient at any matrix size and spacing.
@@ -225,7 +231,7 @@ def make_phantom(
         gas_m = lumen_m & (y > (p0[1] + p1[1]) / 2 + rc_r * (1 - 2 * gas))
         put((lumen_sl, gas_m), GAS_HU)
 
-    # Bones are painted last so that they win where shapes overlap.
+    # Pelvic bones are painted after the soft tissue so that they win where shapes overlap.
     for side in (-1.0, 1.0):
         fh_c = np.array([side * 92.0 * size, 8.0, -60.0])
         bone(paint.ellipsoid(fh_c, (24, 24, 24)), paint.ellipsoid(fh_c, (20, 20, 20)))
