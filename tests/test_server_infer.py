@@ -143,3 +143,17 @@ def test_server_serves_weights_named_by_conf(studies, tmp_path):
         _, params = client.infer("ctv", f"phantom_{HELD_OUT_SEEDS[0]:05d}", {})
     assert params["provenance"]["model"]["sha256"] == digest
     assert params["provenance"]["model"]["file"] == "ctv_hospital.pt"
+
+
+def test_uploaded_file_is_contoured_or_rejected(client, studies, truth_dir, tmp_path):
+    """Hospital scripts send files that are not in the datastore: same pipeline, same checks."""
+    name = f"phantom_{HELD_OUT_SEEDS[2]:05d}"
+    result_file, params = client.infer("ctv", "", {}, file=str(studies / f"{name}.nii.gz"))
+    mask = np.asarray(nib.load(result_file).dataobj)
+    assert dice(mask, np.asarray(nib.load(truth_dir / f"{name}.nii.gz").dataobj)) >= MIN_PHANTOM_DICE
+    assert params["provenance"]["input"]["sha256"] == sha256(studies / f"{name}.nii.gz")
+    junk = tmp_path / "upload.nii.gz"
+    junk.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(MONAILabelClientException) as err:
+        client.infer("ctv", "", {}, file=str(junk))
+    assert "Status: 422" in str(err.value) and "not a readable 3D image" in str(err.value)
