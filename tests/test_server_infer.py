@@ -157,3 +157,20 @@ def test_uploaded_file_is_contoured_or_rejected(client, studies, truth_dir, tmp_
     with pytest.raises(MONAILabelClientException) as err:
         client.infer("ctv", "", {}, file=str(junk))
     assert "Status: 422" in str(err.value) and "not a readable 3D image" in str(err.value)
+
+
+def test_concurrent_requests_give_identical_contours(server, tmp_path):
+    """An annotator and a hospital script at once: every request answered, none disturbed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    name = f"phantom_{HELD_OUT_SEEDS[3]:05d}"
+
+    def one(i: int) -> np.ndarray:
+        c = MONAILabelClient(server.url, tmpdir=str(tmp_path / f"client{i}"))
+        result_file, _ = c.infer("ctv", name, {})
+        return np.asarray(nib.load(result_file).dataobj)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        masks = list(pool.map(one, range(3), timeout=300))
+    assert masks[0].sum() > 0
+    assert all(np.array_equal(masks[0], m) for m in masks[1:])
