@@ -74,6 +74,8 @@ def test_flip_tta_changes_little(client, truth_dir):
     plain, _ = infer(client, name)
     tta, params = infer(client, name, {"flip_tta": True})
     assert params["provenance"]["request"]["flip_tta"] is True
+    _, params = infer(client, name, {"flip_tta": "false"})  # form-style string
+    assert params["provenance"]["request"]["flip_tta"] is False
     truth = np.asarray(nib.load(truth_dir / f"{name}.nii.gz").dataobj)
     assert dice(np.asarray(tta.dataobj), truth) >= MIN_PHANTOM_DICE
     assert dice(np.asarray(tta.dataobj), np.asarray(plain.dataobj)) > 0.9

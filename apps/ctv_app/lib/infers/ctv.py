@@ -14,10 +14,20 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from ..checkpoint import load_checkpoint
+from ..errors import InvalidInputError
 from ..inferers import build_inferer
 from ..params import CTVParams
 from ..provenance import input_sha256, model_record, software_versions
 from ..transforms import post_transforms, pre_transforms
+
+
+def _as_bool(value: Any) -> bool:
+    """Request params arrive as JSON booleans from clients, as strings from forms and --conf."""
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise InvalidInputError(f"expected true or false, got {value!r}")
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)
 
 
 class CTVInfer(BasicInferTask):
@@ -42,8 +52,10 @@ class CTVInfer(BasicInferTask):
         return pre_transforms(self.params)
 
     def inferer(self, data=None) -> Inferer:
-        flip_tta = bool(data.get("flip_tta", self.params.flip_tta)) if data else self.params.flip_tta
-        return build_inferer(self.params, device=data.get("device") if data else None, flip_tta=flip_tta)
+        if not data:
+            return build_inferer(self.params)
+        data["flip_tta"] = _as_bool(data.get("flip_tta", self.params.flip_tta))  # the writer reports it
+        return build_inferer(self.params, device=data.get("device"), flip_tta=data["flip_tta"])
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
         params = self.params
@@ -73,7 +85,8 @@ class CTVInfer(BasicInferTask):
         out = nib.Nifti1Image(mask, affine)
         out.header.set_xyzt_units("mm")
         out.header["descrip"] = f"CTV {data.get('model_record', {}).get('sha256', '')[:12]}".encode()[:79]
-        path = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+        fd, path = tempfile.mkstemp(suffix=".nii.gz")
+        os.close(fd)
         nib.save(out, path)
 
         source = data.get("image_path")
@@ -88,8 +101,8 @@ class CTVInfer(BasicInferTask):
             "model": data.get("model_record"),
             "software": software_versions(),
             "request": {
-                "flip_tta": bool(data.get("flip_tta", self.params.flip_tta)),
-                "threshold": data.get("threshold", self.params.threshold),
+                "flip_tta": data.get("flip_tta", self.params.flip_tta),
+                "threshold": float(data.get("threshold", self.params.threshold)),
             },
         }
         result["ctv_voxels"] = int(mask.sum())
