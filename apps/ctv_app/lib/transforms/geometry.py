@@ -14,6 +14,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, SpatialResample, Transform
 
+from .postprocessing import foreground_box
+
 
 class RestoreGeometry(Transform):
     """Resample ``img`` (channel-first, on ``src_affine``) to ``dst_affine`` and ``dst_shape``.
@@ -51,11 +53,11 @@ class RestoreGeometry(Transform):
         return MetaTensor(out, affine=torch.as_tensor(dst_affine))
 
     def _destination_box(self, values, src_affine, dst_affine, dst_shape):
-        hot = np.argwhere(np.asarray(values.amax(dim=0) > self.floor))
-        if hot.size == 0:
+        box = foreground_box(np.asarray(values.amax(dim=0) > self.floor), margin=0)
+        if box is None:
             return None
         # Source box grown by one voxel (the interpolation support), corners mapped to destination indices.
-        corners = np.array(np.meshgrid(*[[hot[:, d].min() - 1, hot[:, d].max() + 1] for d in range(3)], indexing="ij"))
+        corners = np.array(np.meshgrid(*[[b.start - 1, b.stop] for b in box], indexing="ij"))
         corners = np.concatenate([corners.reshape(3, -1), np.ones((1, 8))])
         idx = (np.linalg.inv(dst_affine) @ src_affine @ corners)[:3]
         lo = np.clip(np.floor(idx.min(axis=1)).astype(int) - 1, 0, dst_shape)
