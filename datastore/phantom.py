@@ -320,3 +320,28 @@ def save_nifti(phantom: Phantom, image_path: str, label_path: str | None = None)
         lab = nib.Nifti1Image(phantom.label, phantom.affine)
         lab.header.set_xyzt_units("mm")
         nib.save(lab, label_path)
+
+
+def make_water_phantom(
+    shape: tuple[int, int, int] = SMALL_SHAPE, spacing: tuple[float, float, float] = SMALL_SPACING
+) -> Phantom:
+    """A CT of a cylindrical water QA phantom (the daily-QA scan of a CT simulator): no patient, no CTV.
+
+    Water cylinder of 300 mm diameter along z with a bone-equivalent and a lung-equivalent rod
+    and 12 HU noise. Active-learning tests use it as a clearly out-of-distribution CT.
+    """
+    grid = _Grid(tuple(int(s) for s in shape), tuple(float(s) for s in spacing), 0.0)
+    x, y = grid.axes[0][:, None], grid.axes[1][None, :]
+    r2 = x**2 + y**2
+    plane = np.full(r2.shape, AIR_HU, dtype=np.float32)
+    plane[r2 <= 150.0**2] = 0.0
+    plane[(x - 70.0) ** 2 + y**2 <= 20.0**2] = 800.0
+    plane[(x + 70.0) ** 2 + y**2 <= 20.0**2] = -700.0
+    image = np.repeat(plane[:, :, None], grid.shape[2], axis=2)
+    image += np.random.default_rng(0).normal(0.0, 12.0, image.shape).astype(np.float32)
+    return Phantom(
+        image=np.clip(image, -1024, 3071).astype(np.int16),
+        label=np.zeros(grid.shape, dtype=np.uint8),
+        affine=grid.affine,
+        seed=-1,
+    )

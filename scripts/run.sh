@@ -5,5 +5,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 # SYNTHETIC phantoms (held-out seeds): 8 studies, the first 3 with a CTV label to start from.
 .venv/bin/python -m ctv_datastore.build --out datastore/demo --seeds 9100-9107 --labelled 9100-9102
+# Serve (and retrain) a working copy of the shipped demo weights, so the repository stays clean.
+MODEL="${MODEL:-runs/model/ctv.pt}"
+if [ ! -f "$MODEL" ]; then
+  mkdir -p "$(dirname "$MODEL")" && cp apps/ctv_app/model/ctv.pt "$MODEL"
+fi
 PATH="$PWD/.venv/bin:$PATH" exec monailabel start_server --app apps/ctv_app --studies "${STUDIES:-datastore/demo}" \
-  --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" "$@"
+  --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" --conf ctv_model "$MODEL" "$@"

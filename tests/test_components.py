@@ -9,7 +9,7 @@ from monai.data import MetaTensor
 
 from ctv_app.lib.checkpoint import load_checkpoint, read_params, save_checkpoint
 from ctv_app.lib.errors import InvalidInputError
-from ctv_app.lib.losses import DeepSupervisionDiceBCELoss
+from ctv_app.lib.losses import DeepSupervisionLoss
 from ctv_app.lib.networks import IterativeRefinementNet, SEResDynUNet, build_network
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.transforms import RestoreGeometry, ValidateCT
@@ -76,9 +76,9 @@ def test_loss_weights_heads_and_can_give_per_sample_values():
     target[:, :, 4:12, 4:12, 4:12] = 1
     good = (target * 20 - 10)[:, None].repeat(1, 3, 1, 1, 1, 1)
     bad = -good
-    loss = DeepSupervisionDiceBCELoss()
+    loss = DeepSupervisionLoss()
     assert float(loss(good, target)) < 0.05 < float(loss(bad, target))
-    per_sample = DeepSupervisionDiceBCELoss(reduction="none")(torch.cat([good[:1], bad[1:]]), target)
+    per_sample = DeepSupervisionLoss(reduction="none")(torch.cat([good[:1], bad[1:]]), target)
     assert per_sample.shape == (2,) and per_sample[0] < per_sample[1]
 
 

@@ -92,3 +92,35 @@ def test_crossval_cli_prints_per_fold_dice(tmp_path):
     assert all(0.0 <= d <= 1.0 for d in summary["fold_dice"])
     assert "fold 0: Dice" in out and "fold 1: Dice" in out and "2-fold Dice:" in out
     assert (tmp_path / "cv" / "fold0" / "ctv.pt").exists() and (tmp_path / "cv" / "fold1" / "ctv.pt").exists()
+
+
+def test_torchrun_two_cpu_ranks_hold_identical_weights(tmp_path):
+    """DDP under torchrun (gloo): after training steps both ranks hold bit-identical weights."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    build(str(data), [11, 12, 13, 14, 15], labelled={11, 12, 13, 14, 15})
+    torchrun = Path(sys.executable).parent / "torchrun"
+    params = '{"filters": [8, 16, 32], "patch_size": [32, 32, 32], "target_spacing": [6, 6, 6]}'
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "ctv_train.train"]
+    cmd += ["--data", str(data), "--out", str(tmp_path / "ctv.pt"), "--epochs", "2", "--lr", "0.003"]
+    cmd += ["--val-fraction", "0.2", "--volumes-per-batch", "1", "--patches-per-volume", "2", "--params", params]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    digests = dict(re.findall(r"rank (\d)/2 weights sha256 ([0-9a-f]{64})", run.stdout + run.stderr))
+    assert set(digests) == {"0", "1"}, run.stdout[-2000:]
+    assert digests["0"] == digests["1"]
+
+    ckpt = load_checkpoint(str(tmp_path / "ctv.pt"))
+    assert ckpt["meta"]["train_config"]["world_size"] == 2
+    # Training steps happened: the weights left their seeded (identical) initialisation.
+    import torch
+
+    from ctv_app.lib.networks import network_for
+    from ctv_train.train import weights_digest
+
+    torch.manual_seed(0)
+    assert weights_digest(network_for(CTVParams.from_dict(ckpt["params"]))) != digests["0"]

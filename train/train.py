@@ -1,9 +1,12 @@
 """Offline CTV training on a folder of images + labels.
 
     python -m ctv_train.train --data runs/phantoms --out apps/ctv_app/model/ctv.pt --epochs 40
+    torchrun --nproc_per_node 2 -m ctv_train.train --data runs/phantoms --out runs/ctv.pt
 
 Uses the app's own pre-processing, network and loss (ctv_app.lib), validates on a
 held-out split every epoch, and keeps the best checkpoint (atomic write, with metadata).
+Under torchrun it trains data-parallel (DDP): gloo on CPU, nccl on GPU; each rank sees its
+own share of the training volumes, rank 0 validates and writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from monai.data import CacheDataset, DataLoader, list_data_collate
 from monai.transforms import Compose
+from torch.utils.data import DistributedSampler
 
 from ctv_app.lib.checkpoint import load_checkpoint, save_checkpoint
 from ctv_app.lib.inferers import build_inferer
-from ctv_app.lib.losses import DeepSupervisionDiceBCELoss
-from ctv_app.lib.networks import build_network
+from ctv_app.lib.losses import DeepSupervisionLoss
+from ctv_app.lib.networks import network_for
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.transforms import pre_transforms, train_transforms
 
@@ -76,10 +81,35 @@ def validate(net: torch.nn.Module, val_ds, params: CTVParams, device: str) -> fl
     return float(np.mean(scores))
 
 
+def weights_digest(net: torch.nn.Module) -> str:
+    """sha256 over the parameters and buffers: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _init_distributed(cfg: "TrainConfig") -> tuple[int, int]:
+    """(rank, world size); joins torchrun's process group when launched by it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
 def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainConfig, log=print) -> dict:
+    rank, world = _init_distributed(cfg)
+    if cfg.device.startswith("cuda") and world > 1:
+        cfg.device = f"cuda:{torch.cuda.current_device()}"
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    np.random.seed(cfg.seed + rank)  # same initial weights everywhere, different augmentation per rank
+    random.seed(cfg.seed + rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_pairs, val_pairs = split(pairs, cfg.val_fraction, cfg.seed)
@@ -87,13 +117,19 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
     train_ds = CacheDataset(
         train_pairs, transform=Compose(pre + train_transforms(params, cfg.patches_per_volume)), progress=False
     )
-    val_ds = CacheDataset(val_pairs, transform=Compose(pre), progress=False)
+    val_ds = CacheDataset(val_pairs, transform=Compose(pre), progress=False) if rank == 0 else None
+    sampler = DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
     loader = DataLoader(
-        train_ds, batch_size=cfg.volumes_per_batch, shuffle=True, num_workers=0, collate_fn=list_data_collate
+        train_ds,
+        batch_size=cfg.volumes_per_batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=0,
+        collate_fn=list_data_collate,
     )
-    net = build_network(params.filters, params.refinement_passes, params.deep_supr_num, params.dropout).to(cfg.device)
+    net = network_for(params).to(cfg.device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    loss_fn = DeepSupervisionDiceBCELoss()
+    loss_fn = DeepSupervisionLoss(params.loss)
 
     start_epoch, best, history = 0, -1.0, []
     resume_path = out + ".last"
@@ -103,46 +139,57 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
         opt.load_state_dict(ckpt["meta"]["optimizer"])
         start_epoch, best, history = ckpt["meta"]["epoch"] + 1, ckpt["meta"]["best_val_dice"], ckpt["meta"]["history"]
         log(f"resumed from {resume_path} at epoch {start_epoch}")
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
 
     digest = labels_digest(train_pairs)
     for epoch in range(start_epoch, cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         t0, losses = time.time(), []
         for batch in loader:
             image, label = batch["image"].to(cfg.device), batch["label"].to(cfg.device)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(image), label)
+            loss = loss_fn(model(image), label)
             loss.backward()
             opt.step()
             losses.append(float(loss))
-        val_dice = validate(net, val_ds, params, cfg.device)
-        history.append(
-            {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": val_dice, "seconds": time.time() - t0}
-        )
-        meta = {
-            "epoch": epoch,
-            "val_dice": val_dice,
-            "train_labels": [p["id"] for p in train_pairs],
-            "train_labels_sha256": digest,
-            "val_labels": [p["id"] for p in val_pairs],
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "train_config": cfg.__dict__,
-        }
-        if val_dice > best:
-            best = val_dice
-            save_checkpoint(out, net.state_dict(), params, {**meta, "best_val_dice": best})
-        save_checkpoint(
-            resume_path,
-            net.state_dict(),
-            params,
-            {**meta, "best_val_dice": best, "history": history, "optimizer": opt.state_dict()},
-        )
-        log(
-            f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} val_dice {val_dice:.4f} best {best:.4f}"
-            f" ({time.time() - t0:.0f}s)"
-        )
-    if os.path.exists(resume_path):
+        if rank == 0:
+            val_dice = validate(net, val_ds, params, cfg.device)
+            history.append(
+                {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": val_dice, "seconds": time.time() - t0}
+            )
+            meta = {
+                "epoch": epoch,
+                "val_dice": val_dice,
+                "train_labels": [p["id"] for p in train_pairs],
+                "train_labels_sha256": digest,
+                "val_labels": [p["id"] for p in val_pairs],
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "train_config": {**cfg.__dict__, "world_size": world},
+            }
+            if val_dice > best:
+                best = val_dice
+                save_checkpoint(out, net.state_dict(), params, {**meta, "best_val_dice": best})
+            save_checkpoint(
+                resume_path,
+                net.state_dict(),
+                params,
+                {**meta, "best_val_dice": best, "history": history, "optimizer": opt.state_dict()},
+            )
+            log(
+                f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} val_dice {val_dice:.4f} best {best:.4f}"
+                f" ({time.time() - t0:.0f}s)"
+            )
+        if world > 1:
+            dist.barrier()  # the others wait while rank 0 validates and saves
+    result = {"best_val_dice": best, "history": history, "train": len(train_pairs), "val": len(val_pairs)}
+    if world > 1:
+        result["weights_sha256"] = weights_digest(net)
+        log(f"rank {rank}/{world} weights sha256 {result['weights_sha256']}")
+        dist.barrier()
+    if rank == 0 and os.path.exists(resume_path):
         os.unlink(resume_path)  # finished: nothing to resume
-    return {"best_val_dice": best, "history": history, "train": len(train_pairs), "val": len(val_pairs)}
+    return result
 
 
 def add_training_args(ap: argparse.ArgumentParser) -> None:
@@ -168,7 +215,10 @@ def main() -> None:
     args = ap.parse_args()
     pairs, params, cfg = parse_training_args(args)
     result = train(pairs, args.out, params, cfg)
-    print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

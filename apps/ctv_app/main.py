@@ -11,13 +11,21 @@ from typing import Any
 
 import monailabel
 from fastapi import HTTPException
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.async_tasks.task import AsyncTask
 
 from ctv_app.lib.configs.ctv import CTVConfig
-from ctv_app.lib.errors import ImageNotFoundError, InvalidInputError
+from ctv_app.lib.datastore import CTVDatastore
+from ctv_app.lib.errors import CTVError, ImageNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +43,8 @@ class CTVApp(MONAILabelApp):
             config = CONFIGS[name]()
             config.init(name, os.path.join(app_dir, "model"), conf, None)
             self.models[name] = config
+        self.auto_train_after = int(conf.get("auto_train_after", 0))
+        self._labels_since_training = 0
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -43,6 +53,8 @@ class CTVApp(MONAILabelApp):
             description="Cervical-cancer clinical target volume on planning CT; learns from corrected contours",
             version=monailabel.__version__,
         )
+        # Scores depend on the model: the uncertain strategy rescores lazily instead of after every call.
+        self._auto_update_scoring = conf.get("auto_update_scoring", "false").lower() == "true"
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: config.infer() for name, config in self.models.items()}
@@ -54,6 +66,49 @@ class CTVApp(MONAILabelApp):
             if trainer is not None:
                 trainers[name] = trainer
         return trainers
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        strategies: dict[str, Strategy] = {"random": Random(), "first": First()}
+        for config in self.models.values():
+            strategies.update(config.strategy() or {})
+        return strategies
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        methods: dict[str, ScoringMethod] = {}
+        for config in self.models.values():
+            methods.update(config.scoring_method() or {})
+        return methods
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        label_values = {v for config in self.models.values() for v in config.labels.values()}
+        return CTVDatastore(
+            self.studies,
+            label_values=label_values,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
+        """Counts saved labels; with ``--conf auto_train_after N`` (N > 0) starts training every N of them."""
+        super().on_save_label(image_id, label_id)
+        self._labels_since_training += 1
+        if 0 < self.auto_train_after <= self._labels_since_training:
+            if AsyncTask.status("train", check_if_running=True)[0] is None:
+                logger.info(f"{self._labels_since_training} new or changed labels: starting training")
+                self._labels_since_training = 0
+                return {"train": self.async_training(list(self.models)[0])}
+        return {}
+
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise HTTPException(
+                status_code=404, detail=f"strategy '{strategy}' does not exist; available: {sorted(self._strategies)}"
+            )
+        return super().next_sample(request)
 
     def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
         """MONAI Label's infer, with the caller's mistakes answered as 4xx instead of 500."""
@@ -69,6 +124,6 @@ class CTVApp(MONAILabelApp):
                 if not store.get_image_uri(image):
                     raise ImageNotFoundError(f"image '{image}' is not in the datastore")
             return super().infer(request, datastore)
-        except InvalidInputError as e:
+        except CTVError as e:
             logger.warning(f"infer rejected: {e}")
             raise HTTPException(status_code=e.status_code, detail=str(e)) from e

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -43,10 +43,11 @@ def save_checkpoint(path: str, state_dict: dict, params: CTVParams, meta: dict[s
     return file_sha256(path)
 
 
-def load_checkpoint(path: str, map_location: str = "cpu") -> dict[str, Any]:
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+def load_checkpoint(source: str | IO[bytes], map_location: str = "cpu") -> dict[str, Any]:
+    """Load from a path, or from a file object holding bytes already read (and hashed)."""
+    ckpt = torch.load(source, map_location=map_location, weights_only=False)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path} is not a CTV checkpoint (no 'model' entry)")
+        raise ValueError(f"{getattr(source, 'name', source)} is not a CTV checkpoint (no 'model' entry)")
     return ckpt
 
 

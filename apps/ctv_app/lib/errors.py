@@ -1,11 +1,30 @@
-"""Errors that are the caller's fault. main.py turns them into HTTP 4xx responses."""
+"""Errors that carry their HTTP status: FastAPI answers them as that status with the message."""
+
+from fastapi import HTTPException
 
 
-class InvalidInputError(ValueError):
-    """The request names something that cannot be contoured; the message says what and why."""
+class CTVError(HTTPException):
+    status_code = 500
+
+    def __init__(self, message: str):
+        super().__init__(status_code=type(self).status_code, detail=message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInputError(CTVError):
+    """The request names something that cannot be processed; the message says what and why."""
 
     status_code = 422
 
 
 class ImageNotFoundError(InvalidInputError):
     status_code = 404
+
+
+class ModelUnavailableError(CTVError):
+    """No usable weights yet (not trained, or the file on disk is unreadable)."""
+
+    status_code = 503

@@ -14,6 +14,45 @@ from typing import Any
 
 
 @dataclass
+class AugmentParams:
+    """Training augmentation: probabilities and ranges (the patch grid is ``target_spacing``)."""
+
+    flip_prob: float = 0.5  # per axis, all three axes
+    affine_prob: float = 0.3
+    rotate_deg: float = 10.0
+    translate_voxels: float = 8.0
+    scale: float = 0.1
+    elastic_prob: float = 0.2
+    elastic_sigma: tuple[float, float] = (5.0, 8.0)
+    elastic_magnitude: tuple[float, float] = (50.0, 150.0)
+    intensity_prob: float = 0.3  # scale +-10 % and shift +-0.05 of the normalised intensity
+    noise_prob: float = 0.3
+    noise_std: float = 0.0316  # variance 0.001 on the [0, 1] window scale
+
+    def __post_init__(self) -> None:
+        self.elastic_sigma = tuple(float(v) for v in self.elastic_sigma)
+        self.elastic_magnitude = tuple(float(v) for v in self.elastic_magnitude)
+        probs = {
+            k: getattr(self, k) for k in ("flip_prob", "affine_prob", "elastic_prob", "intensity_prob", "noise_prob")
+        }
+        bad = {k: v for k, v in probs.items() if not 0.0 <= v <= 1.0}
+        if bad:
+            raise ValueError(f"augmentation probabilities must be in [0, 1], got {bad}")
+        if not 0 <= self.rotate_deg <= 180 or self.translate_voxels < 0 or not 0 <= self.scale < 1:
+            raise ValueError("rotate_deg must be in [0, 180], translate_voxels >= 0, scale in [0, 1)")
+        for name in ("elastic_sigma", "elastic_magnitude"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, got {(lo, hi)}")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+
+
+ARCHITECTURE_NAMES = ("unet", "resunet", "se_resunet")
+LOSS_NAMES = ("dice_bce", "bce")
+
+
+@dataclass
 class CTVParams:
     # 4 mm isotropic: measured label round-trip Dice 0.970 (3 mm: 0.976, 2 mm: 0.993) for
     # 2.4x fewer voxels than 3 mm; CPU latency is the binding constraint (docs/model.md).
@@ -23,6 +62,8 @@ class CTVParams:
     normalisation: str = "scale"
     # 48x48x40 at 4 mm = 192x192x160 mm: the whole true pelvis around the CTV in one patch.
     patch_size: tuple[int, int, int] = (48, 48, 40)
+    architecture: str = "se_resunet"
+    loss: str = "dice_bce"
     filters: tuple[int, ...] = (16, 32, 64, 128)
     deep_supr_num: int = 1
     refinement_passes: int = 0
@@ -32,12 +73,21 @@ class CTVParams:
     flip_tta: bool = False
     threshold: float = 0.5
     labels: dict[str, int] = field(default_factory=lambda: {"CTV": 1})
+    augment: AugmentParams = field(default_factory=AugmentParams)
 
     def __post_init__(self) -> None:
         self.target_spacing = tuple(float(s) for s in self.target_spacing)
         self.window = tuple(float(w) for w in self.window)
         self.patch_size = tuple(int(p) for p in self.patch_size)
         self.filters = tuple(int(f) for f in self.filters)
+        if isinstance(self.augment, dict):
+            self.augment = AugmentParams(**self.augment)
+        if self.architecture not in ARCHITECTURE_NAMES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURE_NAMES}, got {self.architecture!r}")
+        if self.loss not in LOSS_NAMES:
+            raise ValueError(f"loss must be one of {LOSS_NAMES}, got {self.loss!r}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
             raise ValueError(f"target_spacing must be 3 positive numbers, got {self.target_spacing}")
         if len(self.window) != 2 or self.window[0] >= self.window[1]:
@@ -56,6 +106,15 @@ class CTVParams:
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
 
+    def network_key(self) -> dict[str, Any]:
+        """What fixes the weights' shapes: checkpoints only load into a network with the same key."""
+        return {
+            "architecture": self.architecture,
+            "filters": list(self.filters),
+            "deep_supr_num": self.deep_supr_num,
+            "refinement_passes": self.refinement_passes,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
@@ -68,7 +127,10 @@ class CTVParams:
         return cls(**values)
 
     def updated(self, overrides: dict[str, Any]) -> "CTVParams":
-        return CTVParams.from_dict({**self.to_dict(), **overrides})
+        values = {**self.to_dict(), **overrides}
+        if isinstance(overrides.get("augment"), dict):  # override single augmentation settings
+            values["augment"] = {**self.to_dict()["augment"], **overrides["augment"]}
+        return CTVParams.from_dict(values)
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], base: "CTVParams | None" = None) -> "CTVParams":

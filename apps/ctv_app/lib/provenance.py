@@ -32,12 +32,13 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def model_record(name: str, path: str, checkpoint: dict[str, Any]) -> dict[str, Any]:
+def model_record(name: str, path: str, checkpoint: dict[str, Any], sha256: str) -> dict[str, Any]:
+    """``sha256`` is of the bytes the weights were loaded from: the model version."""
     meta = checkpoint.get("meta", {})
     return {
         "name": name,
         "file": os.path.basename(path),
-        "sha256": file_sha256(path),
+        "sha256": sha256,
         "trained": meta.get("time"),
         "epoch": meta.get("epoch"),
         "val_dice": meta.get("val_dice"),

@@ -1,4 +1,4 @@
-"""TaskConfig ``ctv``: builds the CTV infer task (and, later, its trainer) from one set of parameters."""
+"""TaskConfig ``ctv``: builds the CTV infer task, trainer, scoring and strategies from one set of parameters."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ from typing import Any, Optional
 
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
+from ..activelearning import EpistemicScoring, TTAScoring, Uncertain
 from ..checkpoint import read_params
 from ..infers.ctv import CTVInfer
-from ..networks import build_network
+from ..networks import network_for
 from ..params import CTVParams
+from ..trainers.ctv import CTVTrain
 
 logger = logging.getLogger(__name__)
 
@@ -27,20 +31,44 @@ class CTVConfig(TaskConfig):
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
+        self._infer: CTVInfer | None = None
+        self._scorers: dict[str, ScoringMethod] = {}
         self.path = conf.get("ctv_model") or os.path.join(model_dir, f"{name}.pt")
         self.params = CTVParams.from_conf(conf, base=read_params(self.path))
         self.labels = self.params.labels
-        self.network = build_network(
-            self.params.filters, self.params.refinement_passes, self.params.deep_supr_num, self.params.dropout
-        )
+        self.network = network_for(self.params)
         logger.info(f"CTV model {self.path} (exists: {os.path.exists(self.path)}) params {self.params.to_dict()}")
 
     def infer(self) -> InferTask:
-        # Load the weights at start-up: the first request is not slowed, and a bad file fails loudly now.
-        preload = os.path.exists(self.path)
-        if not preload:
-            logger.warning(f"CTV weights not found at {self.path}: /infer/ctv will fail until they exist")
-        return CTVInfer(path=self.path, network=self.network, params=self.params, name=self.name, preload=preload)
+        if self._infer is None:
+            # Load the weights at start-up: the first request is not slowed, and a bad file fails loudly now.
+            preload = os.path.exists(self.path)
+            if not preload:
+                logger.warning(f"CTV weights not found at {self.path}: /infer/ctv answers 503 until trained")
+            self._infer = CTVInfer(
+                path=self.path, network=self.network, params=self.params, name=self.name, preload=preload
+            )
+        return self._infer
+
+    def scoring_method(self) -> dict[str, ScoringMethod]:
+        """``--conf epistemic_samples 8``, ``--conf epistemic_dropout 0.1``."""
+        if not self._scorers:
+            self._scorers = {
+                "epistemic": EpistemicScoring(
+                    self.infer(),
+                    samples=int(self.conf.get("epistemic_samples", 8)),
+                    dropout=float(self.conf.get("epistemic_dropout", 0.1)),
+                ),
+                "tta": TTAScoring(self.infer()),
+            }
+        return self._scorers
+
+    def strategy(self) -> dict[str, Strategy]:
+        """``uncertain``: by ``--conf uncertain_method epistemic|tta`` (or the request's ``method``)."""
+        method = self.conf.get("uncertain_method", "epistemic")
+        if method not in self.scoring_method():
+            raise ValueError(f"uncertain_method must be one of {sorted(self.scoring_method())}, got {method!r}")
+        return {"uncertain": Uncertain(self.scoring_method(), method=method)}
 
     def trainer(self) -> Optional[TrainTask]:
-        return None
+        return CTVTrain(served_path=self.path, params=self.params, name=self.name)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import io
+import logging
 import os
 import tempfile
 from typing import Any, Callable, Sequence
@@ -14,11 +18,13 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from ..checkpoint import load_checkpoint
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, ModelUnavailableError
 from ..inferers import build_inferer
 from ..params import CTVParams
 from ..provenance import input_sha256, model_record, software_versions
 from ..transforms import post_transforms, pre_transforms
+
+logger = logging.getLogger(__name__)
 
 
 def _as_bool(value: Any) -> bool:
@@ -34,6 +40,9 @@ class CTVInfer(BasicInferTask):
     """Whole-volume CTV segmentation; the result keeps the input's exact shape and affine."""
 
     def __init__(self, path: str, network: torch.nn.Module, params: CTVParams, name: str = "ctv", **kwargs):
+        self.name = name
+        self.params = params
+        self._loaded: dict[str, tuple[torch.nn.Module, float, dict[str, Any]]] = {}  # device -> net, mtime, record
         super().__init__(
             path=path,
             network=network,
@@ -45,8 +54,6 @@ class CTVInfer(BasicInferTask):
             **kwargs,
         )
         self.name = name
-        self.params = params
-        self._model_records: dict[tuple[str, float], dict[str, Any]] = {}
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         return pre_transforms(self.params)
@@ -64,18 +71,53 @@ class CTVInfer(BasicInferTask):
         return post_transforms(params)
 
     def _get_network(self, device, data):
-        network = super()._get_network(device, data)
+        """The served network, reloaded when the checkpoint file changes (a training run published one).
+
+        The file is read once and hashed from the same bytes, so the model version a result names is
+        the model that made it. A new file that cannot be loaded is refused and the previous model
+        keeps serving.
+        """
+        path = self.get_path()
+        if not path:
+            raise ModelUnavailableError(
+                f"no CTV weights at {self.path[-1]} yet: train a model first (POST /train/{self.name})"
+            )
+        mtime = os.stat(path).st_mtime
+        cached = self._loaded.get(str(device))
+        if cached is None or cached[1] != mtime:
+            try:
+                network, record = self._load(path, device)
+                self._loaded[str(device)] = (network, mtime, record)
+                logger.info(f"serving CTV model {record['sha256'][:12]} from {path}")
+            except Exception as e:
+                if cached is None:
+                    raise ModelUnavailableError(f"cannot load CTV weights {path}: {e}") from e
+                logger.error(f"refusing new CTV weights {path} ({e}); still serving {cached[2]['sha256'][:12]}")
+                self._loaded[str(device)] = (cached[0], mtime, cached[2])
+        network, _, record = self._loaded[str(device)]
         if data is not None:
-            data["model_record"] = self.model_record()
+            data["model_record"] = record
         return network
 
+    def _load(self, path: str, device) -> tuple[torch.nn.Module, dict[str, Any]]:
+        with open(path, "rb") as f:
+            blob = f.read()
+        checkpoint = load_checkpoint(io.BytesIO(blob), map_location=str(device))
+        trained = checkpoint.get("params")
+        if trained is not None and CTVParams.from_dict(trained).network_key() != self.params.network_key():
+            raise ValueError(
+                f"it was trained as {CTVParams.from_dict(trained).network_key()}, "
+                f"this server builds {self.params.network_key()}"
+            )
+        network = copy.deepcopy(self.network).to(torch.device(device))
+        network.load_state_dict(checkpoint["model"], strict=True)
+        network.eval()
+        return network, model_record(self.name, path, checkpoint, hashlib.sha256(blob).hexdigest())
+
     def model_record(self) -> dict[str, Any]:
-        """Provenance of the checkpoint now on disk, cached per (path, mtime) like the network itself."""
-        path = self.get_path()
-        key = (path, os.stat(path).st_mtime)
-        if key not in self._model_records:
-            self._model_records = {key: model_record(self.name, path, load_checkpoint(path))}
-        return self._model_records[key]
+        """Provenance of the model now served (loading it if needed)."""
+        self._get_network("cpu" if not torch.cuda.is_available() else "cuda", None)
+        return self._loaded["cpu" if not torch.cuda.is_available() else "cuda"][2]
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[Any, Any]:
         """Write the mask as NIfTI with the affine the loader read from the input, bit for bit."""

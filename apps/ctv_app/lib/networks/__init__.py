@@ -1,3 +1,21 @@
-from .se_dynunet import IterativeRefinementNet, SEResBlock, SEResDynUNet, build_network
+from .se_dynunet import (
+    ARCHITECTURES,
+    CTVDynUNet,
+    IterativeRefinementNet,
+    PlainDynUNet,
+    SEResBlock,
+    SEResDynUNet,
+    build_network,
+    network_for,
+)
 
-__all__ = ["SEResBlock", "SEResDynUNet", "IterativeRefinementNet", "build_network"]
+__all__ = [
+    "ARCHITECTURES",
+    "CTVDynUNet",
+    "PlainDynUNet",
+    "SEResBlock",
+    "SEResDynUNet",
+    "IterativeRefinementNet",
+    "build_network",
+    "network_for",
+]

@@ -1,4 +1,5 @@
-"""Residual DynUNet with channel squeeze-and-excitation, plus optional iterative refinement."""
+"""The CTV networks: residual DynUNet with squeeze-and-excitation (served), its ablation variants,
+and optional iterative refinement."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from monai.networks.blocks import ChannelSELayer
 from monai.networks.blocks.dynunet_block import UnetResBlock
 from monai.networks.nets import DynUNet
 from torch import nn
+
+from ..params import CTVParams
 
 
 class SEResBlock(UnetResBlock):
@@ -29,8 +32,8 @@ class SEResBlock(UnetResBlock):
         return self.lrelu(out + residual)
 
 
-class SEResDynUNet(DynUNet):
-    """DynUNet whose encoder and bottleneck blocks are residual SE blocks.
+class CTVDynUNet(DynUNet):
+    """DynUNet with argument checks, 1 output per class; plain (``res_block=False``) or residual blocks.
 
     Deep-supervision heads (``deep_supr_num`` of them) are returned only in training mode,
     stacked on dim 1 as DynUNet does; in eval mode the forward gives the full-resolution logits.
@@ -46,8 +49,8 @@ class SEResDynUNet(DynUNet):
         filters: Sequence[int],
         deep_supervision: bool = True,
         deep_supr_num: int = 2,
-        se_reduction: int = 4,
         dropout: float | None = None,
+        res_block: bool = True,
     ):
         if len(kernel_size) != len(strides):
             raise ValueError(
@@ -59,15 +62,12 @@ class SEResDynUNet(DynUNet):
             raise ValueError(f"filters must be positive, got {list(filters)}")
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
-        if se_reduction < 1:
-            raise ValueError(f"se_reduction must be >= 1, got {se_reduction}")
         if dropout is not None and not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if deep_supervision and not 1 <= deep_supr_num <= len(strides) - 2:
             raise ValueError(
                 f"deep_supr_num must be in [1, {len(strides) - 2}] for {len(strides)} levels, got {deep_supr_num}"
             )
-        self.se_reduction = se_reduction
         super().__init__(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -79,8 +79,25 @@ class SEResDynUNet(DynUNet):
             dropout=dropout,
             deep_supervision=deep_supervision,
             deep_supr_num=deep_supr_num,
-            res_block=True,
+            res_block=res_block,
         )
+
+
+class PlainDynUNet(CTVDynUNet):
+    """The ablation's baseline: two plain conv-norm-act layers per level."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, res_block=False, **kwargs)
+
+
+class SEResDynUNet(CTVDynUNet):
+    """Residual DynUNet whose encoder and bottleneck blocks are residual SE blocks."""
+
+    def __init__(self, *args, se_reduction: int = 4, **kwargs):
+        if se_reduction < 1:
+            raise ValueError(f"se_reduction must be >= 1, got {se_reduction}")
+        self.se_reduction = se_reduction
+        super().__init__(*args, res_block=True, **kwargs)
 
     # DynUNet builds every encoder block through these three hooks.
     def _block(self, in_ch: int, out_ch: int, kernel, stride) -> SEResBlock:
@@ -105,6 +122,14 @@ class SEResDynUNet(DynUNet):
     def get_downsamples(self) -> nn.ModuleList:
         pairs = zip(self.filters[:-2], self.filters[1:-1], self.kernel_size[1:-1], self.strides[1:-1])
         return nn.ModuleList([self._block(i, o, k, s) for i, o, k, s in pairs])
+
+
+# The ablation's steps, by name (docs/ablation.md); "se_resunet" is the served design.
+ARCHITECTURES: dict[str, type[CTVDynUNet]] = {
+    "unet": PlainDynUNet,
+    "resunet": CTVDynUNet,
+    "se_resunet": SEResDynUNet,
+}
 
 
 class IterativeRefinementNet(nn.Module):
@@ -142,14 +167,17 @@ def build_network(
     refinement_passes: int = 0,
     deep_supr_num: int = 2,
     dropout: float | None = None,
+    architecture: str = "se_resunet",
 ) -> nn.Module:
     """The CTV network: 1 CT channel in, 1 CTV logit out; 3-D, first level anisotropy-free."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}")
     levels = len(filters)
     if levels < 3:
         raise ValueError(f"need at least 3 levels, got filters={list(filters)}")
     strides = [1] + [2] * (levels - 1)
     in_channels = 2 if refinement_passes else 1
-    net = SEResDynUNet(
+    net = ARCHITECTURES[architecture](
         spatial_dims=3,
         in_channels=in_channels,
         out_channels=1,
@@ -163,3 +191,10 @@ def build_network(
     if refinement_passes:
         return IterativeRefinementNet(net, image_channels=1, mask_channels=1, passes=refinement_passes)
     return net
+
+
+def network_for(params: CTVParams) -> nn.Module:
+    """The network a set of CTV parameters describes (the served model, the trainers, the scorers)."""
+    return build_network(
+        params.filters, params.refinement_passes, params.deep_supr_num, params.dropout, params.architecture
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from monai.transforms import (
     Activationsd,
     AsDiscreted,
@@ -10,6 +12,7 @@ from monai.transforms import (
     EnsureTyped,
     NormalizeIntensityd,
     Orientationd,
+    Rand3DElasticd,
     RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
@@ -51,8 +54,13 @@ def pre_transforms(params: CTVParams, with_label: bool = False) -> list:
 
 
 def train_transforms(params: CTVParams, samples_per_volume: int = 4) -> list:
-    """Random patches around foreground and background, then geometric and intensity augmentation."""
+    """Patches around foreground (2:1) and background, then geometric and intensity augmentation.
+
+    Several patches per volume, so a batch mixes cases; probabilities and ranges are ``params.augment``.
+    """
     keys = ["image", "label"]
+    aug = params.augment
+    rotate = math.radians(aug.rotate_deg)
     return [
         SpatialPadd(keys=keys, spatial_size=params.patch_size),
         RandCropByPosNegLabeld(
@@ -65,21 +73,30 @@ def train_transforms(params: CTVParams, samples_per_volume: int = 4) -> list:
             image_key="image",
             image_threshold=-1e9,
         ),
-        RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
-        RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
-        RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
-        RandAffined(
+        Rand3DElasticd(
             keys=keys,
-            prob=0.3,
-            rotate_range=[0.175] * 3,
-            translate_range=[8] * 3,
-            scale_range=[0.1] * 3,
+            prob=aug.elastic_prob,
+            sigma_range=aug.elastic_sigma,
+            magnitude_range=aug.elastic_magnitude,
             mode=["bilinear", "nearest"],
             padding_mode="border",
         ),
-        RandScaleIntensityd(keys="image", factors=0.1, prob=0.3),
-        RandShiftIntensityd(keys="image", offsets=0.05, prob=0.3),
-        RandGaussianNoised(keys="image", prob=0.3, std=0.03),
+        RandAffined(
+            keys=keys,
+            prob=aug.affine_prob,
+            rotate_range=[rotate] * 3,
+            translate_range=[aug.translate_voxels] * 3,
+            scale_range=[aug.scale] * 3,
+            mode=["bilinear", "nearest"],
+            padding_mode="border",
+        ),
+        RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=0),
+        RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=1),
+        RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=2),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=aug.intensity_prob),
+        RandShiftIntensityd(keys="image", offsets=0.05, prob=aug.intensity_prob),
+        RandGaussianNoised(keys="image", prob=aug.noise_prob, std=aug.noise_std),
+        EnsureTyped(keys=keys, dtype="float32", track_meta=False),
     ]
 
 

@@ -1,0 +1,206 @@
+"""Active learning: how unsure the served model is about each unlabelled CT, and which to contour next.
+
+Scores (higher = less sure), stored in the image info under the method's name with the model
+version that made them:
+
+- ``epistemic``: MC dropout. N stochastic passes with dropout on; the mean binary entropy of the
+  mean probability (normalised to [0, 1]) over the predicted region, i.e. every voxel that any
+  pass calls CTV. Models trained without dropout get ``dropout`` (default 0.1) inserted at scoring
+  time, which probes the weights' sensitivity rather than a trained posterior.
+- ``tta``: disagreement of test-time augmentations (flips on each axis, a small rotation):
+  1 - mean Dice of each augmented mask against their majority mask.
+
+A CT with no predicted CTV at all scores 1: every planning CT of this site has one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from monai.transforms import Compose
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from .errors import InvalidInputError
+from .inferers import build_inferer
+from .infers.ctv import CTVInfer
+from .networks import network_for
+from .transforms import pre_transforms
+
+logger = logging.getLogger(__name__)
+
+
+def _entropy_score(probs: torch.Tensor) -> float:
+    """probs: [N, ...] per-sample probabilities -> mean normalised entropy of their mean in the predicted region."""
+    region = (probs > 0.5).any(dim=0)
+    if not region.any():
+        return 1.0
+    p = probs.mean(dim=0)[region].clamp(1e-6, 1 - 1e-6)
+    entropy = -(p * p.log() + (1 - p) * (1 - p).log()) / math.log(2)
+    return float(entropy.mean())
+
+
+def _disagreement_score(probs: torch.Tensor) -> float:
+    """1 - mean Dice of each sample's mask against the majority mask."""
+    masks = probs > 0.5
+    majority = masks.float().mean(dim=0) >= 0.5
+    if not masks.any():
+        return 1.0
+    dices = []
+    for m in masks:
+        denom = m.sum() + majority.sum()
+        dices.append(1.0 if denom == 0 else float(2 * (m & majority).sum() / denom))
+    return 1.0 - sum(dices) / len(dices)
+
+
+def _rotation_theta(degrees: float, axis: int) -> torch.Tensor:
+    """3x4 affine_grid matrix: rotation about one axis of the normalised grid."""
+    a = math.radians(degrees)
+    c, s = math.cos(a), math.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    rot = torch.eye(3)
+    rot[i, i], rot[i, j], rot[j, i], rot[j, j] = c, -s, s, c
+    return torch.cat([rot, torch.zeros(3, 1)], dim=1)
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    grid = F.affine_grid(theta[None].to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+
+
+class UncertaintyScoring(ScoringMethod):
+    """Scores unlabelled images (all images with ``"all": true``) with the served CTV model."""
+
+    method = ""
+
+    def __init__(self, infer: CTVInfer, description: str):
+        super().__init__(description)
+        self.infer = infer
+        self.params = infer.params
+        self._pre = Compose(pre_transforms(self.params))
+
+    def model_version(self) -> str:
+        return self.infer.model_record()["sha256"]
+
+    def probabilities(self, image: torch.Tensor, request: dict[str, Any]) -> torch.Tensor:
+        """[N, D, H, W] per-sample CTV probabilities on the resampled grid."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score_image(self, image_id: str, datastore: Datastore, request: dict[str, Any] | None = None) -> float:
+        request = request or {}
+        image = self._pre({"image": datastore.get_image_uri(image_id)})["image"]
+        seed = int(request.get("seed", 0))
+        torch.manual_seed(seed)
+        probs = self.probabilities(torch.as_tensor(image)[None].float(), request)
+        value = self.summarise(probs)
+        datastore.update_image_info(
+            image_id,
+            {self.method: {"score": value, "model": self.model_version(), "ts": int(time.time()), "seed": seed}},
+        )
+        logger.info(f"{self.method} score {value:.4f} for {image_id}")
+        return value
+
+    def summarise(self, probs: torch.Tensor) -> float:
+        raise NotImplementedError
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        images = datastore.list_images() if request.get("all") else datastore.get_unlabeled_images()
+        return {"method": self.method, "scores": {i: self.score_image(i, datastore, request) for i in images}}
+
+
+class EpistemicScoring(UncertaintyScoring):
+    method = "epistemic"
+
+    def __init__(self, infer: CTVInfer, samples: int = 8, dropout: float = 0.1):
+        super().__init__(infer, f"MC-dropout entropy inside the predicted CTV ({samples} samples)")
+        self.samples = samples
+        self.dropout = dropout
+
+    def _mc_network(self, dropout: float) -> torch.nn.Module:
+        served = self.infer._get_network("cpu", None)
+        params = self.params if self.params.dropout else self.params.updated({"dropout": dropout})
+        net = network_for(params)
+        net.load_state_dict(served.state_dict())
+        net.eval()
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+                m.train()
+        return net
+
+    def probabilities(self, image: torch.Tensor, request: dict[str, Any]) -> torch.Tensor:
+        samples = int(request.get("samples", self.samples))
+        if not 2 <= samples <= 64:
+            raise InvalidInputError(f"samples must be in [2, 64], got {samples}")
+        net = self._mc_network(float(request.get("dropout", self.dropout)))
+        inferer = build_inferer(self.params, device="cpu", flip_tta=False)
+        return torch.cat([torch.sigmoid(inferer(image, net))[0] for _ in range(samples)])
+
+    def summarise(self, probs: torch.Tensor) -> float:
+        return _entropy_score(probs)
+
+
+class TTAScoring(UncertaintyScoring):
+    method = "tta"
+
+    def __init__(self, infer: CTVInfer, rotate_deg: float = 8.0):
+        super().__init__(infer, f"disagreement of flip and +-{rotate_deg:g} degree rotation test-time augmentations")
+        self.rotate_deg = rotate_deg
+
+    def _augmentations(self) -> list[tuple[Callable, Callable]]:
+        """(forward, inverse) pairs on [B, C, D, H, W] tensors; the first is the identity."""
+        augs: list[tuple[Callable, Callable]] = [(lambda x: x, lambda x: x)]
+        for axis in (2, 3, 4):
+            augs.append((lambda x, a=axis: x.flip(a), lambda x, a=axis: x.flip(a)))
+        for sign in (1, -1):
+            fwd, inv = _rotation_theta(sign * self.rotate_deg, 0), _rotation_theta(-sign * self.rotate_deg, 0)
+            augs.append((lambda x, t=fwd: _warp(x, t), lambda x, t=inv: _warp(x, t)))
+        return augs
+
+    def probabilities(self, image: torch.Tensor, request: dict[str, Any]) -> torch.Tensor:
+        net = self.infer._get_network("cpu", None)
+        inferer = build_inferer(self.params, device="cpu", flip_tta=False)
+        out = []
+        for forward, inverse in self._augmentations():
+            out.append(inverse(torch.sigmoid(inferer(forward(image), net)))[0])
+        return torch.cat(out)
+
+    def summarise(self, probs: torch.Tensor) -> float:
+        return _disagreement_score(probs)
+
+
+class Uncertain(Strategy):
+    """The unlabelled image with the highest stored score of the current model; images without one
+    are scored now (at most ``max_compute`` per request, then older models' scores are used)."""
+
+    def __init__(self, scorers: dict[str, UncertaintyScoring], method: str = "epistemic", max_compute: int = 8):
+        super().__init__(f"Highest {method} uncertainty first")
+        self.scorers = scorers
+        self.method = method
+        self.max_compute = max_compute
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
+        method = request.get("method", self.method)
+        if method not in self.scorers:
+            raise InvalidInputError(f"unknown scoring method {method!r}; available: {sorted(self.scorers)}")
+        scorer = self.scorers[method]
+        images = datastore.get_unlabeled_images()
+        if not images:
+            return None
+        version = scorer.model_version()
+        stored = {i: datastore.get_image_info(i).get(method) or {} for i in images}
+        scores = {i: s["score"] for i, s in stored.items() if s.get("model") == version}
+        missing = [i for i in images if i not in scores]
+        for image in missing[: self.max_compute]:
+            scores[image] = scorer.score_image(image, datastore, request)
+        for image in missing[self.max_compute :]:
+            if "score" in stored[image]:
+                scores[image] = stored[image]["score"]  # an older model's score beats none
+        chosen = max(scores, key=lambda i: scores[i])
+        return {"id": chosen, "score": scores[chosen], "method": method, "model": version}

@@ -1,0 +1,190 @@
+"""The folder datastore, made safe for corrected contours.
+
+MONAI Label's LocalDatastore copies a saved label over the previous one and rewrites its JSON
+index in place: a crash mid-save can leave a half-written label or index, and the previous
+correction is gone. Here a label is checked against its image first (readable, same grid, known
+label values), every saved version is kept under ``.label_history/``, and the label file and
+the index are replaced by atomic rename after fsync.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from typing import Any, Iterable
+
+import nibabel as nib
+import numpy as np
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, LocalDatastore
+
+from .checkpoint import file_sha256
+from .errors import ImageNotFoundError, InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NIFTI = (".nii.gz", ".nii")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_copy(src: str, dest: str) -> None:
+    """Copy ``src`` to ``dest`` so that ``dest`` is either the old file or the whole new one."""
+    folder = os.path.dirname(dest)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+        _fsync_dir(folder)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(text: str, dest: str) -> None:
+    folder = os.path.dirname(dest)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class CTVDatastore(LocalDatastore):
+    """LocalDatastore with validated, versioned, atomic label saves and an atomic JSON index.
+
+    Label info records ``annotator`` (the ``annotator`` save param, else ``user``, else
+    ``"unknown"``), ``version`` (1, 2, ... per image and tag), ``sha256`` and ``previous_sha256``.
+    """
+
+    def __init__(self, datastore_path: str, label_values: Iterable[int], **kwargs):
+        self.label_values = {0, *(int(v) for v in label_values)}
+        super().__init__(datastore_path, **kwargs)
+        self.history_path = os.path.join(datastore_path, ".label_history")
+        if getattr(self, "_handler", None) is not None:
+            self._handler.on_moved = self._on_moved_event  # the index is replaced by rename
+
+    def _on_moved_event(self, event) -> None:
+        if getattr(event, "dest_path", None) == self._datastore_config_path and not self._ignore_event_config:
+            self._init_from_datastore_file()
+        self._ignore_event_config = False
+
+    # --- labels --------------------------------------------------------------------------------
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        if not _SAFE_NAME.match(label_tag or ""):
+            raise InvalidInputError(f"label tag {label_tag!r} is not a plain name (letters, digits, _ . -)")
+        obj = self._datastore.objects.get(image_id)
+        if not obj:
+            raise ImageNotFoundError(f"image '{image_id}' is not in the datastore")
+        ext = next((e for e in _NIFTI if label_filename.endswith(e)), None)
+        if ext is None:
+            raise InvalidInputError(f"label for '{image_id}' must be a NIfTI file (.nii or .nii.gz)")
+        self._check_label(image_id, label_filename)
+
+        info = dict(label_info or {})
+        info["annotator"] = str(info.get("annotator") or info.get("user") or "unknown")
+        info["sha256"] = file_sha256(label_filename)
+        label_dir = self._datastore.label_path(label_tag)
+        name = self._filename(image_id, ext)
+        dest = os.path.join(label_dir, name)
+
+        with FileLock(self._lock_file):
+            self._init_from_datastore_file()
+            obj = self._datastore.objects[image_id]
+            previous = obj.labels.get(label_tag)
+            info["version"] = int(previous.info.get("version", 1)) + 1 if previous else 1
+            info["previous_sha256"] = previous.info.get("sha256") if previous else None
+            info["ts"] = int(time.time())
+            info["name"] = name
+
+            os.makedirs(label_dir, exist_ok=True)
+            history = os.path.join(self.history_path, label_tag, image_id)
+            os.makedirs(history, exist_ok=True)
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(info["ts"]))
+            kept = os.path.join(history, f"v{info['version']:04d}_{stamp}{ext}")
+            atomic_copy(label_filename, kept)
+            atomic_write_text(json.dumps(info, indent=2), kept[: -len(ext)] + ".json")
+            atomic_copy(label_filename, dest)
+            if previous and previous.ext != ext:  # the same image's label under the other extension
+                old = os.path.join(label_dir, self._filename(image_id, previous.ext))
+                if os.path.exists(old):
+                    os.unlink(old)
+
+            obj.labels[label_tag] = DataModel(info=info, ext=ext)
+            self._update_datastore_file(lock=False)
+        logger.info(f"label {label_tag}/{image_id} v{info['version']} saved by {info['annotator']}")
+        return image_id
+
+    def label_history(self, image_id: str, label_tag: str) -> list[dict[str, Any]]:
+        """Every saved version of a label, oldest first (the info recorded with each)."""
+        folder = os.path.join(self.history_path, label_tag, image_id)
+        if not os.path.isdir(folder):
+            return []
+        versions = []
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".json"):
+                with open(os.path.join(folder, name)) as f:
+                    versions.append(json.load(f))
+        return versions
+
+    def _check_label(self, image_id: str, label_filename: str) -> None:
+        image_path = self.get_image_uri(image_id)
+        try:
+            label = nib.load(label_filename)
+            data = np.asanyarray(label.dataobj)
+        except Exception as e:
+            raise InvalidInputError(f"label for '{image_id}' is not a readable NIfTI file: {e}") from e
+        image = nib.load(image_path) if os.path.isfile(image_path) else None
+        if image is not None:
+            if tuple(label.shape) != tuple(image.shape[:3]):
+                raise InvalidInputError(
+                    f"label shape {tuple(label.shape)} does not match image '{image_id}' shape {tuple(image.shape[:3])}"
+                )
+            if not np.allclose(label.affine, image.affine, atol=1e-3):
+                raise InvalidInputError(f"label for '{image_id}' is not on its image's grid (the affines differ)")
+        if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
+            raise InvalidInputError(f"label for '{image_id}' must hold integer label values")
+        values = {int(v) for v in np.unique(data)}
+        unknown = values - self.label_values
+        if unknown:
+            raise InvalidInputError(
+                f"label for '{image_id}' holds values {sorted(unknown)}; known: {sorted(self.label_values)}"
+            )
+
+    # --- the JSON index --------------------------------------------------------------------------
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        def write() -> None:
+            self._ignore_event_config = True
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            atomic_write_text(text, self._datastore_config_path)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()

@@ -1,0 +1,280 @@
+"""The CTV train task: MONAI Label's BasicTrainTask with the CTV hooks filled in.
+
+MONAI Label runs it in a subprocess (POST /train/ctv), so training never blocks inference. Every
+epoch it validates, and when the validation Dice beats the best so far (at the start: the served
+model's Dice on the same split) it publishes the weights to the served path by atomic rename;
+the running infer task sees the new file and serves it from the next request. A resume
+checkpoint is written every epoch; a killed run continues from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.data import partition_dataset
+from monai.handlers import MeanDice, from_engine
+from monai.inferers import Inferer
+from monai.transforms import Activationsd, AsDiscreted, Lambdad
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from ..inferers import build_inferer
+from ..losses import DeepSupervisionLoss
+from ..networks import network_for
+from ..params import CTVParams
+from ..transforms import pre_transforms, train_transforms
+
+logger = logging.getLogger(__name__)
+
+
+def _main_head(pred: torch.Tensor) -> torch.Tensor:
+    """Training output stacks deep-supervision heads first ([heads, C, ...]); metrics use the full-resolution one."""
+    return pred[0] if pred.dim() == 5 else pred
+
+
+def labels_record(datalist: list[dict[str, Any]]) -> dict[str, Any]:
+    """The training labels a model saw: ids, and one sha256 over their ids and file digests."""
+    h = hashlib.sha256()
+    ids = []
+    for item in sorted(datalist, key=lambda d: str(d["label"])):
+        ident = os.path.basename(str(item["label"]))
+        ids.append(ident)
+        h.update(f"{ident}:{file_sha256(str(item['label']))}\n".encode())
+    return {"train_labels": ids, "train_labels_sha256": h.hexdigest()}
+
+
+class CTVTrain(BasicTrainTask):
+    """Request params (POST /train/ctv): max_epochs, val_split, learning_rate, train_batch_size,
+    patches_per_volume, pretrained, resume, amp, seed, name, device."""
+
+    def __init__(self, served_path: str, params: CTVParams, name: str = "ctv", **kwargs):
+        self.served_path = served_path
+        self.params = params
+        self.name = name
+        super().__init__(
+            model_dir=os.path.join(os.path.dirname(os.path.abspath(served_path)), "train"),
+            description="Train the CTV model on the datastore's final (corrected) labels",
+            config={
+                "max_epochs": 50,
+                "val_split": 0.2,
+                "learning_rate": 1e-4,
+                "train_batch_size": 2,
+                "val_batch_size": 1,
+                "patches_per_volume": 2,
+                "pretrained": True,
+                "resume": True,
+                "amp": False,
+                "seed": 0,
+                "dataset": "CacheDataset",
+                "dataloader": "DataLoader",
+                "tracking": "None",  # MONAI Label's default is MLflow, which is not installed
+            },
+            tracking=None,
+            amp=False,
+            publish_path=None,  # publishing is PublishBestModel's job (atomic, with metadata)
+            n_saved=1,
+            labels=params.labels,
+        )
+
+    # --- hooks -------------------------------------------------------------------------------------
+    def network(self, context: Context) -> torch.nn.Module:
+        net = network_for(self.params)
+        if context.request.get("pretrained", True) and os.path.exists(self.served_path):
+            ckpt = load_checkpoint(self.served_path)
+            net.load_state_dict(ckpt["model"], strict=True)
+            context.started_from = file_sha256(self.served_path)
+            logger.info(f"starting from the served model {context.started_from[:12]}")
+        else:
+            context.started_from = None
+            logger.info("starting from random initialisation")
+        return net
+
+    def optimizer(self, context: Context) -> torch.optim.Optimizer:
+        return torch.optim.Adam(context.network.parameters(), lr=float(context.request.get("learning_rate", 1e-4)))
+
+    def loss_function(self, context: Context) -> torch.nn.Module:
+        return DeepSupervisionLoss(self.params.loss)
+
+    def train_pre_transforms(self, context: Context) -> list:
+        samples = int(context.request.get("patches_per_volume", 2))
+        return pre_transforms(self.params, with_label=True) + train_transforms(self.params, samples)
+
+    def train_post_transforms(self, context: Context) -> list:
+        return [
+            Lambdad(keys="pred", func=_main_head),
+            Activationsd(keys="pred", sigmoid=True),
+            AsDiscreted(keys="pred", threshold=self.params.threshold),
+        ]
+
+    def val_pre_transforms(self, context: Context) -> list:
+        return pre_transforms(self.params, with_label=True)
+
+    def val_post_transforms(self, context: Context) -> list:
+        return [
+            Activationsd(keys="pred", sigmoid=True),
+            AsDiscreted(keys="pred", threshold=self.params.threshold),
+        ]
+
+    def val_inferer(self, context: Context) -> Inferer:
+        return build_inferer(self.params, flip_tta=False)
+
+    def train_key_metric(self, context: Context) -> dict:
+        # One foreground channel: it *is* the class, so it must not be dropped as "background".
+        return {self.TRAIN_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]))}
+
+    def val_key_metric(self, context: Context) -> dict:
+        return {self.VAL_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]))}
+
+    def train_handlers(self, context: Context) -> list:
+        handlers = super().train_handlers(context)
+        if context.local_rank == 0:
+            handlers.append(PublishBestModel(self, context))
+        return handlers
+
+    def load_path(self, output_dir, pretrained=True):
+        return None  # network() loads the served weights strictly; PublishBestModel resumes
+
+    def partition_datalist(self, context: Context, shuffle: bool = False):
+        """A seeded random split (MONAI Label's default takes the datalist's tail, which is sorted by id)."""
+        val_split = float(context.request.get("val_split", 0.2))
+        datalist = context.datalist
+        if len(datalist) < 2:
+            raise ValueError(f"training needs at least 2 labelled images, the datastore has {len(datalist)}")
+        if val_split <= 0:
+            return datalist, []
+        n_val = min(max(1, round(len(datalist) * val_split)), len(datalist) - 1)
+        train, val = partition_dataset(
+            datalist,
+            ratios=[len(datalist) - n_val, n_val],
+            shuffle=True,
+            seed=int(context.request.get("seed", 0)),
+        )
+        logger.info(f"training on {len(train)} labelled images, validating on {len(val)}")
+        return train, val
+
+    def pre_process(self, request: dict, datastore: Datastore) -> list[dict[str, Any]]:
+        return datastore.datalist()
+
+    def train(self, rank, world_size, request, datalist):
+        # Mixed precision only where it helps and is supported: CUDA.
+        amp = request.get("amp", False)
+        self._amp = (amp if isinstance(amp, bool) else str(amp).lower() == "true") and torch.cuda.is_available()
+        torch.manual_seed(int(request.get("seed", 0)))
+        return super().train(rank, world_size, request, datalist)
+
+
+class PublishBestModel:
+    """Trainer handler: resume at start; after each epoch's validation, save the resume state and
+    publish the weights when they beat the best validation Dice so far."""
+
+    def __init__(self, task: CTVTrain, context: Context):
+        self.task = task
+        self.context = context
+        self.resume_path = os.path.join(task._model_dir, context.request["name"], "resume.pt")
+        self.best = -1.0
+        self.history: list[dict[str, Any]] = []
+        self.labels = labels_record(context.train_datalist)
+        self.epoch_start = time.time()
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    @property
+    def net(self) -> torch.nn.Module:
+        net = self.context.network
+        return net.module if hasattr(net, "module") else net
+
+    def started(self, engine: Engine) -> None:
+        request = self.context.request
+        if request.get("resume", True) and os.path.exists(self.resume_path):
+            ckpt = load_checkpoint(self.resume_path, map_location=str(self.context.device))
+            if ckpt["params"] == self.task.params.to_dict():
+                self.net.load_state_dict(ckpt["model"])
+                self.context.optimizer.load_state_dict(ckpt["meta"]["optimizer"])
+                engine.state.epoch = ckpt["meta"]["epoch"]
+                engine.state.iteration = engine.state.epoch * engine.state.epoch_length
+                self.best = ckpt["meta"]["best_val_dice"]
+                self.history = ckpt["meta"]["history"]
+                logger.info(f"resumed at epoch {engine.state.epoch} from {self.resume_path}; best Dice {self.best:.4f}")
+                return
+            logger.warning(f"ignoring {self.resume_path}: it was trained with other parameters")
+        if os.path.exists(self.task.served_path) and self.context.evaluator is not None:
+            # A new model replaces the served one only if it is better on this run's validation split.
+            served = self._served_dice()
+            if served is not None:
+                self.best = served
+                logger.info(f"served model's validation Dice {served:.4f}: publishing only above it")
+
+    def _served_dice(self) -> float | None:
+        ckpt = load_checkpoint(self.task.served_path, map_location=str(self.context.device))
+        if ckpt.get("params") and CTVParams.from_dict(ckpt["params"]).network_key() != self.task.params.network_key():
+            return None
+        current = {k: v.clone() for k, v in self.net.state_dict().items()}
+        self.net.load_state_dict(ckpt["model"])
+        self.context.evaluator.run()
+        self.net.load_state_dict(current)
+        return float(self.context.evaluator.state.metrics[self.task.VAL_METRIC_MEAN_DICE])
+
+    def epoch_started(self, engine: Engine) -> None:
+        self.epoch_start = time.time()
+
+    def epoch_completed(self, engine: Engine) -> None:
+        epoch, max_epochs = engine.state.epoch, engine.state.max_epochs
+        evaluator = self.context.evaluator
+        val_dice = float(evaluator.state.metrics[self.task.VAL_METRIC_MEAN_DICE]) if evaluator else None
+        loss = engine.state.output[0]["loss"] if isinstance(engine.state.output, list) else None
+        self.history.append(
+            {
+                "epoch": epoch,
+                "val_dice": val_dice,
+                "loss": float(loss) if loss is not None else None,
+                "seconds": time.time() - self.epoch_start,
+            }
+        )
+        meta = {
+            "epoch": epoch,
+            "val_dice": val_dice,
+            **self.labels,
+            "val_labels": [os.path.basename(str(d["label"])) for d in self.context.val_datalist],
+            "started_from": self.context.started_from,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "train_config": {
+                k: v for k, v in self.context.request.items() if isinstance(v, (str, int, float, bool, type(None)))
+            },
+        }
+        published = ""
+        score = val_dice if val_dice is not None else -1.0
+        if val_dice is None or score > self.best:
+            self.best = max(score, self.best)
+            sha = save_checkpoint(self.task.served_path, self.net.state_dict(), self.task.params, meta)
+            published = f"; published {sha[:12]}"
+        save_checkpoint(
+            self.resume_path,
+            self.net.state_dict(),
+            self.task.params,
+            {
+                **meta,
+                "best_val_dice": self.best,
+                "history": self.history,
+                "optimizer": self.context.optimizer.state_dict(),
+            },
+        )
+        dice_txt = f"{val_dice:.4f}" if val_dice is not None else "n/a"
+        logger.info(
+            f"ctv epoch {epoch}/{max_epochs} val_dice {dice_txt} best {self.best:.4f}"
+            f" ({self.history[-1]['seconds']:.1f}s){published}"
+        )
+
+    def completed(self, engine: Engine) -> None:
+        if engine.state.epoch >= engine.state.max_epochs and os.path.exists(self.resume_path):
+            os.unlink(self.resume_path)  # finished: nothing to resume
