@@ -176,3 +176,116 @@ def test_restore_with_floor_gives_the_same_mask_as_a_full_resample():
     assert torch.equal(full.as_tensor() > 0.5, cropped.as_tensor() > 0.5)
     empty = RestoreGeometry(floor=0.25)(torch.zeros(1, 8, 8, 8), src_affine, dst_affine, dst_shape)
     assert empty.shape == (1, *dst_shape) and empty.sum() == 0
+
+
+def test_ablation_variants_differ_only_in_their_blocks():
+    from ctv_app.lib.networks import ARCHITECTURES, network_for
+    from ctv_app.lib.params import ARCHITECTURE_NAMES
+
+    assert set(ARCHITECTURES) == set(ARCHITECTURE_NAMES)
+    x = torch.randn(1, 1, 32, 32, 32)
+    modules = {}
+    for name in ARCHITECTURE_NAMES:
+        net = network_for(CTVParams(architecture=name, filters=(8, 16, 32, 64), patch_size=(32, 32, 32))).eval()
+        with torch.no_grad():
+            assert net(x).shape == (1, 1, 32, 32, 32)
+        modules[name] = [n for n, _ in net.named_modules()]
+    assert not any("conv3" in n or n.endswith(".se") for n in modules["unet"])  # no residual path, no SE
+    assert any("conv3" in n for n in modules["resunet"]) and not any(n.endswith(".se") for n in modules["resunet"])
+    assert any(n.endswith(".se") for n in modules["se_resunet"])
+    with pytest.raises(ValueError, match="architecture"):
+        CTVParams(architecture="vnet")
+
+
+def test_bce_only_loss_differs_from_dice_bce_and_names_are_checked():
+    target = torch.zeros(1, 1, 8, 8, 8)
+    target[..., 2:6, 2:6, 2:6] = 1
+    logits = torch.zeros(1, 1, 8, 8, 8)
+    bce = float(DeepSupervisionLoss("bce")(logits, target))
+    assert bce == pytest.approx(float(torch.nn.functional.binary_cross_entropy_with_logits(logits, target)))
+    assert float(DeepSupervisionLoss("dice_bce")(logits, target)) > bce + 0.3
+    with pytest.raises(ValueError, match="loss"):
+        DeepSupervisionLoss("focal")
+
+
+def test_augmentation_settings_are_validated_and_merge_one_at_a_time():
+    params = CTVParams().updated({"augment": {"elastic_prob": 0.5}})
+    assert params.augment.elastic_prob == 0.5 and params.augment.rotate_deg == 10.0
+    assert CTVParams.from_dict(params.to_dict()) == params  # survives the checkpoint round trip
+    with pytest.raises(ValueError, match="probabilities"):
+        CTVParams().updated({"augment": {"flip_prob": 1.5}})
+    with pytest.raises(TypeError):
+        CTVParams().updated({"augment": {"shear": 0.1}})
+
+
+def test_train_transforms_give_several_augmented_patches_per_volume():
+    from monai.transforms import Compose
+
+    from ctv_app.lib.transforms import train_transforms
+
+    params = CTVParams(patch_size=(32, 32, 32), augment={"elastic_prob": 1.0, "affine_prob": 1.0, "noise_prob": 1.0})
+    image = torch.rand(1, 40, 40, 40)
+    label = torch.zeros(1, 40, 40, 40)
+    label[:, 15:25, 15:25, 15:25] = 1
+    patches = Compose(train_transforms(params, samples_per_volume=3))({"image": image, "label": label})
+    assert len(patches) == 3
+    for p in patches:
+        assert p["image"].shape == (1, 32, 32, 32) and p["label"].shape == (1, 32, 32, 32)
+        assert set(torch.unique(p["label"]).tolist()) <= {0.0, 1.0}  # nearest interpolation keeps labels binary
+    assert not torch.equal(patches[0]["image"], patches[1]["image"])
+
+
+def test_uncertainty_scores_rise_with_disagreement():
+    from ctv_app.lib.activelearning import _disagreement_score, _entropy_score
+
+    sure = torch.zeros(4, 10, 10, 10)
+    sure[:, 3:7, 3:7, 3:7] = 0.99
+    unsure = sure.clone()
+    unsure[1:, 3:7, 3:7, 3:7] = torch.rand(3, 4, 4, 4) * 0.5 + 0.25
+    assert _entropy_score(sure) < 0.1 < _entropy_score(unsure)
+    assert _disagreement_score(sure) == 0.0 < _disagreement_score(unsure)
+    nothing = torch.zeros(4, 10, 10, 10)
+    assert _entropy_score(nothing) == 1.0 and _disagreement_score(nothing) == 1.0
+
+
+def test_datastore_refuses_bad_labels_and_keeps_every_version(tmp_path):
+    import json
+
+    import nibabel as nib
+
+    from ctv_app.lib.datastore import CTVDatastore
+
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 10), np.int16), affine), tmp_path / "case1.nii.gz")
+    store = CTVDatastore(str(tmp_path), label_values=[1], auto_reload=False)
+
+    def label(data, aff=affine, name="upload.nii.gz"):
+        path = tmp_path / "uploads" / name
+        path.parent.mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(data, aff), path)
+        return str(path)
+
+    good = np.zeros((20, 20, 10), np.uint8)
+    good[5:10, 5:10, 2:5] = 1
+    bad = [
+        (label(good, np.diag([2.0, 2.0, 2.0, 1.0]), name="grid.nii.gz"), "final", "grid"),
+        (label(good * 7, name="seven.nii.gz"), "final", "values [7]"),
+        (label(good.astype(np.float32) * 0.5, name="half.nii.gz"), "final", "integer"),
+        (label(good, name="tag.nii.gz"), "../escape", "tag"),
+    ]
+    for path, tag, words in bad:
+        with pytest.raises(InvalidInputError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            store.save_label("case1", path, tag, {})
+    assert not (tmp_path / "labels" / "final" / "case1.nii.gz").exists()
+
+    store.save_label("case1", label(good), "final", {"annotator": "dr_a"})
+    good[5:10, 5:10, 5] = 1
+    store.save_label("case1", label(good), "final", {"user": "dr_b"})
+    info = store.get_label_info("case1", "final")
+    assert info["annotator"] == "dr_b" and info["version"] == 2
+    assert [v["annotator"] for v in store.label_history("case1", "final")] == ["dr_a", "dr_b"]
+    saved = nib.load(tmp_path / "labels" / "final" / "case1.nii.gz").get_fdata()
+    assert np.array_equal(saved, good)
+    index = json.loads((tmp_path / "datastore_v2.json").read_text())
+    assert index["objects"]["case1"]["labels"]["final"]["info"]["version"] == 2
+    assert not [p for p in (tmp_path / "labels" / "final").iterdir() if p.name.startswith(".tmp")]

@@ -112,8 +112,8 @@ class CTVDatastore(LocalDatastore):
         name = self._filename(image_id, ext)
         dest = os.path.join(label_dir, name)
 
+        self._init_from_datastore_file()  # pick up other processes' changes (it takes the lock itself)
         with FileLock(self._lock_file):
-            self._init_from_datastore_file()
             obj = self._datastore.objects[image_id]
             previous = obj.labels.get(label_tag)
             info["version"] = int(previous.info.get("version", 1)) + 1 if previous else 1
