@@ -82,10 +82,17 @@ class ServerProcess:
             time.sleep(1)
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        """Stop the server and whatever it started (training, scoring): its own process group."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # start_new_session: the group id is the server's pid
+        except ProcessLookupError:
+            pass

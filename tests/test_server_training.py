@@ -212,3 +212,24 @@ def test_saved_label_is_versioned_with_its_annotator_and_leaves_the_worklist(cli
             assert sample.get("id") != image, (strategy, sample)
     unknown = requests.post(f"{server.url}/activelearning/nonsense", json={}, timeout=30)
     assert unknown.status_code == 404 and "uncertain" in unknown.text
+
+
+def test_auto_training_starts_after_n_saved_labels(tmp_path):
+    """``--conf auto_train_after 2``: the second saved label starts a training run (off by default)."""
+    studies = tmp_path / "studies"
+    build(str(studies), [3100, 3101, 3102, 3103], labelled={3100, 3101})
+    conf = {**CONF, "ctv_model": str(tmp_path / "model" / "ctv.pt"), "auto_train_after": "2"}
+    with ServerProcess(studies, tmp_path / "server", conf=conf) as proc:
+        client = MONAILabelClient(proc.url, tmpdir=str(tmp_path / "client"))
+        with pytest.raises(MONAILabelClientException, match="No Train Tasks Found"):
+            client.train_status()
+        truth = tmp_path / "truth"
+        build(str(truth), [3102, 3103], labelled={3102, 3103})
+        client.save_label("phantom_03102", str(truth / "labels/final/phantom_03102.nii.gz"), tag="final")
+        with pytest.raises(MONAILabelClientException, match="No Train Tasks Found"):
+            client.train_status()  # one label is not enough
+        client.save_label("phantom_03103", str(truth / "labels/final/phantom_03103.nii.gz"), tag="final")
+        status = wait_for_training(client, timeout_s=60, until=lambda s: s["status"] != "SUBMITTED")
+        assert status["status"] == "RUNNING" and status["request"]["model"] == "ctv", status
+        stopped = requests.delete(f"{proc.url}/train/", timeout=30)
+        assert stopped.json()["status"] == "STOPPED"
