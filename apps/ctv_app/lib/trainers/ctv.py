@@ -52,7 +52,7 @@ def labels_record(datalist: list[dict[str, Any]]) -> dict[str, Any]:
 
 class CTVTrain(BasicTrainTask):
     """Request params (POST /train/ctv): max_epochs, val_split, learning_rate, train_batch_size,
-    patches_per_volume, pretrained, resume, amp, seed, name, device."""
+    patches_per_volume, pretrained, resume, amp, seed, threads, name, device."""
 
     def __init__(self, served_path: str, params: CTVParams, name: str = "ctv", **kwargs):
         self.served_path = served_path
@@ -72,6 +72,7 @@ class CTVTrain(BasicTrainTask):
                 "resume": True,
                 "amp": False,
                 "seed": 0,
+                "threads": 0,
                 "dataset": "CacheDataset",
                 "dataloader": "DataLoader",
                 "tracking": "None",  # MONAI Label's default is MLflow, which is not installed
@@ -166,6 +167,9 @@ class CTVTrain(BasicTrainTask):
         # Mixed precision only where it helps and is supported: CUDA.
         amp = request.get("amp", False)
         self._amp = (amp if isinstance(amp, bool) else str(amp).lower() == "true") and torch.cuda.is_available()
+        threads = int(request.get("threads", 0))
+        if threads > 0:
+            torch.set_num_threads(threads)
         torch.manual_seed(int(request.get("seed", 0)))
         return super().train(rank, world_size, request, datalist)
 
