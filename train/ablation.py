@@ -3,10 +3,12 @@
     python -m ctv_train.ablation --data runs/ablation/data --out runs/ablation --folds 3 --epochs 30 \
         --doc docs/ablation.md
 
-Each step adds one component to the previous one (UNet -> + residual blocks -> + SE -> +
-iterative refinement -> + Dice loss); every step is trained and tested on the same folds. A
-finished step's result is kept in ``<out>/<step>/result.json``, so a stopped run continues
-where it stopped. ``--doc`` writes the markdown table with the command that made it.
+Two tables. The published order adds one component per row (UNet -> + residual blocks -> +
+SE -> + iterative refinement -> + Dice loss); the first four rows use BCE alone, as there. The
+second trains the same architectures with Dice + BCE throughout, which separates the
+architecture from the loss. Every row is trained and tested on the same folds. A finished
+row's result is kept in ``<out>/<step>/result.json``, so a stopped run continues where it
+stopped. ``--doc`` writes the markdown tables with the command that made them.
 """
 
 from __future__ import annotations
@@ -24,31 +26,55 @@ import torch
 from .crossval import cross_validate
 from .train import add_training_args, parse_training_args
 
-# (name, what it adds, CTVParams overrides): each row includes all rows above it.
-STEPS: list[tuple[str, str, dict]] = [
-    ("unet", "UNet (plain conv blocks, BCE loss)", {"architecture": "unet", "loss": "bce", "refinement_passes": 0}),
-    ("res", "+ residual blocks", {"architecture": "resunet", "loss": "bce", "refinement_passes": 0}),
-    ("se", "+ squeeze-and-excitation", {"architecture": "se_resunet", "loss": "bce", "refinement_passes": 0}),
+PUBLISHED = "In the published design's order (each row adds one component to the row above)"
+DICE_THROUGHOUT = "The same architectures, all trained with Dice + BCE"
+
+# (name, row label, CTVParams overrides, table).
+STEPS: list[tuple[str, str, dict, str]] = [
+    ("unet", "UNet (plain conv blocks, BCE loss)", {"architecture": "unet", "loss": "bce"}, PUBLISHED),
+    ("res", "+ residual blocks", {"architecture": "resunet", "loss": "bce"}, PUBLISHED),
+    ("se", "+ squeeze-and-excitation", {"architecture": "se_resunet", "loss": "bce"}, PUBLISHED),
     (
         "refine",
         "+ iterative refinement (2 passes)",
         {"architecture": "se_resunet", "loss": "bce", "refinement_passes": 2},
+        PUBLISHED,
     ),
-    ("dice", "+ Dice loss (Dice + BCE)", {"architecture": "se_resunet", "loss": "dice_bce", "refinement_passes": 2}),
+    (
+        "dice",
+        "+ Dice loss (Dice + BCE)",
+        {"architecture": "se_resunet", "loss": "dice_bce", "refinement_passes": 2},
+        PUBLISHED,
+    ),
+    ("unet_dice", "UNet", {"architecture": "unet", "loss": "dice_bce"}, DICE_THROUGHOUT),
+    ("res_dice", "residual UNet", {"architecture": "resunet", "loss": "dice_bce"}, DICE_THROUGHOUT),
+    (
+        "se_dice",
+        "SE-residual UNet (served design)",
+        {"architecture": "se_resunet", "loss": "dice_bce"},
+        DICE_THROUGHOUT,
+    ),
+    (
+        "dice",
+        "SE-residual UNet + iterative refinement (2 passes)",
+        {"architecture": "se_resunet", "loss": "dice_bce", "refinement_passes": 2},
+        DICE_THROUGHOUT,
+    ),
 ]
 
 
 def run_ablation(args: argparse.Namespace, log=print) -> list[dict]:
     pairs, base_params, cfg = parse_training_args(args)
     rows = []
-    for name, label, overrides in STEPS:
+    for name, label, overrides, table in STEPS:
+        overrides = {"refinement_passes": 0, **overrides}
         if args.steps and name not in args.steps:
             continue
         step_dir = os.path.join(args.out, name)
         result_path = os.path.join(step_dir, "result.json")
         if os.path.exists(result_path):
             with open(result_path) as f:
-                rows.append(json.load(f))
+                rows.append({**json.load(f), "label": label, "table": table})
             log(f"{name}: done before, {rows[-1]['mean']:.3f} +- {rows[-1]['sd']:.3f}")
             continue
         t0 = time.process_time()  # CPU time: unaffected by other jobs or by pausing the run
@@ -58,6 +84,7 @@ def run_ablation(args: argparse.Namespace, log=print) -> list[dict]:
         row = {
             "step": name,
             "label": label,
+            "table": table,
             "params": overrides,
             "mean": summary["mean"],
             "sd": summary["sd"],
@@ -77,14 +104,22 @@ def markdown(rows: list[dict], command: str, n_images: int, folds: int) -> str:
         "",
         f"{folds}-fold cross-validation on {n_images} SYNTHETIC phantoms (`ctv_datastore.phantom`); each fold's",
         "test images are never trained on, and Dice is measured through the served pipeline on the",
-        "input grid. Every step includes the components above it.",
+        "input grid. All rows share the folds, the seed, the epochs and the optimiser settings below.",
         "",
-        "| step | Dice mean +- sd over folds | per-fold Dice | CPU minutes (all folds) |",
-        "|---|---|---|---|",
     ]
-    for r in rows:
-        folds_txt = " / ".join(f"{d:.3f}" for d in r["fold_dice"])
-        lines.append(f"| {r['label']} | {r['mean']:.3f} +- {r['sd']:.3f} | {folds_txt} | {r['cpu_seconds'] / 60:.1f} |")
+    for table in (PUBLISHED, DICE_THROUGHOUT):
+        lines += [
+            f"## {table}",
+            "",
+            "| step | Dice mean +- sd over folds | per-fold Dice | CPU minutes (all folds) |",
+            "|---|---|---|---|",
+        ]
+        for r in (r for r in rows if r["table"] == table):
+            folds_txt = " / ".join(f"{d:.3f}" for d in r["fold_dice"])
+            lines.append(
+                f"| {r['label']} | {r['mean']:.3f} +- {r['sd']:.3f} | {folds_txt} | {r['cpu_seconds'] / 60:.1f} |"
+            )
+        lines.append("")
     lines += [
         "",
         f"Made on {time.strftime('%Y-%m-%d')}, {platform.machine()} with {torch.get_num_threads()} torch threads"
@@ -103,7 +138,7 @@ def main() -> None:
     add_training_args(ap)
     ap.add_argument("--out", required=True, help="folder for per-step, per-fold checkpoints and results")
     ap.add_argument("--folds", type=int, default=3)
-    ap.add_argument("--steps", nargs="*", choices=[s[0] for s in STEPS], help="run only these steps")
+    ap.add_argument("--steps", nargs="*", choices=sorted({s[0] for s in STEPS}), help="run only these steps")
     ap.add_argument("--doc", help="write the markdown table here")
     args = ap.parse_args()
     rows = run_ablation(args)

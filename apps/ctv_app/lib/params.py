@@ -12,6 +12,17 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import InvalidInputError
+
+
+def as_bool(value: Any) -> bool:
+    """Request params arrive as JSON booleans from clients, as strings from forms and --conf."""
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise InvalidInputError(f"expected true or false, got {value!r}")
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)
+
 
 @dataclass
 class AugmentParams:

@@ -18,22 +18,13 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from ..checkpoint import load_checkpoint
-from ..errors import InvalidInputError, ModelUnavailableError
+from ..errors import ModelUnavailableError
 from ..inferers import build_inferer
-from ..params import CTVParams
+from ..params import CTVParams, as_bool
 from ..provenance import input_sha256, model_record, software_versions
 from ..transforms import post_transforms, pre_transforms
 
 logger = logging.getLogger(__name__)
-
-
-def _as_bool(value: Any) -> bool:
-    """Request params arrive as JSON booleans from clients, as strings from forms and --conf."""
-    if isinstance(value, str):
-        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise InvalidInputError(f"expected true or false, got {value!r}")
-        return value.strip().lower() in ("true", "1", "yes")
-    return bool(value)
 
 
 class CTVInfer(BasicInferTask):
@@ -61,7 +52,7 @@ class CTVInfer(BasicInferTask):
     def inferer(self, data=None) -> Inferer:
         if not data:
             return build_inferer(self.params)
-        data["flip_tta"] = _as_bool(data.get("flip_tta", self.params.flip_tta))  # the writer reports it
+        data["flip_tta"] = as_bool(data.get("flip_tta", self.params.flip_tta))  # the writer reports it
         return build_inferer(self.params, device=data.get("device"), flip_tta=data["flip_tta"])
 
     def post_transforms(self, data=None) -> Sequence[Callable]:

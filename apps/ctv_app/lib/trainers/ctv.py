@@ -28,7 +28,7 @@ from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from ..inferers import build_inferer
 from ..losses import DeepSupervisionLoss
 from ..networks import network_for
-from ..params import CTVParams
+from ..params import CTVParams, as_bool
 from ..transforms import pre_transforms, train_transforms
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class CTVTrain(BasicTrainTask):
     # --- hooks -------------------------------------------------------------------------------------
     def network(self, context: Context) -> torch.nn.Module:
         net = network_for(self.params)
-        if context.request.get("pretrained", True) and os.path.exists(self.served_path):
+        if as_bool(context.request.get("pretrained", True)) and os.path.exists(self.served_path):
             ckpt = load_checkpoint(self.served_path)
             net.load_state_dict(ckpt["model"], strict=True)
             context.started_from = file_sha256(self.served_path)
@@ -165,8 +165,7 @@ class CTVTrain(BasicTrainTask):
 
     def train(self, rank, world_size, request, datalist):
         # Mixed precision only where it helps and is supported: CUDA.
-        amp = request.get("amp", False)
-        self._amp = (amp if isinstance(amp, bool) else str(amp).lower() == "true") and torch.cuda.is_available()
+        self._amp = as_bool(request.get("amp", False)) and torch.cuda.is_available()
         threads = int(request.get("threads", 0))
         if threads > 0:
             torch.set_num_threads(threads)
@@ -200,7 +199,7 @@ class PublishBestModel:
 
     def started(self, engine: Engine) -> None:
         request = self.context.request
-        if request.get("resume", True) and os.path.exists(self.resume_path):
+        if as_bool(request.get("resume", True)) and os.path.exists(self.resume_path):
             ckpt = load_checkpoint(self.resume_path, map_location=str(self.context.device))
             if ckpt["params"] == self.task.params.to_dict():
                 self.net.load_state_dict(ckpt["model"])
