@@ -111,6 +111,7 @@ def test_training_from_random_weights_publishes_and_serves_without_restart(clien
 
     status = wait_for_training(client)
     assert status["status"] == "DONE", server.log_tail()
+    assert any("ctv epoch 40/40 val_dice" in line for line in status["details"]), status  # /train/ shows progress
     ckpt = load_checkpoint(str(store["model"]))
     meta = ckpt["meta"]
     assert meta["val_dice"] >= MIN_DICE, meta

@@ -31,6 +31,7 @@ from ctv_app.lib.inferers import build_inferer
 from ctv_app.lib.losses import DeepSupervisionLoss
 from ctv_app.lib.networks import network_for
 from ctv_app.lib.params import CTVParams
+from ctv_app.lib.provenance import labels_record
 from ctv_app.lib.transforms import pre_transforms, train_transforms
 
 from .data import find_pairs
@@ -47,15 +48,6 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # 0: torch default
-
-
-def labels_digest(pairs: list[dict[str, str]]) -> str:
-    """Hash of the training labels' names and sizes+mtimes: identifies the label set a model saw."""
-    h = hashlib.sha256()
-    for p in pairs:
-        st = os.stat(p["label"])
-        h.update(f"{p['id']}:{st.st_size}:{int(st.st_mtime)}\n".encode())
-    return h.hexdigest()
 
 
 def split(pairs: list[dict[str, str]], val_fraction: float, seed: int) -> tuple[list, list]:
@@ -141,7 +133,7 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
         log(f"resumed from {resume_path} at epoch {start_epoch}")
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
 
-    digest = labels_digest(train_pairs)
+    labels = labels_record([p["label"] for p in train_pairs])
     for epoch in range(start_epoch, cfg.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -161,9 +153,8 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
             meta = {
                 "epoch": epoch,
                 "val_dice": val_dice,
-                "train_labels": [p["id"] for p in train_pairs],
-                "train_labels_sha256": digest,
-                "val_labels": [p["id"] for p in val_pairs],
+                **labels,
+                "val_labels": [os.path.basename(p["label"]) for p in val_pairs],
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "train_config": {**cfg.__dict__, "world_size": world},
             }

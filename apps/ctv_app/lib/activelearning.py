@@ -179,7 +179,7 @@ class Uncertain(Strategy):
     """The unlabelled image with the highest stored score of the current model; images without one
     are scored now (at most ``max_compute`` per request, then older models' scores are used)."""
 
-    def __init__(self, scorers: dict[str, UncertaintyScoring], method: str = "epistemic", max_compute: int = 8):
+    def __init__(self, scorers: dict[str, UncertaintyScoring], method: str = "epistemic", max_compute: int = 4):
         super().__init__(f"Highest {method} uncertainty first")
         self.scorers = scorers
         self.method = method

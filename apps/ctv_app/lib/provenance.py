@@ -22,6 +22,17 @@ def input_sha256(path: str) -> str:
     return file_sha256(path)
 
 
+def labels_record(label_paths: list[str]) -> dict[str, Any]:
+    """The training labels a model saw: file names, and one sha256 over names and file digests."""
+    h = hashlib.sha256()
+    names = []
+    for path in sorted(label_paths, key=os.path.basename):
+        name = os.path.basename(path)
+        names.append(name)
+        h.update(f"{name}:{file_sha256(path)}\n".encode())
+    return {"train_labels": names, "train_labels_sha256": h.hexdigest()}
+
+
 def software_versions() -> dict[str, str]:
     versions = {}
     for pkg in ("ctv-label", "monai", "monailabel", "torch"):

@@ -64,11 +64,13 @@ class CTVConfig(TaskConfig):
         return self._scorers
 
     def strategy(self) -> dict[str, Strategy]:
-        """``uncertain``: by ``--conf uncertain_method epistemic|tta`` (or the request's ``method``)."""
+        """``uncertain``: by ``--conf uncertain_method epistemic|tta`` (or the request's ``method``);
+        ``--conf uncertain_max_compute N`` bounds the studies scored inside one request."""
         method = self.conf.get("uncertain_method", "epistemic")
         if method not in self.scoring_method():
             raise ValueError(f"uncertain_method must be one of {sorted(self.scoring_method())}, got {method!r}")
-        return {"uncertain": Uncertain(self.scoring_method(), method=method)}
+        max_compute = int(self.conf.get("uncertain_max_compute", 4))
+        return {"uncertain": Uncertain(self.scoring_method(), method=method, max_compute=max_compute)}
 
     def trainer(self) -> Optional[TrainTask]:
         return CTVTrain(served_path=self.path, params=self.params, name=self.name)

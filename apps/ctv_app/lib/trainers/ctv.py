@@ -9,7 +9,6 @@ checkpoint is written every epoch; a killed run continues from it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ from ..inferers import build_inferer
 from ..losses import DeepSupervisionLoss
 from ..networks import network_for
 from ..params import CTVParams, as_bool
+from ..provenance import labels_record
 from ..transforms import pre_transforms, train_transforms
 
 logger = logging.getLogger(__name__)
@@ -39,22 +39,11 @@ def _main_head(pred: torch.Tensor) -> torch.Tensor:
     return pred[0] if pred.dim() == 5 else pred
 
 
-def labels_record(datalist: list[dict[str, Any]]) -> dict[str, Any]:
-    """The training labels a model saw: ids, and one sha256 over their ids and file digests."""
-    h = hashlib.sha256()
-    ids = []
-    for item in sorted(datalist, key=lambda d: str(d["label"])):
-        ident = os.path.basename(str(item["label"]))
-        ids.append(ident)
-        h.update(f"{ident}:{file_sha256(str(item['label']))}\n".encode())
-    return {"train_labels": ids, "train_labels_sha256": h.hexdigest()}
-
-
 class CTVTrain(BasicTrainTask):
     """Request params (POST /train/ctv): max_epochs, val_split, learning_rate, train_batch_size,
     patches_per_volume, pretrained, resume, amp, seed, threads, name, device."""
 
-    def __init__(self, served_path: str, params: CTVParams, name: str = "ctv", **kwargs):
+    def __init__(self, served_path: str, params: CTVParams, name: str = "ctv"):
         self.served_path = served_path
         self.params = params
         self.name = name
@@ -183,7 +172,7 @@ class PublishBestModel:
         self.resume_path = os.path.join(task._model_dir, context.request["name"], "resume.pt")
         self.best = -1.0
         self.history: list[dict[str, Any]] = []
-        self.labels = labels_record(context.train_datalist)
+        self.labels = labels_record([str(d["label"]) for d in context.train_datalist])
         self.epoch_start = time.time()
 
     def attach(self, engine: Engine) -> None:
