@@ -1,0 +1,83 @@
+"""QAM + OCM maths: bounded scores, weights that sum to 1, gradients reaching both networks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ctv_app.lib.losses import DeepSupervisionLoss
+from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss, overfitting_control
+
+
+def test_ocm_bounds_scores_and_the_weight_ratio():
+    raw = torch.tensor([-1e6, -3.0, 0.0, 2.5, 1e6])
+    bounded = overfitting_control(raw, 2.0)
+    assert torch.all(bounded > -2.0 - 1e-6) and torch.all(bounded < 2.0 + 1e-6)
+    assert torch.all(bounded[1:] >= bounded[:-1])  # monotone: order of quality is kept
+    weights = torch.softmax(bounded, dim=0)
+    assert float(weights.max() / weights.min()) <= math.exp(4.0) * (1 + 1e-5)
+    assert float(torch.softmax(raw, dim=0).min()) == 0.0  # without OCM a sample can vanish entirely
+
+
+@pytest.mark.parametrize("ocm_lambda", [2.0, 0.5, None])
+def test_weights_are_positive_and_sum_to_one(ocm_lambda):
+    torch.manual_seed(0)
+    qam = QualityAwarenessModule(2, in_channels=1 + 3, channels=(4, 8))
+    weighting = QualityWeightedLoss(qam, ocm_lambda)
+    image, label = torch.randn(6, 1, 32, 32), (torch.rand(6, 3, 32, 32) > 0.5).float()
+    w = weighting.weights(image, label)
+    assert w.shape == (6,) and torch.all(w > 0)
+    assert float(w.sum()) == pytest.approx(1.0, abs=1e-6)
+    if ocm_lambda is not None:
+        assert float(w.max() / w.min()) <= math.exp(2 * ocm_lambda) * (1 + 1e-5)
+
+
+def test_one_loss_trains_the_segmentation_net_and_the_qam():
+    torch.manual_seed(0)
+    seg = torch.nn.Conv3d(1, 1, 3, padding=1)
+    qam = QualityAwarenessModule(3, in_channels=2, channels=(4, 8))
+    weighting = QualityWeightedLoss(qam, 2.0)
+    image = torch.randn(4, 1, 16, 16, 16)
+    label = (torch.rand(4, 1, 16, 16, 16) > 0.7).float()
+    per_sample = DeepSupervisionLoss(reduction="none")(seg(image), label)
+    weighting(per_sample, image, label).backward()
+    assert seg.weight.grad is not None and float(seg.weight.grad.abs().sum()) > 0
+    qam_grads = [p.grad for p in qam.parameters()]
+    assert all(g is not None for g in qam_grads) and sum(float(g.abs().sum()) for g in qam_grads) > 0
+
+
+def test_qam_learns_to_down_weight_samples_whose_labels_disagree_with_the_image():
+    """Labels that follow the image (bright square) vs labels that do not: the QAM, trained by the
+    weighted loss alone against a fixed predictor, moves weight to the consistent ones."""
+    torch.manual_seed(0)
+    n, size = 8, 16
+    image = torch.zeros(n, 1, size, size)
+    image[:, :, 4:12, 4:12] = 1.0
+    label = image.clone()
+    label[n // 2 :] = 0.0
+    label[n // 2 :, :, 0:4, 0:16] = 1.0  # wrong: a band where the image has nothing
+    prediction_logits = (image * 8 - 4).detach()  # a segmentation net that follows the image
+    per_sample = DeepSupervisionLoss(reduction="none")(prediction_logits, label)
+    qam = QualityAwarenessModule(2, in_channels=2, channels=(4, 8))
+    weighting = QualityWeightedLoss(qam, 2.0)
+    opt = torch.optim.Adam(qam.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        weighting(per_sample, image, label).backward()
+        opt.step()
+    w = weighting.weights(image, label).detach()
+    assert float(w[: n // 2].min()) > float(w[n // 2 :].max())
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="spatial_dims"):
+        QualityAwarenessModule(4, 2)
+    with pytest.raises(ValueError, match="in_channels"):
+        QualityAwarenessModule(2, 1)
+    with pytest.raises(ValueError, match="ocm_lambda"):
+        QualityWeightedLoss(QualityAwarenessModule(2, 2), 0.0)
+    weighting = QualityWeightedLoss(QualityAwarenessModule(2, 2, channels=(4,)), 2.0)
+    with pytest.raises(ValueError, match="one loss per sample"):
+        weighting(torch.tensor(1.0), torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))
