@@ -124,3 +124,19 @@ def test_torchrun_two_cpu_ranks_hold_identical_weights(tmp_path):
 
     torch.manual_seed(0)
     assert weights_digest(network_for(CTVParams.from_dict(ckpt["params"]))) != digests["0"]
+
+
+def test_quality_weighted_training_keeps_its_qam_and_needs_a_real_batch(tmp_path):
+    with pytest.raises(ValueError, match="quality weighting"):
+        TrainConfig(quality_weighting=True, volumes_per_batch=1, patches_per_volume=4)
+    data = tmp_path / "data"
+    build(str(data), [21, 22, 23, 24, 25], labelled={21, 22, 23, 24, 25})
+    params = CTVParams(filters=(8, 16, 32), patch_size=(32, 32, 32), target_spacing=(6, 6, 6))
+    cfg = TrainConfig(
+        epochs=1, lr=1e-3, val_fraction=0.2, volumes_per_batch=2, patches_per_volume=2, quality_weighting=True
+    )
+    result = train(find_pairs(str(data)), str(tmp_path / "ctv.pt"), params, cfg, log=lambda m: None)
+    ckpt = load_checkpoint(str(tmp_path / "ctv.pt"))
+    assert ckpt["meta"]["train_config"]["quality_weighting"] is True
+    assert any(k.startswith("qam.features") for k in ckpt["meta"]["qam"])
+    assert 0.0 <= result["best_val_dice"] <= 1.0

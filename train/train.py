@@ -32,6 +32,7 @@ from ctv_app.lib.losses import DeepSupervisionLoss
 from ctv_app.lib.networks import network_for
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.provenance import labels_record
+from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss
 from ctv_app.lib.transforms import pre_transforms, train_transforms
 
 from .data import find_pairs
@@ -48,6 +49,19 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # 0: torch default
+    # QAM + OCM (lib/quality.py): needs a batch of >= 4 patches from >= 2 volumes
+    quality_weighting: bool = False
+    ocm_lambda: float = 2.0
+    qam_lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.quality_weighting and (
+            self.volumes_per_batch < 2 or self.volumes_per_batch * self.patches_per_volume < 4
+        ):
+            raise ValueError(
+                "quality weighting compares samples within a batch: it needs volumes_per_batch >= 2 and "
+                f">= 4 patches per batch, got {self.volumes_per_batch} x {self.patches_per_volume}"
+            )
 
 
 def split(pairs: list[dict[str, str]], val_fraction: float, seed: int) -> tuple[list, list]:
@@ -120,18 +134,28 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
         collate_fn=list_data_collate,
     )
     net = network_for(params).to(cfg.device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    loss_fn = DeepSupervisionLoss(params.loss)
+    groups = [{"params": net.parameters(), "lr": cfg.lr}]
+    loss_fn = DeepSupervisionLoss(params.loss, reduction="none")
+    weighting = None
+    if cfg.quality_weighting:
+        weighting = QualityWeightedLoss(QualityAwarenessModule(3, in_channels=2), cfg.ocm_lambda).to(cfg.device)
+        groups.append({"params": weighting.parameters(), "lr": cfg.qam_lr})
+    opt = torch.optim.Adam(groups)
 
     start_epoch, best, history = 0, -1.0, []
     resume_path = out + ".last"
     if os.path.exists(resume_path):
         ckpt = load_checkpoint(resume_path, cfg.device)
         net.load_state_dict(ckpt["model"])
+        if weighting is not None:
+            weighting.load_state_dict(ckpt["meta"]["qam"])
         opt.load_state_dict(ckpt["meta"]["optimizer"])
         start_epoch, best, history = ckpt["meta"]["epoch"] + 1, ckpt["meta"]["best_val_dice"], ckpt["meta"]["history"]
         log(f"resumed from {resume_path} at epoch {start_epoch}")
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    weigh = weighting
+    if weighting is not None and world > 1:
+        weigh = torch.nn.parallel.DistributedDataParallel(weighting)  # keeps the QAM identical across ranks
 
     labels = labels_record([p["label"] for p in train_pairs])
     for epoch in range(start_epoch, cfg.epochs):
@@ -141,7 +165,8 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
         for batch in loader:
             image, label = batch["image"].to(cfg.device), batch["label"].to(cfg.device)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(image), label)
+            per_sample = loss_fn(model(image), label)
+            loss = weigh(per_sample, image, label) if weigh is not None else per_sample.mean()
             loss.backward()
             opt.step()
             losses.append(float(loss))
@@ -158,6 +183,8 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "train_config": {**cfg.__dict__, "world_size": world},
             }
+            if weighting is not None:
+                meta["qam"] = weighting.state_dict()  # scores labelled cases for review
             if val_dice > best:
                 best = val_dice
                 save_checkpoint(out, net.state_dict(), params, {**meta, "best_val_dice": best})
@@ -188,7 +215,8 @@ def add_training_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data", required=True, help="folder datastore with labels/final")
     ap.add_argument("--params", default="{}", help='JSON overrides of CTVParams, e.g. \'{"normalisation": "zscore"}\'')
     for name, default in TrainConfig().__dict__.items():
-        ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+        kind = (lambda v: v.strip().lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
+        ap.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
 
 
 def parse_training_args(args: argparse.Namespace) -> tuple[list[dict[str, str]], CTVParams, TrainConfig]:
