@@ -81,3 +81,25 @@ def test_bad_arguments_are_refused():
     weighting = QualityWeightedLoss(QualityAwarenessModule(2, 2, channels=(4,)), 2.0)
     with pytest.raises(ValueError, match="one loss per sample"):
         weighting(torch.tensor(1.0), torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))
+
+
+def test_ctv_trainer_trains_with_quality_weighting_and_publishes_its_qam(tmp_path):
+    from ctv_app.lib.checkpoint import load_checkpoint
+    from ctv_app.lib.datastore import CTVDatastore
+    from ctv_app.lib.params import CTVParams
+    from ctv_app.lib.trainers.ctv import CTVTrain
+    from ctv_datastore.build import build
+
+    build(str(tmp_path / "studies"), [31, 32, 33, 34, 35], labelled={31, 32, 33, 34, 35})
+    store = CTVDatastore(str(tmp_path / "studies"), label_values=[1], auto_reload=False)
+    params = CTVParams(filters=(8, 16, 32), patch_size=(32, 32, 32), target_spacing=(6, 6, 6))
+    served = tmp_path / "model" / "ctv.pt"
+    task = CTVTrain(served_path=str(served), params=params)
+    request = {"max_epochs": 1, "train_batch_size": 2, "patches_per_volume": 2, "val_split": 0.2}
+    request.update({"quality_weighting": True, "pretrained": False, "learning_rate": 1e-3, "multi_gpu": False})
+    with pytest.raises(ValueError, match="quality_weighting"):
+        task({**request, "train_batch_size": 1}, store)
+    task(request, store)
+    meta = load_checkpoint(str(served))["meta"]
+    assert meta["train_config"]["quality_weighting"] is True
+    assert any(k.startswith("qam.features") for k in meta["qam"])

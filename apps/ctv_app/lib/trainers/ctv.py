@@ -29,6 +29,7 @@ from ..losses import DeepSupervisionLoss
 from ..networks import network_for
 from ..params import CTVParams, as_bool
 from ..provenance import labels_record
+from ..quality import QualityAwarenessModule, QualityWeightedLoss
 from ..transforms import pre_transforms, train_transforms
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ def _main_head(pred: torch.Tensor) -> torch.Tensor:
 
 class CTVTrain(BasicTrainTask):
     """Request params (POST /train/ctv): max_epochs, val_split, learning_rate, train_batch_size,
-    patches_per_volume, pretrained, resume, amp, seed, threads, name, device."""
+    patches_per_volume, pretrained, resume, amp, seed, threads, name, device; quality_weighting (QAM+OCM),
+    ocm_lambda, qam_lr."""
 
     def __init__(self, served_path: str, params: CTVParams, name: str = "ctv"):
         self.served_path = served_path
@@ -62,6 +64,9 @@ class CTVTrain(BasicTrainTask):
                 "amp": False,
                 "seed": 0,
                 "threads": 0,
+                "quality_weighting": False,
+                "ocm_lambda": 2.0,
+                "qam_lr": 1e-4,
                 "dataset": "CacheDataset",
                 "dataloader": "DataLoader",
                 "tracking": "None",  # MONAI Label's default is MLflow, which is not installed
@@ -87,10 +92,22 @@ class CTVTrain(BasicTrainTask):
         return net
 
     def optimizer(self, context: Context) -> torch.optim.Optimizer:
-        return torch.optim.Adam(context.network.parameters(), lr=float(context.request.get("learning_rate", 1e-4)))
+        groups = [{"params": context.network.parameters(), "lr": float(context.request.get("learning_rate", 1e-4))}]
+        context.quality = None
+        if as_bool(context.request.get("quality_weighting", False)):
+            qam = QualityAwarenessModule(3, in_channels=1 + len(self.params.labels))
+            ocm = float(context.request.get("ocm_lambda", 2.0))
+            context.quality = QualityWeightedLoss(qam, ocm).to(context.device)
+            groups.append({"params": context.quality.parameters(), "lr": float(context.request.get("qam_lr", 1e-4))})
+        context.quality_loss = (
+            BatchQualityLoss(DeepSupervisionLoss(self.params.loss, reduction="none"), context.quality)
+            if context.quality is not None
+            else None
+        )
+        return torch.optim.Adam(groups)
 
     def loss_function(self, context: Context) -> torch.nn.Module:
-        return DeepSupervisionLoss(self.params.loss)
+        return context.quality_loss if context.quality_loss is not None else DeepSupervisionLoss(self.params.loss)
 
     def train_pre_transforms(self, context: Context) -> list:
         samples = int(context.request.get("patches_per_volume", 2))
@@ -124,6 +141,8 @@ class CTVTrain(BasicTrainTask):
 
     def train_handlers(self, context: Context) -> list:
         handlers = super().train_handlers(context)
+        if context.quality_loss is not None:
+            handlers.append(context.quality_loss)  # binds the trainer, whose state holds the batch's images
         if context.local_rank == 0:
             handlers.append(PublishBestModel(self, context))
         return handlers
@@ -153,6 +172,13 @@ class CTVTrain(BasicTrainTask):
         return datastore.datalist()
 
     def train(self, rank, world_size, request, datalist):
+        if as_bool(request.get("quality_weighting", False)):
+            volumes, patches = int(request["train_batch_size"]), int(request.get("patches_per_volume", 2))
+            if volumes < 2 or volumes * patches < 4:
+                raise ValueError(
+                    "quality_weighting compares samples within a batch: it needs train_batch_size >= 2 and >= 4"
+                    f" patches per batch, got {volumes} x {patches}"
+                )
         # Mixed precision only where it helps and is supported: CUDA.
         self._amp = as_bool(request.get("amp", False)) and torch.cuda.is_available()
         threads = int(request.get("threads", 0))
@@ -160,6 +186,24 @@ class CTVTrain(BasicTrainTask):
             torch.set_num_threads(threads)
         torch.manual_seed(int(request.get("seed", 0)))
         return super().train(rank, world_size, request, datalist)
+
+
+class BatchQualityLoss(torch.nn.Module):
+    """QAM+OCM-weighted per-sample loss for the ignite trainer, whose loss signature is (pred, label):
+    the batch's images are read from the trainer's state, where the iteration put them."""
+
+    def __init__(self, per_sample_loss: torch.nn.Module, weighting: QualityWeightedLoss):
+        super().__init__()
+        self.per_sample_loss = per_sample_loss
+        self.weighting = weighting
+        self.engine: Engine | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        image = self.engine.state.output["image"]
+        return self.weighting(self.per_sample_loss(pred, label), image, label)
 
 
 class PublishBestModel:
@@ -244,6 +288,8 @@ class PublishBestModel:
                 k: v for k, v in self.context.request.items() if isinstance(v, (str, int, float, bool, type(None)))
             },
         }
+        if getattr(self.context, "quality", None) is not None:
+            meta["qam"] = self.context.quality.state_dict()  # scores labelled cases for review
         published = ""
         score = val_dice if val_dice is not None else -1.0
         if val_dice is None or score > self.best:
