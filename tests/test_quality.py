@@ -103,3 +103,26 @@ def test_ctv_trainer_trains_with_quality_weighting_and_publishes_its_qam(tmp_pat
     meta = load_checkpoint(str(served))["meta"]
     assert meta["train_config"]["quality_weighting"] is True
     assert any(k.startswith("qam.features") for k in meta["qam"])
+
+    # The review loop: the published QAM scores every final label; `review` offers the lowest.
+    from ctv_app.lib.infers.ctv import CTVInfer
+    from ctv_app.lib.networks import network_for
+    from ctv_app.lib.review import LabelQualityScoring, NoQualityModelError, Review
+
+    store.update_label_info("phantom_00033", "final", {"annotator": "dr_c"})
+    infer = CTVInfer(path=str(served), network=network_for(params), params=params, preload=True)
+    scoring = LabelQualityScoring(infer)
+    scores = scoring({}, store)["scores"]
+    assert set(scores) == {f"phantom_{s:05d}" for s in (31, 32, 33, 34, 35)}
+    info = store.get_label_info("phantom_00033", "final")["label_quality"]
+    assert info["annotator"] == "dr_c" and info["score"] == scores["phantom_00033"]
+    assert info["model"] == infer.model_record()["sha256"]
+    chosen = Review(scoring)({}, store)
+    assert chosen["id"] == min(scores, key=scores.get)
+
+    from ctv_app.lib.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(str(served))
+    save_checkpoint(str(served), ckpt["model"], params, {k: v for k, v in ckpt["meta"].items() if k != "qam"})
+    with pytest.raises(NoQualityModelError, match="quality_weighting"):
+        Review(scoring)({}, store)

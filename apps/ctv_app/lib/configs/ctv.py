@@ -12,11 +12,12 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
-from ..activelearning import EpistemicScoring, TTAScoring, Uncertain
+from ..activelearning import EpistemicScoring, TTAScoring, Uncertain, UncertaintyScoring
 from ..checkpoint import read_params
 from ..infers.ctv import CTVInfer
 from ..networks import network_for
 from ..params import CTVParams
+from ..review import LabelQualityScoring, Review
 from ..trainers.ctv import CTVTrain
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class CTVConfig(TaskConfig):
                     dropout=float(self.conf.get("epistemic_dropout", 0.1)),
                 ),
                 "tta": TTAScoring(self.infer()),
+                "label_quality": LabelQualityScoring(self.infer()),
             }
         return self._scorers
 
@@ -67,10 +69,14 @@ class CTVConfig(TaskConfig):
         """``uncertain``: by ``--conf uncertain_method epistemic|tta`` (or the request's ``method``);
         ``--conf uncertain_max_compute N`` bounds the studies scored inside one request."""
         method = self.conf.get("uncertain_method", "epistemic")
-        if method not in self.scoring_method():
-            raise ValueError(f"uncertain_method must be one of {sorted(self.scoring_method())}, got {method!r}")
+        if method not in ("epistemic", "tta"):
+            raise ValueError(f"uncertain_method must be epistemic or tta, got {method!r}")
         max_compute = int(self.conf.get("uncertain_max_compute", 4))
-        return {"uncertain": Uncertain(self.scoring_method(), method=method, max_compute=max_compute)}
+        uncertainty = {k: v for k, v in self.scoring_method().items() if isinstance(v, UncertaintyScoring)}
+        return {
+            "uncertain": Uncertain(uncertainty, method=method, max_compute=max_compute),
+            "review": Review(self.scoring_method()["label_quality"]),
+        }
 
     def trainer(self) -> Optional[TrainTask]:
         return CTVTrain(served_path=self.path, params=self.params, name=self.name)

@@ -34,6 +34,7 @@ class CTVInfer(BasicInferTask):
         self.name = name
         self.params = params
         self._loaded: dict[str, tuple[torch.nn.Module, float, dict[str, Any]]] = {}  # device -> net, mtime, record
+        self._qam_states: dict[str, dict[str, Any] | None] = {}  # model sha256 -> its QAM weights
         super().__init__(
             path=path,
             network=network,
@@ -103,7 +104,15 @@ class CTVInfer(BasicInferTask):
         network = copy.deepcopy(self.network).to(torch.device(device))
         network.load_state_dict(checkpoint["model"], strict=True)
         network.eval()
-        return network, model_record(self.name, path, checkpoint, hashlib.sha256(blob).hexdigest())
+        record = model_record(self.name, path, checkpoint, hashlib.sha256(blob).hexdigest())
+        self._qam_states = {record["sha256"]: checkpoint.get("meta", {}).get("qam")}
+        return network, record
+
+    def served_qam(self) -> tuple[dict[str, Any] | None, str]:
+        """The QAM trained with the served model (None unless it was trained with quality weighting)
+        and the model version."""
+        sha = self.model_record()["sha256"]
+        return self._qam_states.get(sha), sha
 
     def model_record(self) -> dict[str, Any]:
         """Provenance of the model now served (loading it if needed)."""
