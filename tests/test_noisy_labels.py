@@ -39,8 +39,8 @@ def test_label_noise_hits_the_requested_fraction_only():
     assert add_label_noise(masks, 0.5, (1, 4), seed=1)[1] == chosen  # seeded
 
 
-@pytest.mark.parametrize("method", ["baseline", "qam_ocm"])
-def test_train_and_evaluate_cli_agree(tmp_path, method):
+def toy_npz(folder) -> str:
+    """165 + 5 synthetic 32x32 'X-rays' with a bright square as every structure (not JSRT)."""
     rng = np.random.default_rng(0)
     n = 170  # 165 train + 5 test
     images = rng.integers(0, 60, (n, 32, 32)).astype(np.uint8)
@@ -51,7 +51,7 @@ def test_train_and_evaluate_cli_agree(tmp_path, method):
         images[i][masks[i, 0] > 0] += 150
     masks[:, 1] = masks[:, 0]
     masks[:, 2] = masks[:, 0]
-    data = tmp_path / "toy.npz"
+    data = folder / "toy.npz"
     np.savez(
         data,
         images=images,
@@ -59,10 +59,18 @@ def test_train_and_evaluate_cli_agree(tmp_path, method):
         names=np.array([f"t{i}" for i in range(n)]),
         structures=np.array(["lungs", "heart", "clavicles"]),
     )
+    return str(data)
+
+
+TINY = ["--epochs", "2", "--size", "32", "--features", "4", "8", "16", "32", "64", "4"]
+
+
+@pytest.mark.parametrize("method", ["baseline", "qam_ocm"])
+def test_train_and_evaluate_cli_agree(tmp_path, method):
+    data = toy_npz(tmp_path)
     model = tmp_path / "m.pt"
     cmd = [sys.executable, "-m", "ctv_train.noisy_labels", "train", "--data", str(data), "--out", str(model)]
-    cmd += ["--method", method, "--noisy", "0.25", "--level", "1-8", "--epochs", "2", "--size", "32"]
-    cmd += ["--features", "4", "8", "16", "32", "64", "4"]
+    cmd += ["--method", method, "--noisy", "0.25", "--level", "1-8", *TINY]
     trained = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr[-2000:]
     at_training = json.loads(trained.stdout.strip().splitlines()[-1])
@@ -73,3 +81,19 @@ def test_train_and_evaluate_cli_agree(tmp_path, method):
     assert set(scores) == {"lungs", "heart", "clavicles", "mean"}
     assert scores["mean"] == pytest.approx(at_training["mean"])
     assert 0.0 <= scores["mean"] <= 1.0
+
+
+def test_table_trains_missing_runs_once_and_writes_json_rows(tmp_path):
+    data = toy_npz(tmp_path)
+    cmd = [sys.executable, "-m", "ctv_train.noisy_labels", "table", "--data", data, "--out", str(tmp_path / "runs")]
+    cmd += ["--rows", "0:-", "0.5:5-13", "--methods", "baseline", "--json", str(tmp_path / "rows.json"), *TINY]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("training ") == 2 and "| 50% | 5-13 | baseline |" in first.stdout
+    assert "0.755 / 0.807 / 0.393 / 0.652" in first.stdout  # the published row beside ours
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["noisy"], r["level"], r["method"]) for r in rows] == [(0.0, "-", "baseline"), (0.5, "5-13", "baseline")]
+    assert all(set(r) == {"noisy", "level", "method", "lungs", "heart", "clavicles", "mean"} for r in rows)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "training " not in again.stdout  # finished runs are kept, not redone
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -31,6 +32,30 @@ from ctv_app.lib.losses import DeepSupervisionLoss
 from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss
 
 N_TRAIN = 165
+# The published table (Dice lungs / heart / clavicles / mean), keyed by (noisy fraction, level, method).
+PUBLISHED: dict[tuple[float, str, str], tuple[float, float, float, float]] = {
+    (0.0, "-", "baseline"): (0.943, 0.941, 0.862, 0.915),
+    (0.0, "-", "qam"): (0.939, 0.923, 0.831, 0.898),
+    (0.0, "-", "qam_ocm"): (0.941, 0.940, 0.852, 0.911),
+    (0.25, "1-8", "baseline"): (0.868, 0.888, 0.538, 0.765),
+    (0.25, "1-8", "qam"): (0.925, 0.926, 0.748, 0.866),
+    (0.25, "1-8", "qam_ocm"): (0.936, 0.925, 0.823, 0.895),
+    (0.5, "1-8", "baseline"): (0.873, 0.884, 0.539, 0.765),
+    (0.5, "1-8", "qam"): (0.922, 0.925, 0.726, 0.857),
+    (0.5, "1-8", "qam_ocm"): (0.936, 0.929, 0.828, 0.895),
+    (0.75, "1-8", "baseline"): (0.820, 0.828, 0.512, 0.720),
+    (0.75, "1-8", "qam"): (0.898, 0.825, 0.536, 0.753),
+    (0.75, "1-8", "qam_ocm"): (0.937, 0.939, 0.809, 0.895),
+    (0.25, "5-13", "baseline"): (0.865, 0.857, 0.422, 0.715),
+    (0.25, "5-13", "qam"): (0.893, 0.835, 0.615, 0.781),
+    (0.25, "5-13", "qam_ocm"): (0.935, 0.935, 0.801, 0.890),
+    (0.5, "5-13", "baseline"): (0.755, 0.807, 0.393, 0.652),
+    (0.5, "5-13", "qam"): (0.828, 0.853, 0.491, 0.714),
+    (0.5, "5-13", "qam_ocm"): (0.942, 0.942, 0.853, 0.912),
+    (0.75, "5-13", "baseline"): (0.745, 0.738, 0.381, 0.621),
+    (0.75, "5-13", "qam"): (0.770, 0.772, 0.366, 0.636),
+    (0.75, "5-13", "qam_ocm"): (0.938, 0.937, 0.801, 0.892),
+}
 METHODS = ("baseline", "qam", "qam_ocm")
 LEVELS = {"-": (0, 0), "1-8": (1, 8), "5-13": (5, 13)}
 
@@ -164,6 +189,46 @@ def train(args: argparse.Namespace, log=print) -> dict:
     return {**result, "train_seconds": train_seconds}
 
 
+def run_table(args: argparse.Namespace, log=print) -> list[dict]:
+    """Train every (row, method) not trained yet; return the machine-readable rows."""
+    rows = []
+    for spec in args.rows:
+        noisy_text, level = spec.split(":")
+        noisy = float(noisy_text)
+        for method in args.methods:
+            out = os.path.join(args.out, f"{noisy:g}_{level}_{method}.pt")
+            if not os.path.exists(out):
+                run = argparse.Namespace(**{**vars(args), "out": out, "method": method, "noisy": noisy, "level": level})
+                log(f"training {os.path.basename(out)}")
+                train(run, log=lambda m, n=os.path.basename(out): log(f"{n}: {m}"))
+            meta = load_checkpoint(out)["meta"]
+            rows.append(
+                {
+                    "noisy": noisy,
+                    "level": level,
+                    "method": method,
+                    **meta["test_dice"],
+                    "train_seconds": meta["train_seconds"],
+                }
+            )
+    return rows
+
+
+def table_markdown(rows: list[dict], command: str) -> str:
+    lines = [
+        "| noisy | level | method | ours: lungs / heart / clavicles / mean | published | train min |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        pub = PUBLISHED.get((r["noisy"], r["level"], r["method"]))
+        pub_txt = " / ".join(f"{v:.3f}" for v in pub) if pub else "-"
+        ours = " / ".join(f"{r[k]:.3f}" for k in ("lungs", "heart", "clavicles", "mean"))
+        lines.append(
+            f"| {r['noisy']:.0%} | {r['level']} | {r['method']} | {ours} | {pub_txt} | {r['train_seconds'] / 60:.1f} |"
+        )
+    return "\n".join(lines + ["", "```", command, "```", ""])
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     ckpt = load_checkpoint(args.model)
     config = ckpt["config"]
@@ -178,31 +243,48 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     return scores(predict(net, images, config["size"]), masks, structures)
 
 
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """Settings shared by one run (``train``) and a table of runs (``table``)."""
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--qam-lr", type=float, default=1e-4)
+    ap.add_argument("--ocm-lambda", type=float, default=2.0)
+    ap.add_argument("--size", type=int, default=256, help="network input size (masks are scored at 256)")
+    ap.add_argument("--features", type=int, nargs=6, default=[16, 32, 64, 128, 256, 16])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=5)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one method on one noise setting, test on the clean test split")
-    t.add_argument("--data", required=True)
+    add_run_arguments(t)
     t.add_argument("--out", required=True)
     t.add_argument("--method", choices=METHODS, default="qam_ocm")
     t.add_argument("--noisy", type=float, default=0.0, help="fraction of noisy training samples")
     t.add_argument("--level", choices=sorted(LEVELS), default="-")
-    t.add_argument("--epochs", type=int, default=60)
-    t.add_argument("--batch", type=int, default=32)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--qam-lr", type=float, default=1e-4)
-    t.add_argument("--ocm-lambda", type=float, default=2.0)
-    t.add_argument("--size", type=int, default=256, help="network input size (masks are scored at 256)")
-    t.add_argument("--features", type=int, nargs=6, default=[16, 32, 64, 128, 256, 16])
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--split-seed", type=int, default=0)
-    t.add_argument("--log-every", type=int, default=5)
+    tb = sub.add_parser("table", help="train the missing runs of a table, then print it")
+    add_run_arguments(tb)
+    tb.add_argument("--out", required=True, help="folder of the runs' checkpoints")
+    tb.add_argument("--rows", nargs="+", default=["0:-", "0.5:1-8", "0.75:1-8", "0.5:5-13", "0.75:5-13"])
+    tb.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    tb.add_argument("--json", help="write the rows here (docs/noisy_labels.json)")
     e = sub.add_parser("evaluate", help="Dice of a checkpoint on an npz of the same format")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--split", choices=["test", "all"], default="all", help="test: the checkpoint's test split")
     args = ap.parse_args()
-    if args.command == "train":
+    if args.command == "table":
+        rows = run_table(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([{k: v for k, v in r.items() if k != "train_seconds"} for r in rows], f, indent=1)
+        print(table_markdown(rows, "python -m ctv_train.noisy_labels " + " ".join(sys.argv[1:])))
+    elif args.command == "train":
         if (args.noisy > 0) != (args.level != "-"):
             raise SystemExit("--noisy > 0 needs a --level (1-8 or 5-13), and --level needs --noisy > 0")
         print(json.dumps(train(args)))
