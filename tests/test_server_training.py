@@ -8,7 +8,6 @@ A small, coarse configuration keeps this within CI time: 6 mm voxels, 32^3 patch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -21,9 +20,10 @@ import requests
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from ctv_app.lib.checkpoint import load_checkpoint
+from ctv_app.lib.checkpoint import file_sha256, load_checkpoint
 from ctv_datastore.build import HELD_OUT_SEED_START, build
 from ctv_datastore.phantom import make_water_phantom, save_nifti
+from ctv_train.metrics import dice
 
 from .support import REAL_CT, ServerProcess
 
@@ -38,15 +38,6 @@ CONF = {
 TRAIN_PARAMS = {"max_epochs": 40, "learning_rate": 0.003, "val_split": 0.2, "patches_per_volume": 4}
 MIN_DICE = 0.8
 TRAIN_TIMEOUT_S = 900
-
-
-def sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +123,14 @@ def test_training_from_random_weights_publishes_and_serves_without_restart(clien
         print(f"held-out phantom {seed}: Dice {score:.3f} (model {meta['epoch']} epochs, val {meta['val_dice']:.3f})")
         assert score >= MIN_DICE
         served = result["provenance"]["model"]
-        assert served["sha256"] == sha256(store["model"]) != first_version
+        assert served["sha256"] == file_sha256(store["model"]) != first_version
         assert served["epoch"] == meta["epoch"] and served["val_dice"] == pytest.approx(meta["val_dice"])
 
 
 def test_killed_training_resumes_at_its_checkpoint_epoch(client, server, store):
     params = {**TRAIN_PARAMS, "max_epochs": 5, "name": "resume_check", "pretrained": False}
     resume = store["model"].parent / "train" / "resume_check" / "resume.pt"
-    served_before = sha256(store["model"])
+    served_before = file_sha256(store["model"])
     client.train_start("ctv", params)
     wait_for_training(
         client,
@@ -162,7 +153,7 @@ def test_killed_training_resumes_at_its_checkpoint_epoch(client, server, store):
     assert f"ctv epoch {epoch + 1}/5" in after and f"ctv epoch {epoch}/5" not in after
     assert not resume.exists()
     # Started from random weights, it did not beat the served model on validation: nothing replaced it.
-    assert sha256(store["model"]) == served_before
+    assert file_sha256(store["model"]) == served_before
 
 
 @pytest.mark.parametrize("method", ["epistemic", "tta"])
@@ -202,7 +193,7 @@ def test_saved_label_is_versioned_with_its_annotator_and_leaves_the_worklist(cli
     client.save_label(image, str(empty), tag="final", params={"annotator": "dr_b"})
     info = requests.get(f"{server.url}/datastore/label/info", params={"label": image, "tag": "final"}, timeout=30)
     info = info.json()
-    assert info["annotator"] == "dr_b" and info["version"] == 2 and info["previous_sha256"] == sha256(empty)
+    assert info["annotator"] == "dr_b" and info["version"] == 2 and info["previous_sha256"] == file_sha256(empty)
     history = store["studies"] / ".label_history" / "final" / image
     kept = sorted(p.name for p in history.iterdir() if p.name.endswith(".json"))
     assert len(kept) == 2
