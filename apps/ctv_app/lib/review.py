@@ -54,11 +54,16 @@ class LabelQualityScoring(ScoringMethod):
         return self._qam[1], version
 
     @torch.no_grad()
+    def score(self, image_path: str, label_path: str) -> float:
+        """The served QAM's raw score of one image + label pair (higher: more consistent)."""
+        qam, _ = self.qam()
+        item = self._pre({"image": image_path, "label": label_path})
+        return float(qam(torch.as_tensor(item["image"])[None].float(), torch.as_tensor(item["label"])[None].float()))
+
     def score_label(self, image_id: str, datastore: Datastore) -> float:
-        qam, version = self.qam()
+        _, version = self.qam()
         tag = DefaultLabelTag.FINAL
-        item = self._pre({"image": datastore.get_image_uri(image_id), "label": datastore.get_label_uri(image_id, tag)})
-        score = float(qam(torch.as_tensor(item["image"])[None].float(), torch.as_tensor(item["label"])[None].float()))
+        score = self.score(datastore.get_image_uri(image_id), datastore.get_label_uri(image_id, tag))
         info = datastore.get_label_info(image_id, tag)
         record = {
             "score": score,

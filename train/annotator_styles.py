@@ -1,0 +1,222 @@
+"""QAM + OCM in 3D: training on phantoms contoured by annotators with different styles.
+
+    python -m ctv_train.annotator_styles --out runs/styles --doc docs/annotator_styles.json
+
+Synthetic phantoms (SYNTHETIC anatomy, datastore/phantom.py) get their true CTV; then a fraction
+of the cases (default 50%) is re-contoured by one of three simulated annotator styles:
+
+- ``wide``: every axial contour dilated by 2-4 voxels (in plane, slice by slice);
+- ``tight``: eroded by 2-4 voxels in the same way;
+- ``missing_slices``: the cranial or caudal 25-50% of the CTV's axial slices left empty.
+
+Three arms train the same network, seed and budget with ``ctv_train.train``: the true labels
+(reference), the styled labels with the plain loss, and the styled labels with quality weighting
+(QAM+OCM). Each is scored by the served pipeline on held-out phantoms with their true CTV. The
+quality-weighted arm's QAM then scores every training label; the ROC AUC says how well a low
+score finds the styled ones (what the ``review`` strategy relies on). A finished arm is kept in
+``<out>/<arm>/result.json``, so a stopped run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ctv_app.lib.params import CTVParams
+from ctv_datastore.build import build, parse_seeds
+
+from .data import find_pairs
+from .evaluate import evaluate, summarise
+from .metrics import dice, roc_auc
+from .train import TrainConfig, train
+
+STYLES = ("wide", "tight", "missing_slices")
+ARMS = {
+    # name: (labels, quality weighting, QAM learning rate)
+    "true_labels": ("clean", False, None),
+    "styled_plain": ("styled", False, None),
+    "styled_qam_ocm": ("styled", True, 1e-4),
+    "styled_qam_ocm_lr1e-3": ("styled", True, 1e-3),
+}
+# The CI-sized configuration (6 mm, filters 8-64; docs/ablation.md), to keep three arms in CPU minutes.
+PARAMS = {"target_spacing": [6, 6, 6], "patch_size": [32, 32, 32], "filters": [8, 16, 32, 64]}
+
+
+def restyle(label: np.ndarray, style: str, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """One annotator's version of a true label (axes x, y, z; z axial). Returns it and what was done."""
+    mask = label > 0
+    if style in ("wide", "tight"):
+        voxels = int(rng.integers(2, 5))
+        in_plane = (1.0, 1.0, 1e6)  # contours are drawn slice by slice: grow or shrink within each slice
+        if style == "wide":
+            out = ndimage.distance_transform_edt(~mask, sampling=in_plane) <= voxels
+        else:
+            out = ndimage.distance_transform_edt(mask, sampling=in_plane) > voxels
+        return out.astype(np.uint8), {"style": style, "voxels": voxels}
+    if style == "missing_slices":
+        slices = np.flatnonzero(mask.any(axis=(0, 1)))
+        n_missing = int(round(len(slices) * rng.uniform(0.25, 0.5)))
+        end = "cranial" if rng.random() < 0.5 else "caudal"
+        dropped = slices[-n_missing:] if end == "cranial" else slices[:n_missing]
+        out = mask.copy()
+        out[..., dropped] = False
+        return out.astype(np.uint8), {"style": style, "end": end, "slices": int(n_missing)}
+    raise ValueError(f"unknown annotator style {style!r}; one of {STYLES}")
+
+
+def make_styled_datastore(
+    clean: str, out: str, fraction: float, seed: int, styles: tuple[str, ...] = STYLES
+) -> dict[str, dict]:
+    """A copy of the ``clean`` folder datastore (images linked) where ``fraction`` of the labels are
+    restyled, styles taken in turn. Returns ``{id: {"style", ..., "dice_to_truth"}}`` (style
+    ``true`` for the untouched ones), also written to ``<out>/annotators.json``."""
+    pairs = find_pairs(clean)
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(len(pairs), size=int(round(fraction * len(pairs))), replace=False).tolist())
+    os.makedirs(os.path.join(out, "labels", "final"), exist_ok=True)
+    record = {}
+    for i, pair in enumerate(pairs):
+        name = os.path.basename(pair["image"])
+        link = os.path.join(out, name)
+        if not os.path.exists(link):
+            os.symlink(os.path.abspath(pair["image"]), link)
+        truth_img = nib.load(pair["label"])
+        truth = np.asarray(truth_img.dataobj)
+        if i in chosen:
+            style = styles[len([j for j in chosen if j < i]) % len(styles)]
+            styled, info = restyle(truth, style, rng)
+        else:
+            styled, info = truth.astype(np.uint8), {"style": "true"}
+        nib.save(nib.Nifti1Image(styled, truth_img.affine), os.path.join(out, "labels", "final", name))
+        record[pair["id"]] = {**info, "dice_to_truth": dice(styled, truth)}
+    with open(os.path.join(out, "annotators.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def label_quality_auc(model: str, pairs: list[dict[str, str]], record: dict[str, dict]) -> dict:
+    """Score every label with the model's QAM; AUC of 'true labels score above styled ones'."""
+    from ctv_app.lib.configs.ctv import CTVConfig
+    from ctv_app.lib.review import LabelQualityScoring
+
+    config = CTVConfig()
+    config.init("ctv", os.path.dirname(model), {"ctv_model": model}, None)
+    scoring = LabelQualityScoring(config.infer())
+    scores = {p["id"]: scoring.score(p["image"], p["label"]) for p in pairs}
+    true = [s for i, s in scores.items() if record[i]["style"] == "true"]
+    styled = [s for i, s in scores.items() if record[i]["style"] != "true"]
+    by_style = {
+        style: roc_auc(true, [s for i, s in scores.items() if record[i]["style"] == style])
+        for style in STYLES
+        if any(r["style"] == style for r in record.values())
+    }
+    return {"auc": roc_auc(true, styled), "auc_by_style": by_style, "scores": scores}
+
+
+def run(args: argparse.Namespace, log=print) -> dict:
+    clean = os.path.join(args.out, "clean")
+    styled = os.path.join(args.out, "styled")
+    build(clean, parse_seeds(args.train_seeds), labelled=set(parse_seeds(args.train_seeds)))
+    record = make_styled_datastore(clean, styled, args.fraction, args.seed)
+    folders = {"clean": clean, "styled": styled}
+    params = CTVParams().updated(PARAMS)
+    results = {}
+    for arm in args.arms:
+        labels, weighted, qam_lr = ARMS[arm]
+        arm_dir = os.path.join(args.out, arm)
+        result_path = os.path.join(arm_dir, "result.json")
+        if os.path.exists(result_path):
+            with open(result_path) as f:
+                results[arm] = json.load(f)
+            continue
+        os.makedirs(arm_dir, exist_ok=True)
+        cfg = TrainConfig(
+            epochs=args.epochs,
+            lr=args.lr,
+            volumes_per_batch=args.volumes_per_batch,
+            patches_per_volume=args.patches_per_volume,
+            seed=args.seed,
+            quality_weighting=weighted,
+            qam_lr=qam_lr or TrainConfig.qam_lr,
+        )
+        pairs = find_pairs(folders[labels])
+        model = os.path.join(arm_dir, "ctv.pt")
+        t0 = time.time()
+        trained = train(pairs, model, params, cfg, log=lambda m, a=arm: log(f"{a}: {m}"))
+        seconds = time.time() - t0
+        held_out = evaluate(model, parse_seeds(args.test_seeds))
+        result = {
+            "labels": labels,
+            "quality_weighting": weighted,
+            "qam_lr": qam_lr,
+            "best_val_dice": trained["best_val_dice"],
+            "train_seconds": seconds,
+            "held_out_dice": {k: v for k, v in held_out.items() if k != "per_case"},
+            "held_out_per_case": held_out["per_case"],
+        }
+        if weighted:
+            result["label_quality"] = label_quality_auc(model, pairs, record)
+        with open(result_path, "w") as f:
+            json.dump(result, f, indent=1)
+        results[arm] = result
+        log(f"{arm}: held-out Dice {held_out['mean']:.3f} +- {held_out['sd']:.3f} after {seconds / 60:.1f} min")
+    styles = {s: summarise({i: r["dice_to_truth"] for i, r in record.items() if r["style"] == s}) for s in STYLES}
+    return {
+        "command": "python -m ctv_train.annotator_styles " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "params": PARAMS,
+        "config": {k: v for k, v in vars(args).items() if k != "doc"},
+        "annotators": record,
+        "style_dice_to_truth": {s: {k: v for k, v in d.items() if k != "per_case"} for s, d in styles.items()},
+        "arms": results,
+    }
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| arm | held-out Dice (mean +- sd, min) | best val Dice | train min |", "|---|---|---|---|"]
+    for arm, r in summary["arms"].items():
+        d = r["held_out_dice"]
+        lines.append(
+            f"| {arm} | {d['mean']:.3f} +- {d['sd']:.3f}, {d['min']:.3f} | {r['best_val_dice']:.3f} |"
+            f" {r['train_seconds'] / 60:.1f} |"
+        )
+    for arm, r in summary["arms"].items():
+        if "label_quality" in r:
+            q = r["label_quality"]
+            by_style = ", ".join(f"{s} {v:.2f}" for s, v in q["auc_by_style"].items())
+            lines += ["", f"{arm}: label-quality ROC AUC (true labels above styled) {q['auc']:.2f} ({by_style})."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--train-seeds", default="4000-4023")
+    ap.add_argument("--test-seeds", default="9000-9009")
+    ap.add_argument("--fraction", type=float, default=0.5, help="fraction of cases restyled")
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--volumes-per-batch", type=int, default=4)
+    ap.add_argument("--patches-per-volume", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    ap.add_argument("--doc", help="write the summary JSON here (docs/annotator_styles.json)")
+    args = ap.parse_args()
+    summary = run(args)
+    if args.doc:
+        with open(args.doc, "w") as f:
+            json.dump(summary, f, indent=1)
+    print(markdown(summary))
+
+
+if __name__ == "__main__":
+    main()
