@@ -1,6 +1,6 @@
 """QAM + OCM in 3D: training on phantoms contoured by annotators with different styles.
 
-    python -m ctv_train.annotator_styles --out runs/styles --doc docs/annotator_styles.json
+    python -m ctv_train.annotator_styles --out runs/styles --doc runs/styles/summary.json
 
 Synthetic phantoms (SYNTHETIC anatomy, datastore/phantom.py) get their true CTV; then a fraction
 of the cases (default 50%) is re-contoured by one of three simulated annotator styles:
@@ -9,10 +9,10 @@ of the cases (default 50%) is re-contoured by one of three simulated annotator s
 - ``tight``: eroded by 2-4 voxels in the same way;
 - ``missing_slices``: the cranial or caudal 25-50% of the CTV's axial slices left empty.
 
-Three arms train the same network, seed and budget with ``ctv_train.train``: the true labels
-(reference), the styled labels with the plain loss, and the styled labels with quality weighting
-(QAM+OCM). Each is scored by the served pipeline on held-out phantoms with their true CTV. The
-quality-weighted arm's QAM then scores every training label; the ROC AUC says how well a low
+The arms (``ARMS``) train the same network, seed and budget with ``ctv_train.train``: the true
+labels (reference), the styled labels with the plain loss, and the styled labels with quality
+weighting (QAM+OCM, at two QAM learning rates). Each is scored by the served pipeline on held-out phantoms with their true CTV. The
+quality-weighted arms' QAMs then score every training label; the ROC AUC says how well a low
 score finds the styled ones (what the ``review`` strategy relies on). A finished arm is kept in
 ``<out>/<arm>/result.json``, so a stopped run continues where it stopped.
 """
@@ -35,7 +35,7 @@ from ctv_app.lib.params import CTVParams
 from ctv_datastore.build import build, parse_seeds
 
 from .data import find_pairs
-from .evaluate import evaluate, summarise
+from .evaluate import evaluate, served_infer_task, summarise
 from .metrics import dice, roc_auc
 from .train import TrainConfig, train
 
@@ -47,7 +47,7 @@ ARMS = {
     "styled_qam_ocm": ("styled", True, 1e-4),
     "styled_qam_ocm_lr1e-3": ("styled", True, 1e-3),
 }
-# The CI-sized configuration (6 mm, filters 8-64; docs/ablation.md), to keep three arms in CPU minutes.
+# The CI-sized configuration (6 mm, filters 8-64; docs/ablation.md), to keep each arm in CPU minutes.
 PARAMS = {"target_spacing": [6, 6, 6], "patch_size": [32, 32, 32], "filters": [8, 16, 32, 64]}
 
 
@@ -84,6 +84,7 @@ def make_styled_datastore(
     chosen = set(rng.choice(len(pairs), size=int(round(fraction * len(pairs))), replace=False).tolist())
     os.makedirs(os.path.join(out, "labels", "final"), exist_ok=True)
     record = {}
+    restyled = 0
     for i, pair in enumerate(pairs):
         name = os.path.basename(pair["image"])
         link = os.path.join(out, name)
@@ -92,8 +93,8 @@ def make_styled_datastore(
         truth_img = nib.load(pair["label"])
         truth = np.asarray(truth_img.dataobj)
         if i in chosen:
-            style = styles[len([j for j in chosen if j < i]) % len(styles)]
-            styled, info = restyle(truth, style, rng)
+            styled, info = restyle(truth, styles[restyled % len(styles)], rng)
+            restyled += 1
         else:
             styled, info = truth.astype(np.uint8), {"style": "true"}
         nib.save(nib.Nifti1Image(styled, truth_img.affine), os.path.join(out, "labels", "final", name))
@@ -105,12 +106,9 @@ def make_styled_datastore(
 
 def label_quality_auc(model: str, pairs: list[dict[str, str]], record: dict[str, dict]) -> dict:
     """Score every label with the model's QAM; AUC of 'true labels score above styled ones'."""
-    from ctv_app.lib.configs.ctv import CTVConfig
     from ctv_app.lib.review import LabelQualityScoring
 
-    config = CTVConfig()
-    config.init("ctv", os.path.dirname(model), {"ctv_model": model}, None)
-    scoring = LabelQualityScoring(config.infer())
+    scoring = LabelQualityScoring(served_infer_task(model))
     scores = {p["id"]: scoring.score(p["image"], p["label"]) for p in pairs}
     true = [s for i, s in scores.items() if record[i]["style"] == "true"]
     styled = [s for i, s in scores.items() if record[i]["style"] != "true"]

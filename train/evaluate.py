@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from ctv_app.lib.configs.ctv import CTVConfig
+from ctv_app.lib.infers.ctv import CTVInfer
 from ctv_datastore.build import build, parse_seeds
 
 from .data import find_pairs
@@ -34,11 +35,16 @@ def summarise(scores: dict) -> dict:
     }
 
 
-def evaluate_pairs(model: str, pairs: list[dict[str, str]], conf: dict[str, str] | None = None) -> dict:
-    """Dice per ``{"id", "image", "label"}`` pair, predicted by the served infer task in-process."""
+def served_infer_task(model: str, conf: dict[str, str] | None = None) -> CTVInfer:
+    """The app's infer task for a checkpoint, built as the server builds it (``--conf`` overrides)."""
     config = CTVConfig()
     config.init("ctv", os.path.dirname(model), {"ctv_model": model, **(conf or {})}, None)
-    task = config.infer()
+    return config.infer()
+
+
+def evaluate_pairs(model: str, pairs: list[dict[str, str]], conf: dict[str, str] | None = None) -> dict:
+    """Dice per ``{"id", "image", "label"}`` pair, predicted by the served infer task in-process."""
+    task = served_infer_task(model, conf)
     scores = {}
     for pair in pairs:
         result_path, _ = task({"image": pair["image"], "device": "cpu"})

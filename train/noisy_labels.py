@@ -175,7 +175,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
     train_seconds = time.time() - t_start
     result = scores(predict(net, images[test_idx], args.size), masks[test_idx], structures)
     config = {k: v for k, v in vars(args).items() if k not in ("func",)}
-    names = np.load(args.data)["names"] if "names" in np.load(args.data).files else None
+    with np.load(args.data) as data:
+        names = data["names"] if "names" in data.files else None
     meta = {
         "test_names": [str(n) for n in names[test_idx]] if names is not None else [],
         "corrupted_train_indices": corrupted,

@@ -69,10 +69,10 @@ class CTVConfig(TaskConfig):
         """``uncertain``: by ``--conf uncertain_method epistemic|tta`` (or the request's ``method``);
         ``--conf uncertain_max_compute N`` bounds the studies scored inside one request."""
         method = self.conf.get("uncertain_method", "epistemic")
-        if method not in ("epistemic", "tta"):
-            raise ValueError(f"uncertain_method must be epistemic or tta, got {method!r}")
-        max_compute = int(self.conf.get("uncertain_max_compute", 4))
         uncertainty = {k: v for k, v in self.scoring_method().items() if isinstance(v, UncertaintyScoring)}
+        if method not in uncertainty:
+            raise ValueError(f"uncertain_method must be one of {sorted(uncertainty)}, got {method!r}")
+        max_compute = int(self.conf.get("uncertain_max_compute", 4))
         return {
             "uncertain": Uncertain(uncertainty, method=method, max_compute=max_compute),
             "review": Review(self.scoring_method()["label_quality"]),
