@@ -11,6 +11,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImaged, MapTransform, Transform
 
+from ..dicom.reader import DicomSeriesReader
 from ..errors import InvalidInputError
 
 MIN_VOXELS_PER_AXIS = 4
@@ -21,11 +22,19 @@ CT_LOW_HU, CT_LOW_FRACTION, CT_MAX_P99 = -200.0, 0.01, 5000.0
 
 
 class LoadCTImaged(LoadImaged):
-    """LoadImaged that reports an unreadable file as the caller's error, naming the file."""
+    """LoadImaged that also reads a DICOM CT series folder, and reports an unreadable file as the
+    caller's error, naming the file."""
+
+    series_reader = DicomSeriesReader()
 
     def __call__(self, data, reader=None):
+        path = data.get(self.keys[0])
+        if reader is None and isinstance(path, str) and os.path.isdir(path):
+            reader = self.series_reader  # named explicitly: its errors reach the caller unchanged
         try:
             return super().__call__(data, reader)
+        except InvalidInputError:
+            raise
         except Exception as e:  # readers raise many types; all mean the same thing to the caller
             name = os.path.basename(str(data.get(self.keys[0], "")))
             raise InvalidInputError(f"image '{name}' is not a readable 3D image: {type(e).__name__}: {e}") from e
