@@ -25,6 +25,7 @@ from monailabel.utils.async_tasks.task import AsyncTask
 
 from ctv_app.lib.configs.ctv import CTVConfig
 from ctv_app.lib.datastore import CTVDatastore
+from ctv_app.lib.dicom.results import RTConfig
 from ctv_app.lib.errors import CTVError, ImageNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class CTVApp(MONAILabelApp):
         return CTVDatastore(
             self.studies,
             label_values=label_values,
+            rt_config=RTConfig.from_conf(self.conf),
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,

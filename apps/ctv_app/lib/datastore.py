@@ -21,15 +21,20 @@ from typing import Any, Iterable
 import nibabel as nib
 import numpy as np
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, LocalDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
 from .checkpoint import file_sha256
+from .dicom.results import RTConfig
+from .dicom.rtstruct import rasterise, read_rtstruct
+from .dicom.scan import VIEW_FOLDER, DicomScanner, link_view
+from .dicom.series import read_ct_geometry
 from .errors import ImageNotFoundError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _NIFTI = (".nii.gz", ".nii")
+_SERIES_VIEW_EXT = ".dicom_series"  # marks an image that is a link folder under .dicom_series/
 
 
 def _fsync_dir(path: str) -> None:
@@ -77,14 +82,23 @@ def atomic_write_text(text: str, dest: str) -> None:
 class CTVDatastore(LocalDatastore):
     """LocalDatastore with validated, versioned, atomic label saves and an atomic JSON index.
 
+    Images are NIfTI/NRRD files or DICOM CT series (``dicom/scan.py`` says how series are found).
+    An RTSTRUCT that references a series and names an ROI in ``rt_config.roi_labels`` becomes
+    that series' ``final`` label unless it already has one, so clinical contours train the model.
+
     Label info records ``annotator`` (the ``annotator`` save param, else ``user``, else
     ``"unknown"``), ``version`` (1, 2, ... per image and tag), ``sha256`` and ``previous_sha256``.
     """
 
-    def __init__(self, datastore_path: str, label_values: Iterable[int], **kwargs):
+    def __init__(
+        self, datastore_path: str, label_values: Iterable[int], rt_config: RTConfig | None = None, **kwargs
+    ):
         self.label_values = {0, *(int(v) for v in label_values)}
-        super().__init__(datastore_path, **kwargs)
+        self.rt_config = rt_config or RTConfig()
+        self._scanner = DicomScanner(datastore_path)
+        self._structure_sets: list = []
         self.history_path = os.path.join(datastore_path, ".label_history")
+        super().__init__(datastore_path, **kwargs)
         if getattr(self, "_handler", None) is not None:
             self._handler.on_moved = self._on_moved_event  # the index is replaced by rename
 
@@ -92,6 +106,77 @@ class CTVDatastore(LocalDatastore):
         if getattr(event, "dest_path", None) == self._datastore_config_path and not self._ignore_event_config:
             self._init_from_datastore_file()
         self._ignore_event_config = False
+
+    # --- DICOM series and clinical structure sets -----------------------------------------------
+    def _filename(self, id: str, ext: str) -> str:
+        return os.path.join(VIEW_FOLDER, id) if ext == _SERIES_VIEW_EXT else id + ext
+
+    def _add_non_existing_images(self) -> int:
+        invalidate = super()._add_non_existing_images()
+        found, self._structure_sets = self._scanner.scan(skip={"labels"})
+        for series in found:
+            if not series.in_own_folder:
+                link_view(series)
+            if series.image_id in self._datastore.objects:
+                continue
+            ext = "" if series.in_own_folder else _SERIES_VIEW_EXT
+            info = {
+                "ts": int(time.time()),
+                "name": self._filename(series.image_id, ext),
+                "format": "dicom",
+                "SeriesInstanceUID": series.series_uid,
+                "slices": len(series.files),
+            }
+            logger.info(f"Adding DICOM series {series.image_id} ({len(series.files)} files)")
+            self._datastore.objects[series.image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+            invalidate += 1
+        return invalidate
+
+    def _reconcile_datastore(self) -> None:
+        super()._reconcile_datastore()
+        self._import_structure_sets()
+
+    def _import_structure_sets(self) -> None:
+        """Clinical RTSTRUCTs become ``final`` labels of the series they reference (never overwriting one)."""
+        by_series = {
+            obj.image.info.get("SeriesInstanceUID"): image_id for image_id, obj in self._datastore.objects.items()
+        }
+        for found in self._structure_sets:
+            image_id = by_series.get(found.referenced_series_uid)
+            if image_id is None or self._datastore.objects[image_id].labels.get("final"):
+                continue
+            folder = self.get_image_uri(image_id)
+            try:
+                geometry, headers = read_ct_geometry(folder)
+                mask, used = rasterise(
+                    read_rtstruct(found.path), geometry, headers, self.rt_config.roi_labels, self.rt_config.raster_rule
+                )
+            except Exception as e:  # one bad clinical file must not stop the server
+                logger.warning(f"RTSTRUCT {found.path} not imported: {e}")
+                continue
+            if not used["rois"]:
+                logger.info(f"RTSTRUCT {found.path}: no ROI named in rt_roi_labels ({used['ignored']})")
+                continue
+            fd, tmp = tempfile.mkstemp(suffix=".nii.gz")
+            os.close(fd)
+            try:
+                nib.save(nib.Nifti1Image(mask, geometry.affine), tmp)
+                self.save_label(
+                    image_id,
+                    tmp,
+                    "final",
+                    {
+                        "annotator": f"rtstruct:{found.label or found.sop_instance_uid}",
+                        "source_rtstruct": found.sop_instance_uid,
+                        "rois": used["rois"],
+                        "raster_rule": self.rt_config.raster_rule,
+                    },
+                )
+                logger.info(f"RTSTRUCT {found.path} imported as the final label of {image_id}: {used['rois']}")
+            except Exception as e:
+                logger.warning(f"RTSTRUCT {found.path} not imported: {e}")
+            finally:
+                os.unlink(tmp)
 
     # --- labels --------------------------------------------------------------------------------
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
@@ -158,13 +243,20 @@ class CTVDatastore(LocalDatastore):
             data = np.asanyarray(label.dataobj)
         except Exception as e:
             raise InvalidInputError(f"label for '{image_id}' is not a readable NIfTI file: {e}") from e
-        image = nib.load(image_path) if os.path.isfile(image_path) else None
-        if image is not None:
-            if tuple(label.shape) != tuple(image.shape[:3]):
+        if os.path.isdir(image_path):
+            geometry = read_ct_geometry(image_path)[0]
+            shape, affine = geometry.shape, geometry.affine
+        elif os.path.isfile(image_path):
+            image = nib.load(image_path)
+            shape, affine = image.shape[:3], image.affine
+        else:
+            shape = affine = None
+        if shape is not None:
+            if tuple(label.shape) != tuple(shape):
                 raise InvalidInputError(
-                    f"label shape {tuple(label.shape)} does not match image '{image_id}' shape {tuple(image.shape[:3])}"
+                    f"label shape {tuple(label.shape)} does not match image '{image_id}' shape {tuple(shape)}"
                 )
-            if not np.allclose(label.affine, image.affine, atol=1e-3):
+            if not np.allclose(label.affine, affine, atol=1e-3):
                 raise InvalidInputError(f"label for '{image_id}' is not on its image's grid (the affines differ)")
         if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
             raise InvalidInputError(f"label for '{image_id}' must hold integer label values")

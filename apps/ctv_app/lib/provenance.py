@@ -8,16 +8,17 @@ from importlib import metadata
 from typing import Any
 
 from .checkpoint import file_sha256
+from .dicom.series import find_ct_series
 
 
 def input_sha256(path: str) -> str:
-    """sha256 of a file; for a DICOM series folder, of its sorted files' names and digests."""
+    """sha256 of a file; for a DICOM series folder, of the CT series' SOPInstanceUIDs and file
+    digests in SOPInstanceUID order (file names and other objects in the folder do not count)."""
     if os.path.isdir(path):
+        series = find_ct_series(path)
         h = hashlib.sha256()
-        for root, _, files in sorted(os.walk(path)):
-            for name in sorted(files):
-                full = os.path.join(root, name)
-                h.update(f"{os.path.relpath(full, path)}:{file_sha256(full)}\n".encode())
+        for uid, file in sorted((str(hd.SOPInstanceUID), p) for hd, p in zip(series.headers, series.paths)):
+            h.update(f"{uid}:{file_sha256(file)}\n".encode())
         return h.hexdigest()
     return file_sha256(path)
 

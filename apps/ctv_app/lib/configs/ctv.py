@@ -14,6 +14,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ..activelearning import EpistemicScoring, TTAScoring, Uncertain, UncertaintyScoring
 from ..checkpoint import read_params
+from ..dicom.results import RTConfig
 from ..infers.ctv import CTVInfer
 from ..networks import network_for
 from ..params import CTVParams
@@ -38,6 +39,7 @@ class CTVConfig(TaskConfig):
         self.params = CTVParams.from_conf(conf, base=read_params(self.path))
         self.labels = self.params.labels
         self.network = network_for(self.params)
+        self.rt_config = RTConfig.from_conf(conf)
         logger.info(f"CTV model {self.path} (exists: {os.path.exists(self.path)}) params {self.params.to_dict()}")
 
     def infer(self) -> InferTask:
@@ -47,7 +49,12 @@ class CTVConfig(TaskConfig):
             if not preload:
                 logger.warning(f"CTV weights not found at {self.path}: /infer/ctv answers 503 until trained")
             self._infer = CTVInfer(
-                path=self.path, network=self.network, params=self.params, name=self.name, preload=preload
+                path=self.path,
+                network=self.network,
+                params=self.params,
+                name=self.name,
+                rt_config=self.rt_config,
+                preload=preload,
             )
         return self._infer
 

@@ -99,6 +99,7 @@ def write_rtstruct(
     structure_set_label: str = "CTV_AUTO",
     description: str = "",
     software_versions: Sequence[str] = (),
+    series_description: str = "",
 ) -> Dataset:
     """Write ``mask`` (label values, indexed i, j, k on ``geometry``) as an UNAPPROVED RTSTRUCT."""
     if tuple(mask.shape) != tuple(geometry.shape):
@@ -121,7 +122,7 @@ def write_rtstruct(
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber, ds.InstanceNumber = 901, 1
-    ds.SeriesDescription = f"AUTO-GENERATED {', '.join(r.name for r in rois)}, NOT APPROVED"[:64]
+    ds.SeriesDescription = (series_description or f"AUTO-GENERATED {', '.join(r.name for r in rois)} UNAPPROVED")[:64]
     ds.Manufacturer = "ctv-label"
     ds.ManufacturerModelName = "CTV auto-contouring (MONAI Label)"
     ds.SoftwareVersions = list(software_versions) or ["unknown"]

@@ -243,15 +243,17 @@ def load_series(series: SeriesHeaders) -> CTSeries:
     return CTSeries(volume=volume, geometry=geometry, headers=headers, paths=paths)
 
 
+def find_ct_series(folder: str) -> SeriesHeaders:
+    """The one CT series in ``folder`` (other DICOM objects such as RTSTRUCT are ignored)."""
+    return select_ct_series(group_series(dicom_files(folder)), f"folder '{os.path.basename(os.path.normpath(folder))}'")
+
+
 def read_ct_series(folder: str) -> CTSeries:
-    """The CT series in ``folder`` (other DICOM objects such as RTSTRUCT are ignored)."""
-    where = f"folder '{os.path.basename(os.path.normpath(folder))}'"
-    return load_series(select_ct_series(group_series(dicom_files(folder)), where))
+    return load_series(find_ct_series(folder))
 
 
 def read_ct_geometry(folder: str) -> tuple[CTGeometry, list[Dataset]]:
     """Geometry and sorted headers of the CT series in ``folder`` without decoding pixels."""
-    where = f"folder '{os.path.basename(os.path.normpath(folder))}'"
-    series = select_ct_series(group_series(dicom_files(folder)), where)
+    series = find_ct_series(folder)
     geometry = ct_geometry(series)
     return geometry, [series.headers[i] for i in geometry.order]

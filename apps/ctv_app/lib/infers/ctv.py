@@ -18,6 +18,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from ..checkpoint import load_checkpoint
+from ..dicom.results import RTConfig, check_result_format, write_dicom_result
 from ..errors import ModelUnavailableError
 from ..inferers import build_inferer
 from ..params import CTVParams, as_bool
@@ -30,9 +31,18 @@ logger = logging.getLogger(__name__)
 class CTVInfer(BasicInferTask):
     """Whole-volume CTV segmentation; the result keeps the input's exact shape and affine."""
 
-    def __init__(self, path: str, network: torch.nn.Module, params: CTVParams, name: str = "ctv", **kwargs):
+    def __init__(
+        self,
+        path: str,
+        network: torch.nn.Module,
+        params: CTVParams,
+        name: str = "ctv",
+        rt_config: RTConfig | None = None,
+        **kwargs,
+    ):
         self.name = name
         self.params = params
+        self.rt_config = rt_config or RTConfig()
         self._loaded: dict[str, tuple[torch.nn.Module, float, dict[str, Any]]] = {}  # device -> net, mtime, record
         self._qam_states: dict[str, dict[str, Any] | None] = {}  # model sha256 -> its QAM weights
         super().__init__(
@@ -46,6 +56,11 @@ class CTVInfer(BasicInferTask):
             **kwargs,
         )
         self.name = name
+
+    def __call__(self, request: dict[str, Any], callbacks=None):
+        # Refuse a result format the input cannot have before spending model time on it.
+        request["result_format"] = check_result_format(request.get("result_format"), request.get("image"))
+        return super().__call__(request, callbacks)
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         return pre_transforms(self.params)
@@ -120,7 +135,8 @@ class CTVInfer(BasicInferTask):
         return self._loaded["cpu" if not torch.cuda.is_available() else "cuda"][2]
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[Any, Any]:
-        """Write the mask as NIfTI with the affine the loader read from the input, bit for bit."""
+        """Write the mask in the requested ``result_format``: NIfTI with the affine the loader read
+        from the input, bit for bit, or DICOM SEG / RTSTRUCT referencing the source series."""
         image = data["image"]
         affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
         mask = np.asarray(data["pred"], dtype=np.uint8)
@@ -149,4 +165,9 @@ class CTVInfer(BasicInferTask):
         }
         result["ctv_voxels"] = int(mask.sum())
         result["ctv_volume_ml"] = float(mask.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)
+        fmt = data.get("result_format", "nifti")
+        result["result_format"] = fmt
+        if fmt != "nifti":
+            os.unlink(path)
+            path, result["dicom"] = write_dicom_result(fmt, mask, source, self.rt_config, result["provenance"])
         return path, result

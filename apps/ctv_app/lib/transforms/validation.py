@@ -23,21 +23,29 @@ CT_LOW_HU, CT_LOW_FRACTION, CT_MAX_P99 = -200.0, 0.01, 5000.0
 
 class LoadCTImaged(LoadImaged):
     """LoadImaged that also reads a DICOM CT series folder, and reports an unreadable file as the
-    caller's error, naming the file."""
+    caller's error, naming the file. Always ``image_only``: the metadata travels in the MetaTensor."""
 
     series_reader = DicomSeriesReader()
 
+    def __init__(self, keys: KeysCollection, **kwargs):
+        super().__init__(keys, **{**kwargs, "image_only": True})
+
     def __call__(self, data, reader=None):
-        path = data.get(self.keys[0])
-        if reader is None and isinstance(path, str) and os.path.isdir(path):
-            reader = self.series_reader  # named explicitly: its errors reach the caller unchanged
-        try:
-            return super().__call__(data, reader)
-        except InvalidInputError:
-            raise
-        except Exception as e:  # readers raise many types; all mean the same thing to the caller
-            name = os.path.basename(str(data.get(self.keys[0], "")))
-            raise InvalidInputError(f"image '{name}' is not a readable 3D image: {type(e).__name__}: {e}") from e
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = d[key]
+            if reader is None and isinstance(path, str) and os.path.isdir(path):
+                chosen = self.series_reader  # named explicitly: its errors reach the caller unchanged
+            else:
+                chosen = reader
+            try:
+                d[key] = self._loader(path, chosen)
+            except InvalidInputError:
+                raise
+            except Exception as e:  # readers raise many types; all mean the same thing to the caller
+                name = os.path.basename(str(path))
+                raise InvalidInputError(f"image '{name}' is not a readable 3D image: {type(e).__name__}: {e}") from e
+        return d
 
 
 class ValidateCT(Transform):

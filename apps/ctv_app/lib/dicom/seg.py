@@ -1,0 +1,68 @@
+"""DICOM SEG of a label mask on its CT series (highdicom), for viewers such as OHIF."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+
+from ..errors import InvalidInputError
+from .series import CTGeometry
+
+# CID 9580 "RT Segmentation Property Category" / CID 9534 "Radiotherapy Target"
+RT_TARGET = Code("130041", "DCM", "RT Target")
+CTV = Code("228792002", "SCT", "Clinical Target Volume")
+AI_FAMILY = Code("113037", "DCM", "Pattern recognition")  # CID 7162 Artificial Intelligence
+
+
+def write_seg(
+    mask: np.ndarray,
+    geometry: CTGeometry,
+    headers: Sequence[Dataset],
+    path: str,
+    labels: dict[str, int],
+    model_version: str,
+    software_version: str,
+    series_description: str = "AUTO-GENERATED CTV, NOT APPROVED",
+) -> Dataset:
+    """One binary segment per label (CTV coded as SCT 228792002 in the RT Target category)."""
+    if tuple(mask.shape) != tuple(geometry.shape):
+        raise InvalidInputError(f"mask shape {mask.shape} is not the CT series shape {geometry.shape}")
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="ctv-label SE-DynUNet", version=model_version[:64], family=AI_FAMILY
+    )
+    descriptions, frames = [], []
+    for number, (name, value) in enumerate(labels.items(), start=1):
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=name.upper() if name.lower() == "ctv" else name,
+                segmented_property_category=RT_TARGET,
+                segmented_property_type=CTV,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
+        frames.append(np.moveaxis(mask == value, 2, 0).transpose(0, 2, 1))  # (k, i, j) -> (k, rows, cols)
+    pixels = np.stack(frames, axis=-1).astype(np.uint8)  # (frames, rows, cols, segments)
+    seg = hd.seg.Segmentation(
+        source_images=list(headers),
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=902,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="ctv-label",
+        manufacturer_model_name="CTV auto-contouring (MONAI Label)",
+        software_versions=software_version,
+        device_serial_number=model_version[:16] or "unknown",
+        series_description=series_description,
+        omit_empty_frames=False,
+    )
+    seg.save_as(path)
+    return seg
