@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import signal
@@ -29,9 +31,16 @@ class ServerProcess:
     """``monailabel start_server`` on 127.0.0.1:<free port>; stopped by its own pid on exit."""
 
     def __init__(
-        self, studies: Path, workdir: Path, conf: dict[str, str] | None = None, startup_timeout_s: float = 180
+        self,
+        studies: Path | str,
+        workdir: Path,
+        conf: dict[str, str] | None = None,
+        startup_timeout_s: float = 180,
+        env: dict[str, str] | None = None,
     ):
-        self.studies, self.workdir, self.conf = Path(studies), Path(workdir), conf or {}
+        """``studies``: a folder, or a DICOMweb URL; ``env``: extra environment (e.g. credentials)."""
+        self.studies = studies if str(studies).startswith("http") else Path(studies)
+        self.workdir, self.conf, self.extra_env = Path(workdir), conf or {}, env or {}
         self.startup_timeout_s = startup_timeout_s
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -46,6 +55,7 @@ class ServerProcess:
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["MONAI_LABEL_SESSION_PATH"] = str(self.workdir / "sessions")
+        env.update(self.extra_env)
         monailabel = shutil.which("monailabel", path=env["PATH"])
         if not monailabel:
             raise RuntimeError("the monailabel command is not installed in this environment")
@@ -96,3 +106,92 @@ class ServerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)  # start_new_session: the group id is the server's pid
         except ProcessLookupError:
             pass
+
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+class OrthancProcess:
+    """A real Orthanc with DICOMweb, for the tests: its own config and storage in ``workdir``,
+    authentication on, no DICOM port, refusing remote HTTP, reached via 127.0.0.1 only (and the
+    test run itself sits in a private network namespace, see scripts/test.sh). Stopped by pid."""
+
+    user, password = "ctv", "ctv-test-only"
+
+    def __init__(self, workdir: Path, startup_timeout_s: float = 60):
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dicomweb_url = f"{self.url}/dicom-web"
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.workdir / "orthanc.log"
+
+    def config(self) -> dict:
+        return {
+            "Name": "ctv-test-orthanc",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "storage"),
+            "HttpPort": self.port,
+            "RemoteAccessAllowed": False,
+            "DicomServerEnabled": False,
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {self.user: self.password},
+            "Plugins": [DICOMWEB_PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado", "Ssl": False},
+            "StableAge": 1,
+        }
+
+    def auth(self) -> tuple[str, str]:
+        return self.user, self.password
+
+    def __enter__(self) -> "OrthancProcess":
+        if not Path(ORTHANC).exists() or not Path(DICOMWEB_PLUGIN).exists():
+            raise RuntimeError("Orthanc and its DICOMweb plugin are not installed: run scripts/setup.sh")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "orthanc.json"
+        config.write_text(json.dumps(self.config(), indent=2))
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([ORTHANC, str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{self.url}/system", auth=self.auth(), timeout=2).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"Orthanc not up after {self.startup_timeout_s}s")
+            time.sleep(0.3)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def client(self):
+        from dicomweb_client import DICOMwebClient
+        from dicomweb_client.session_utils import create_session_from_user_pass
+
+        return DICOMwebClient(self.dicomweb_url, session=create_session_from_user_pass(*self.auth()))
+
+    def stow(self, paths: list[Path | str]) -> None:
+        """STOW-RS the files (as valid Part 10 files: WADO-RS must read them back)."""
+        import pydicom
+
+        datasets = []
+        for p in paths:
+            ds = pydicom.dcmread(p)
+            buffer = io.BytesIO()
+            ds.save_as(buffer, write_like_original=False)
+            buffer.seek(0)
+            datasets.append(pydicom.dcmread(buffer))
+        self.client().store_instances(datasets)

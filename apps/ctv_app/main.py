@@ -12,6 +12,8 @@ from typing import Any
 import monailabel
 from fastapi import HTTPException
 from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMwebClientX
+from dicomweb_client.session_utils import create_session_from_user_pass
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.datastore import Datastore
@@ -25,8 +27,11 @@ from monailabel.utils.async_tasks.task import AsyncTask
 
 from ctv_app.lib.configs.ctv import CTVConfig
 from ctv_app.lib.datastore import CTVDatastore
+from ctv_app.lib.dicom.dicomweb import CTVDicomWebDatastore
 from ctv_app.lib.dicom.results import RTConfig
-from ctv_app.lib.errors import CTVError, ImageNotFoundError
+from ctv_app.lib.provenance import software_versions
+from ctv_app.lib.errors import CTVError, ImageNotFoundError, InvalidInputError
+from ctv_app.lib.params import as_bool
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +87,7 @@ class CTVApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            return self._init_dicomweb()
         label_values = {v for config in self.models.values() for v in config.labels.values()}
         return CTVDatastore(
             self.studies,
@@ -91,6 +96,31 @@ class CTVApp(MONAILabelApp):
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def _init_dicomweb(self) -> Datastore:
+        """A DICOMweb PACS (e.g. Orthanc); credentials from MONAI_LABEL_DICOMWEB_USERNAME/_PASSWORD."""
+        self.studies = self.studies.rstrip("/")
+        session = None
+        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+            session = create_session_from_user_pass(
+                settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+            )
+        client = DICOMwebClientX(
+            url=self.studies,
+            session=session,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
+        labels = {name: value for config in self.models.values() for name, value in config.labels.items()}
+        return CTVDicomWebDatastore(
+            client,
+            search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+            label_values=set(labels.values()),
+            labels=labels,
+            cache_path=(settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None,
+            software_version=software_versions()["ctv-label"],
         )
 
     def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
@@ -113,19 +143,35 @@ class CTVApp(MONAILabelApp):
         return super().next_sample(request)
 
     def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
-        """MONAI Label's infer, with the caller's mistakes answered as 4xx instead of 500."""
+        """MONAI Label's infer, with the caller's mistakes answered as 4xx instead of 500.
+
+        ``store_result: true`` (DICOMweb datastore, DICOM result formats) sends the result to the
+        PACS with STOW-RS; the result JSON then says what was stored under ``stored``."""
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(
                 status_code=404, detail=f"model '{model}' is not served here; available: {sorted(self._infers)}"
             )
         try:
+            store = datastore or self.datastore()
             image = request.get("image")
             if isinstance(image, str) and not os.path.exists(image):
-                store = datastore or self.datastore()
                 if not store.get_image_uri(image):
                     raise ImageNotFoundError(f"image '{image}' is not in the datastore")
-            return super().infer(request, datastore)
+            store_result = as_bool(request.get("store_result", False))
+            if store_result:
+                if not isinstance(store, CTVDicomWebDatastore):
+                    raise InvalidInputError("store_result needs a DICOMweb datastore to store the result in")
+                if str(request.get("result_format") or "nifti").lower() == "nifti":
+                    raise InvalidInputError("store_result needs result_format 'dicom_seg' or 'rtstruct'")
+            result = super().infer(request, datastore)
+            if store_result:
+                try:
+                    result["params"]["stored"] = store.store_result(result["file"])
+                except CTVError:
+                    os.unlink(result["file"])
+                    raise
+            return result
         except CTVError as e:
             logger.warning(f"infer rejected: {e}")
             raise HTTPException(status_code=e.status_code, detail=str(e)) from e

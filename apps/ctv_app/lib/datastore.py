@@ -79,6 +79,40 @@ def atomic_write_text(text: str, dest: str) -> None:
         raise
 
 
+def check_label(label_filename: str, image_id: str, image_path: str, label_values: set[int]) -> np.ndarray:
+    """The label's data if it is a NIfTI of known integer values on its image's grid; a 422 otherwise.
+
+    ``image_path`` is a NIfTI file or a DICOM series folder (skipped if it does not exist)."""
+    try:
+        label = nib.load(label_filename)
+        data = np.asanyarray(label.dataobj)
+    except Exception as e:
+        raise InvalidInputError(f"label for '{image_id}' is not a readable NIfTI file: {e}") from e
+    if os.path.isdir(image_path):
+        geometry = read_ct_geometry(image_path)[0]
+        shape, affine = geometry.shape, geometry.affine
+    elif os.path.isfile(image_path):
+        image = nib.load(image_path)
+        shape, affine = image.shape[:3], image.affine
+    else:
+        shape = affine = None
+    if shape is not None:
+        if tuple(label.shape) != tuple(shape):
+            raise InvalidInputError(
+                f"label shape {tuple(label.shape)} does not match image '{image_id}' shape {tuple(shape)}"
+            )
+        if not np.allclose(label.affine, affine, atol=1e-3):
+            raise InvalidInputError(f"label for '{image_id}' is not on its image's grid (the affines differ)")
+    if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
+        raise InvalidInputError(f"label for '{image_id}' must hold integer label values")
+    unknown = {int(v) for v in np.unique(data)} - set(label_values)
+    if unknown:
+        raise InvalidInputError(
+            f"label for '{image_id}' holds values {sorted(unknown)}; known: {sorted(label_values)}"
+        )
+    return data
+
+
 class CTVDatastore(LocalDatastore):
     """LocalDatastore with validated, versioned, atomic label saves and an atomic JSON index.
 
@@ -237,35 +271,7 @@ class CTVDatastore(LocalDatastore):
         return versions
 
     def _check_label(self, image_id: str, label_filename: str) -> None:
-        image_path = self.get_image_uri(image_id)
-        try:
-            label = nib.load(label_filename)
-            data = np.asanyarray(label.dataobj)
-        except Exception as e:
-            raise InvalidInputError(f"label for '{image_id}' is not a readable NIfTI file: {e}") from e
-        if os.path.isdir(image_path):
-            geometry = read_ct_geometry(image_path)[0]
-            shape, affine = geometry.shape, geometry.affine
-        elif os.path.isfile(image_path):
-            image = nib.load(image_path)
-            shape, affine = image.shape[:3], image.affine
-        else:
-            shape = affine = None
-        if shape is not None:
-            if tuple(label.shape) != tuple(shape):
-                raise InvalidInputError(
-                    f"label shape {tuple(label.shape)} does not match image '{image_id}' shape {tuple(shape)}"
-                )
-            if not np.allclose(label.affine, affine, atol=1e-3):
-                raise InvalidInputError(f"label for '{image_id}' is not on its image's grid (the affines differ)")
-        if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
-            raise InvalidInputError(f"label for '{image_id}' must hold integer label values")
-        values = {int(v) for v in np.unique(data)}
-        unknown = values - self.label_values
-        if unknown:
-            raise InvalidInputError(
-                f"label for '{image_id}' holds values {sorted(unknown)}; known: {sorted(self.label_values)}"
-            )
+        check_label(label_filename, image_id, self.get_image_uri(image_id), self.label_values)
 
     # --- the JSON index --------------------------------------------------------------------------
     def _update_datastore_file(self, lock: bool = True) -> None:

@@ -24,16 +24,22 @@ def write_seg(
     headers: Sequence[Dataset],
     path: str,
     labels: dict[str, int],
-    model_version: str,
+    model_version: str | None,
     software_version: str,
     series_description: str = "AUTO-GENERATED CTV, NOT APPROVED",
 ) -> Dataset:
-    """One binary segment per label (CTV coded as SCT 228792002 in the RT Target category)."""
+    """One binary segment per label (CTV coded as SCT 228792002 in the RT Target category).
+
+    ``model_version`` names the model that drew it; None marks a clinician's (MANUAL) contour."""
     if tuple(mask.shape) != tuple(geometry.shape):
         raise InvalidInputError(f"mask shape {mask.shape} is not the CT series shape {geometry.shape}")
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="ctv-label SE-DynUNet", version=model_version[:64], family=AI_FAMILY
-    )
+    if model_version is None:
+        algorithm, algorithm_type = None, hd.seg.SegmentAlgorithmTypeValues.MANUAL
+    else:
+        algorithm_type = hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+        algorithm = hd.AlgorithmIdentificationSequence(
+            name="ctv-label SE-DynUNet", version=model_version[:64], family=AI_FAMILY
+        )
     descriptions, frames = [], []
     for number, (name, value) in enumerate(labels.items(), start=1):
         descriptions.append(
@@ -42,7 +48,7 @@ def write_seg(
                 segment_label=name.upper() if name.lower() == "ctv" else name,
                 segmented_property_category=RT_TARGET,
                 segmented_property_type=CTV,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_type=algorithm_type,
                 algorithm_identification=algorithm,
             )
         )
@@ -60,9 +66,29 @@ def write_seg(
         manufacturer="ctv-label",
         manufacturer_model_name="CTV auto-contouring (MONAI Label)",
         software_versions=software_version,
-        device_serial_number=model_version[:16] or "unknown",
+        device_serial_number=(model_version or "manual")[:16],
         series_description=series_description,
         omit_empty_frames=False,
     )
     seg.save_as(path)
     return seg
+
+
+def read_seg_mask(path: str, headers: Sequence[Dataset], labels: dict[str, int]) -> np.ndarray:
+    """A SEG on this CT series as a label mask (i, j, k); segments are matched to labels by label name."""
+    seg = hd.seg.segread(path)
+    uids = [str(h.SOPInstanceUID) for h in headers]
+    mask = np.zeros((int(headers[0].Columns), int(headers[0].Rows), len(headers)), dtype=np.uint8)
+    by_name = {k.lower(): v for k, v in labels.items()}
+    for segment in seg.SegmentSequence:
+        value = by_name.get(str(segment.SegmentLabel).lower())
+        if value is None:
+            continue
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids,
+            segment_numbers=[int(segment.SegmentNumber)],
+            ignore_spatial_locations=True,
+            assert_missing_frames_are_empty=True,  # frames a viewer left out are empty
+        )[..., 0]
+        mask[np.moveaxis(pixels, 0, 2).transpose(1, 0, 2) > 0] = value
+    return mask

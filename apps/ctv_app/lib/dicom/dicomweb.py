@@ -1,0 +1,171 @@
+"""DICOMweb datastore (a PACS such as Orthanc): CT series in, SEG/RTSTRUCT results and labels out.
+
+MONAI Label's DICOMWebDatastore, changed where a department needs it to be safe:
+- a series is read as DICOM by this app's reader (geometry checks, HU), not converted by ITK;
+- a series is downloaded to a partial folder and renamed when complete, so an interrupted
+  download is never taken for the whole series;
+- a saved label is checked against its series (422 otherwise) before anything is sent, and the
+  final label is stored in the PACS as a DICOM SEG written here (highdicom), marked MANUAL;
+- ``store_result`` sends an inference result (SEG or RTSTRUCT) back with STOW-RS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import nibabel as nib
+import pydicom
+from dicomweb_client import DICOMwebClient
+from monailabel.datastore.dicom import DICOMWebDatastore
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
+from pydicom.dataset import Dataset
+
+from ..errors import ImageNotFoundError, InvalidInputError
+from .seg import read_seg_mask, write_seg
+from .series import read_ct_geometry
+
+logger = logging.getLogger(__name__)
+
+
+class StoreError(InvalidInputError):
+    """The PACS refused or could not be reached: the request cannot be completed now."""
+
+    status_code = 502
+
+
+class CTVDicomWebDatastore(DICOMWebDatastore):
+    def __init__(
+        self,
+        client: DICOMwebClient,
+        search_filter: dict[str, Any],
+        label_values: set[int],
+        labels: dict[str, int],
+        cache_path: str | None = None,
+        software_version: str = "unknown",
+    ):
+        self.label_values = {0, *label_values}
+        self.labels = labels
+        self.software_version = software_version
+        super().__init__(client, search_filter, cache_path, fetch_by_frame=False, convert_to_nifti=False)
+
+    # --- images --------------------------------------------------------------------------------
+    def _series_meta(self, series_uid: str) -> Dataset:
+        found = [
+            Dataset.from_json(s)
+            for s in self._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
+        ]
+        found = [s for s in found if str(s.get("SeriesInstanceUID", "")) == series_uid]
+        if not found:
+            raise ImageNotFoundError(f"series '{series_uid}' is not in the DICOMweb store")
+        return found[0]
+
+    def get_image_uri(self, image_id: str) -> str:
+        folder = os.path.join(self._datastore.image_path(), image_id)
+        if not os.path.isdir(folder):
+            self._download(image_id, folder)
+        if image_id not in self._datastore.objects:  # the local index holds its labels
+            with FileLock(self._lock_file):
+                info = {"ts": int(time.time()), "name": image_id, "format": "dicom", "SeriesInstanceUID": image_id}
+                self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=""))
+                self._update_datastore_file(lock=False)
+        return folder
+
+    def _download(self, series_uid: str, folder: str) -> None:
+        study_uid = str(self._series_meta(series_uid).StudyInstanceUID)
+        partial = tempfile.mkdtemp(prefix=f".{series_uid[-16:]}.partial-", dir=os.path.dirname(folder))
+        try:
+            for instance in self._client.retrieve_series(study_uid, series_uid):
+                instance.save_as(os.path.join(partial, f"{instance.SOPInstanceUID}.dcm"), write_like_original=False)
+            os.replace(partial, folder)  # whole series or nothing
+        except OSError:
+            if os.path.isdir(folder):  # another request downloaded it first
+                shutil.rmtree(partial, ignore_errors=True)
+                return
+            raise
+        finally:
+            if os.path.isdir(partial):
+                shutil.rmtree(partial, ignore_errors=True)
+        logger.info(f"downloaded series {series_uid} to {folder}")
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        meta = self._series_meta(image_id)
+        info = {"SeriesInstanceUID": image_id, "format": "dicom"}
+        for key in ("StudyInstanceUID", "PatientID", "Modality", "SeriesDescription", "StudyDate"):
+            info[key] = str(meta.get(key, ""))
+        return info
+
+    def json(self) -> dict[str, Any]:
+        """The series the PACS lists (QIDO), with what is known locally about their labels."""
+        local = super().json()
+        known = local.get("objects", {})
+        objects = {
+            uid: known.get(uid, {"image": {"info": {"SeriesInstanceUID": uid}, "ext": ""}, "labels": {}})
+            for uid in self.list_images()
+        }
+        return {**local, "objects": objects}
+
+    # --- labels and results --------------------------------------------------------------------
+    def save_label(
+        self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
+    ) -> str:
+        from ..datastore import check_label  # the folder datastore's checks, for one rule
+
+        folder = self.get_image_uri(image_id)
+        mask = check_label(label_filename, image_id, folder, self.label_values)
+        info = dict(label_info or {})
+        info["annotator"] = str(info.get("annotator") or info.get("user") or "unknown")
+        if label_tag == DefaultLabelTag.FINAL:
+            geometry, headers = read_ct_geometry(folder)
+            fd, seg_path = tempfile.mkstemp(suffix=".dcm")
+            os.close(fd)
+            try:
+                write_seg(
+                    mask.astype("uint8"), geometry, headers, seg_path, self.labels, None, self.software_version,
+                    series_description=f"CTV by {info['annotator']}"[:64],
+                )  # fmt: skip
+                info.update(self.store_result(seg_path))
+            finally:
+                os.unlink(seg_path)
+        return LocalDatastore.save_label(self, image_id, label_filename, label_tag, info)
+
+    def store_result(self, path: str) -> dict[str, Any]:
+        """STOW-RS one DICOM file; returns what the PACS now holds."""
+        ds = pydicom.dcmread(path)
+        try:
+            response = self._client.store_instances([ds])
+        except Exception as e:
+            raise StoreError(f"the DICOMweb store refused {ds.Modality} {ds.SOPInstanceUID}: {e}") from e
+        failed = response.get("FailedSOPSequence") if response is not None else None
+        if failed:
+            raise StoreError(f"the DICOMweb store refused {ds.Modality} {ds.SOPInstanceUID}: {failed}")
+        logger.info(f"stored {ds.Modality} {ds.SOPInstanceUID} (series {ds.SeriesInstanceUID})")
+        return {
+            "stored": True,
+            "Modality": str(ds.Modality),
+            "StudyInstanceUID": str(ds.StudyInstanceUID),
+            "SeriesInstanceUID": str(ds.SeriesInstanceUID),
+            "SOPInstanceUID": str(ds.SOPInstanceUID),
+        }
+
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """A final label (a SEG series in the PACS) as NIfTI on its image's grid, for training."""
+        if label_tag != DefaultLabelTag.FINAL:
+            return super(DICOMWebDatastore, self).get_label_uri(label_id, label_tag)
+        label_dir = os.path.join(self._datastore.label_path(label_tag), label_id)
+        if not os.path.isdir(label_dir) or not os.listdir(label_dir):
+            self._download(label_id, label_dir)
+        image_folder = self.get_image_uri(image_id)
+        geometry, headers = read_ct_geometry(image_folder)
+        seg_file = os.path.join(label_dir, sorted(os.listdir(label_dir))[0])
+        mask = read_seg_mask(seg_file, headers, self.labels)
+        path = os.path.join(self._datastore.label_path(label_tag), f"{image_id}.nii.gz")
+        nib.save(nib.Nifti1Image(mask, geometry.affine), path + ".tmp.nii.gz")
+        os.replace(path + ".tmp.nii.gz", path)
+        return path

@@ -1,0 +1,167 @@
+"""The server on a DICOMweb datastore: a real Orthanc, real CT series sent with STOW-RS.
+
+QIDO lists the series, /infer/ctv contours one and returns NIfTI, DICOM SEG or RTSTRUCT, and
+with ``store_result`` the result lands back in Orthanc; a corrected label is stored as a SEG.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from ctv_app.lib.dicom.rtstruct import rasterise, read_rtstruct
+from ctv_app.lib.dicom.series import read_ct_geometry
+from ctv_datastore.dicom_export import write_ct_series
+from ctv_datastore.phantom import make_phantom
+
+from .support import SHARED_DATA, OrthancProcess, ServerProcess
+
+VH = SHARED_DATA / "dicom" / "visible_human_4slice_rt"
+LIVER = SHARED_DATA / "dicom" / "ct_3slice_liver"
+
+pytestmark = pytest.mark.skipif(not VH.exists(), reason="../shared/data/dicom is not present")
+
+
+def series_uid(folder: Path) -> str:
+    return str(pydicom.dcmread(next(folder.glob("CT_*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    with OrthancProcess(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def uploaded(orthanc, tmp_path_factory) -> dict[str, str]:
+    """Real CT series (Visible Human, GE liver) and one SYNTHETIC phantom series, sent with STOW-RS."""
+    phantom = make_phantom(9101)
+    folder = tmp_path_factory.mktemp("phantom_dicom")
+    write_ct_series(phantom.image, phantom.affine, str(folder), patient_id="PHANTOM_9101")
+    orthanc.stow(sorted(VH.glob("CT_*.dcm")) + sorted(LIVER.glob("0*.dcm")) + sorted(folder.glob("*.dcm")))
+    return {"visible_human": series_uid(VH), "liver": str(pydicom.dcmread(LIVER / "01.dcm").SeriesInstanceUID),
+            "phantom": series_uid(folder)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dicomweb_server(orthanc, uploaded, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("dicomweb_server")
+    env = {
+        "MONAI_LABEL_DICOMWEB_USERNAME": orthanc.user,
+        "MONAI_LABEL_DICOMWEB_PASSWORD": orthanc.password,
+        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(workdir / "cache"),
+    }
+    with ServerProcess(orthanc.dicomweb_url, workdir, env=env) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def dw_client(dicomweb_server, tmp_path_factory) -> MONAILabelClient:
+    return MONAILabelClient(dicomweb_server.url, tmpdir=str(tmp_path_factory.mktemp("dw_client")))
+
+
+def test_orthanc_refuses_anonymous_requests(orthanc):
+    assert requests.get(f"{orthanc.dicomweb_url}/studies", timeout=5).status_code == 401
+
+
+def test_qido_lists_the_uploaded_series(dicomweb_server, uploaded):
+    listed = requests.get(f"{dicomweb_server.url}/datastore/?output=all", timeout=30).json()["objects"]
+    assert set(listed) == set(uploaded.values())  # the CT series; nothing else was uploaded yet
+
+
+def test_infer_rtstruct_on_real_series_stored_back_via_stow(dw_client, orthanc, uploaded, tmp_path):
+    """The full round trip on the real Visible Human series: QIDO, WADO-RS, infer, RTSTRUCT, STOW-RS."""
+    start = time.monotonic()
+    result_file, result = dw_client.infer(
+        "ctv", uploaded["visible_human"], {"result_format": "rtstruct", "store_result": True}
+    )
+    seconds = time.monotonic() - start
+    print(f"DICOMweb round trip (Visible Human, 4 slices 512x512, RTSTRUCT, stored): {seconds:.1f} s")
+    rs = pydicom.dcmread(result_file)
+    assert rs.Modality == "RTSTRUCT" and rs.ApprovalStatus == "UNAPPROVED"
+    assert result["result_format"] == "rtstruct" and result["dicom"]["referenced_series"] == uploaded["visible_human"]
+    assert result["provenance"]["model"]["sha256"][:12] in rs.SeriesDescription
+    stored = result["stored"]
+    assert stored["SOPInstanceUID"] == rs.SOPInstanceUID
+    # Orthanc now holds it, in the CT's study, referencing the CT series.
+    found = orthanc.client().search_for_series(search_filters={"Modality": "RTSTRUCT"})
+    assert rs.SeriesInstanceUID in {s["0020000E"]["Value"][0] for s in found}
+    back = orthanc.client().retrieve_instance(rs.StudyInstanceUID, rs.SeriesInstanceUID, rs.SOPInstanceUID)
+    ref = back.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert ref.SeriesInstanceUID == uploaded["visible_human"] and len(ref.ContourImageSequence) == 4
+
+
+def test_infer_dicom_seg_matches_nifti_and_lands_in_orthanc(dw_client, orthanc, uploaded, tmp_path):
+    phantom = uploaded["phantom"]
+    nifti_file, nifti_result = dw_client.infer("ctv", phantom, {})
+    mask = np.asarray(nib.load(nifti_file).dataobj)
+    assert mask.sum() > 1000  # the phantom's CTV is found
+    seg_file, seg_result = dw_client.infer("ctv", phantom, {"result_format": "dicom_seg", "store_result": True})
+    seg = hd.seg.segread(seg_file)
+    assert seg.SegmentSequence[0].SegmentLabel == "CTV"
+    assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+    # Same contour in both formats.
+    sop_uids = [r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence]
+    pixels = seg.get_pixels_by_source_instance(sop_uids, segment_numbers=[1], ignore_spatial_locations=True)[..., 0]
+    assert int(pixels.sum()) == int(mask.sum())
+    assert seg_result["provenance"]["input"]["sha256"] == nifti_result["provenance"]["input"]["sha256"]
+    found = orthanc.client().search_for_series(search_filters={"Modality": "SEG"})
+    assert seg.SeriesInstanceUID in {s["0020000E"]["Value"][0] for s in found}
+
+
+def test_rtstruct_from_server_reads_back_to_the_nifti_mask(dw_client, orthanc, uploaded, tmp_path):
+    phantom = uploaded["phantom"]
+    nifti_file, _ = dw_client.infer("ctv", phantom, {})
+    rs_file, _ = dw_client.infer("ctv", phantom, {"result_format": "rtstruct"})
+    series_dir = tmp_path / "series"
+    series_dir.mkdir()
+    study = pydicom.dcmread(rs_file).StudyInstanceUID
+    for ds in orthanc.client().retrieve_series(study, phantom):
+        ds.save_as(series_dir / f"{ds.SOPInstanceUID}.dcm", write_like_original=False)
+    geometry, headers = read_ct_geometry(str(series_dir))
+    back, _ = rasterise(read_rtstruct(rs_file), geometry, headers, {"CTV": 1})
+    np.testing.assert_array_equal(back, np.asarray(nib.load(nifti_file).dataobj))
+
+
+def test_saved_label_is_checked_then_stored_as_seg(dw_client, orthanc, uploaded, tmp_path):
+    phantom = uploaded["phantom"]
+    nifti_file, _ = dw_client.infer("ctv", phantom, {})
+    corrected = nib.load(nifti_file)
+    wrong = tmp_path / "wrong.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), wrong)
+    before = len(orthanc.client().search_for_series(search_filters={"Modality": "SEG"}))
+    with pytest.raises(MONAILabelClientException) as err:
+        dw_client.save_label(phantom, str(wrong), tag="final", params={"annotator": "dr_test"})
+    assert "422" in str(err.value) or "does not match" in str(err.value)
+    assert len(orthanc.client().search_for_series(search_filters={"Modality": "SEG"})) == before
+
+    edited = np.asarray(corrected.dataobj).copy()
+    edited[:, :, : edited.shape[2] // 2] = 0  # the clinician removes the caudal half
+    path = tmp_path / "corrected.nii.gz"
+    nib.save(nib.Nifti1Image(edited, corrected.affine), path)
+    dw_client.save_label(phantom, str(path), tag="final", params={"annotator": "dr_test"})
+    segs = orthanc.client().search_for_series(search_filters={"Modality": "SEG"})
+    assert len(segs) == before + 1
+    descriptions = {s.get("0008103E", {}).get("Value", [""])[0] for s in segs}
+    assert "CTV by dr_test" in descriptions
+
+
+def test_dicom_errors_are_4xx_through_dicomweb(dw_client, uploaded):
+    with pytest.raises(MONAILabelClientException) as err:  # 3 slices: too few for a 3-D contour
+        dw_client.infer("ctv", uploaded["liver"], {})
+    assert "422" in str(err.value)
+    with pytest.raises(MONAILabelClientException) as err:
+        dw_client.infer("ctv", "1.2.3.4.5.6.7.8.9", {})
+    assert "404" in str(err.value)
+    with pytest.raises(MONAILabelClientException) as err:
+        dw_client.infer("ctv", uploaded["phantom"], {"result_format": "stl"})
+    assert "422" in str(err.value)
