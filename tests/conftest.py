@@ -10,10 +10,25 @@ import numpy as np
 import pytest
 
 from ctv_datastore.build import HELD_OUT_SEED_START, build
+from ctv_datastore.dicom_export import write_ct_series
+from ctv_datastore.phantom import make_phantom
 
 from .support import REAL_CT, ServerProcess
 
 HELD_OUT_SEEDS = list(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + 4))
+
+
+DICOM_PHANTOM_SEED = HELD_OUT_SEEDS[0]
+
+
+def write_dicom_studies(folder: Path) -> None:
+    """A held-out phantom also as a DICOM series folder (SYNTHETIC), and a gantry-tilted series."""
+    phantom = make_phantom(DICOM_PHANTOM_SEED)
+    write_ct_series(phantom.image, phantom.affine, str(folder / f"dicom_phantom_{DICOM_PHANTOM_SEED:05d}"))
+    tilted = make_phantom(DICOM_PHANTOM_SEED + 100, shape=(48, 48, 24))
+    shear = tilted.affine.copy()
+    shear[1, 2] = 0.2 * shear[2, 2]  # each slice 0.2 slice-spacings further along y: a tilted gantry
+    write_ct_series(tilted.image, shear, str(folder / "tilted_series"))
 
 
 def write_bad_inputs(folder: Path) -> None:
@@ -32,6 +47,7 @@ def studies(tmp_path_factory) -> Path:
     if REAL_CT.exists():
         os.symlink(REAL_CT, folder / REAL_CT.name)
     write_bad_inputs(folder)
+    write_dicom_studies(folder)
     return folder
 
 

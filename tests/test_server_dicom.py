@@ -1,0 +1,61 @@
+"""Result formats on the API, for a DICOM series in the folder datastore and for a NIfTI study."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from monailabel.client.client import MONAILabelClientException
+
+from ctv_app.lib.dicom.rtstruct import rasterise, read_rtstruct
+from ctv_app.lib.dicom.series import read_ct_geometry
+
+from .conftest import DICOM_PHANTOM_SEED
+
+DICOM_ID = f"dicom_phantom_{DICOM_PHANTOM_SEED:05d}"
+NIFTI_ID = f"phantom_{DICOM_PHANTOM_SEED:05d}"
+
+
+def test_dicom_series_is_contoured_like_its_nifti_twin(client, studies):
+    dicom_file, dicom_result = client.infer("ctv", DICOM_ID, {})
+    nifti_file, _ = client.infer("ctv", NIFTI_ID, {})
+    from_dicom, from_nifti = nib.load(dicom_file), nib.load(nifti_file)
+    np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-3)
+    a, b = np.asarray(from_dicom.dataobj) > 0, np.asarray(from_nifti.dataobj) > 0
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99
+    assert dicom_result["provenance"]["input"]["image"] == DICOM_ID
+
+
+@pytest.mark.parametrize("fmt", ["dicom_seg", "rtstruct"])
+def test_dicom_result_formats_reference_the_source_series(client, studies, fmt):
+    nifti_file, _ = client.infer("ctv", DICOM_ID, {})
+    mask = np.asarray(nib.load(nifti_file).dataobj)
+    result_file, result = client.infer("ctv", DICOM_ID, {"result_format": fmt})
+    folder = studies / DICOM_ID
+    geometry, headers = read_ct_geometry(str(folder))
+    ds = pydicom.dcmread(result_file)
+    assert result["dicom"]["referenced_series"] == headers[0].SeriesInstanceUID
+    assert ds.StudyInstanceUID == headers[0].StudyInstanceUID and ds.PatientID == headers[0].PatientID
+    if fmt == "rtstruct":
+        back, _ = rasterise(read_rtstruct(ds), geometry, headers, {"CTV": 1})
+    else:
+        seg = hd.seg.segread(result_file)
+        uids = [str(h.SOPInstanceUID) for h in headers]
+        pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[1])[..., 0]
+        back = np.moveaxis(pixels, 0, 2).transpose(1, 0, 2)
+    np.testing.assert_array_equal(back, mask)
+
+
+@pytest.mark.parametrize("fmt", ["dicom_seg", "rtstruct"])
+def test_nifti_study_cannot_get_a_dicom_result(client, fmt):
+    with pytest.raises(MONAILabelClientException) as err:
+        client.infer("ctv", NIFTI_ID, {"result_format": fmt})
+    assert "Status: 422" in str(err.value) and "needs a DICOM CT series as input" in str(err.value)
+
+
+def test_tilted_series_is_refused_with_the_angle(client):
+    with pytest.raises(MONAILabelClientException) as err:
+        client.infer("ctv", "tilted_series", {})
+    assert "Status: 422" in str(err.value) and "gantry-tilted" in str(err.value)
