@@ -153,6 +153,10 @@ def test_saved_label_is_checked_then_stored_as_seg(dw_client, orthanc, uploaded,
     assert len(segs) == before + 1
     descriptions = {s.get("0008103E", {}).get("Value", [""])[0] for s in segs}
     assert "CTV by dr_test" in descriptions
+    # Training reads the label back from the PACS: the SEG, on the series' grid.
+    datalist = requests.get(f"{dw_client._server_url}/datastore/?output=train", timeout=120).json()
+    item = next(d for d in datalist if phantom in d["image"])
+    np.testing.assert_array_equal(np.asarray(nib.load(item["label"]).dataobj), edited)
 
 
 def test_dicom_errors_are_4xx_through_dicomweb(dw_client, uploaded):

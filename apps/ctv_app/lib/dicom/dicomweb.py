@@ -154,10 +154,45 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
             "SOPInstanceUID": str(ds.SOPInstanceUID),
         }
 
+    def _label_segs(self) -> dict[str, str]:
+        """image series -> its label: the newest SEG drawn by a person (MANUAL or SEMIAUTOMATIC).
+
+        Model output stored back with ``store_result`` is AUTOMATIC and never counts as a label."""
+        images = set(self.list_images())
+        newest: dict[str, tuple[tuple[str, str], str]] = {}
+        for found in self._client.search_for_series(search_filters={"Modality": "SEG"}):
+            series = Dataset.from_json(found)
+            meta = Dataset.from_json(
+                self._client.retrieve_series_metadata(str(series.StudyInstanceUID), str(series.SeriesInstanceUID))[0]
+            )
+            types = {str(s.get("SegmentAlgorithmType", "")) for s in meta.get("SegmentSequence", [])}
+            refs = meta.get("ReferencedSeriesSequence")
+            if not types or "AUTOMATIC" in types or not refs:
+                continue
+            image = str(refs[0].SeriesInstanceUID)
+            stamp = (str(meta.get("ContentDate", meta.get("SeriesDate", ""))), str(meta.get("ContentTime", "")))
+            if image in images and (image not in newest or stamp >= newest[image][0]):
+                newest[image] = (stamp, str(series.SeriesInstanceUID))
+        return {image: seg for image, (_, seg) in newest.items()}
+
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        return sorted(self._label_segs())
+
+    def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        labelled = self._label_segs()
+        return [uid for uid in self.list_images() if uid not in labelled]
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        """Training pairs: each labelled series and its newest clinician SEG, as NIfTI."""
+        for image, seg in self._label_segs().items():
+            self.get_label_uri(seg, DefaultLabelTag.FINAL, image_id=image)
+        return LocalDatastore.datalist(self, full_path)
+
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
-        """A final label (a SEG series in the PACS) as NIfTI on its image's grid, for training."""
-        if label_tag != DefaultLabelTag.FINAL:
-            return super(DICOMWebDatastore, self).get_label_uri(label_id, label_tag)
+        """With ``image_id``: the SEG series ``label_id`` from the PACS as NIfTI on the image's grid.
+        Without: the local label of image ``label_id`` (MONAI Label's usual meaning)."""
+        if label_tag != DefaultLabelTag.FINAL or not image_id:
+            return LocalDatastore.get_label_uri(self, label_id, label_tag)
         label_dir = os.path.join(self._datastore.label_path(label_tag), label_id)
         if not os.path.isdir(label_dir) or not os.listdir(label_dir):
             self._download(label_id, label_dir)
@@ -168,4 +203,10 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
         path = os.path.join(self._datastore.label_path(label_tag), f"{image_id}.nii.gz")
         nib.save(nib.Nifti1Image(mask, geometry.affine), path + ".tmp.nii.gz")
         os.replace(path + ".tmp.nii.gz", path)
+        obj = self._datastore.objects[image_id]  # get_image_uri indexed it
+        if obj.labels.get(label_tag) is None or obj.labels[label_tag].info.get("SeriesInstanceUID") != label_id:
+            with FileLock(self._lock_file):  # a SEG stored by someone else, or a newer one: index it
+                info = {"ts": int(time.time()), "name": os.path.basename(path), "SeriesInstanceUID": label_id}
+                obj.labels[label_tag] = DataModel(info=info, ext=".nii.gz")
+                self._update_datastore_file(lock=False)
         return path
