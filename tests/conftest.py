@@ -1,4 +1,5 @@
-"""Session fixtures: a temporary datastore and the real server serving it."""
+"""Session fixtures: a temporary datastore and the real server serving it; a real Orthanc and the
+server on it as a DICOMweb datastore."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
+from monailabel.client import MONAILabelClient
 
 from ctv_datastore.build import HELD_OUT_SEED_START, build
 from ctv_datastore.dicom_export import write_ct_series
 from ctv_datastore.phantom import make_phantom
 
-from .support import REAL_CT, ServerProcess
+from .support import REAL_CT, SHARED_DATA, OrthancProcess, ServerProcess
 
 HELD_OUT_SEEDS = list(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + 4))
 
@@ -71,3 +74,46 @@ def client(server, tmp_path_factory):
 
     # Own result folder: the server deletes its result file by name in the shared /tmp after replying.
     return MONAILabelClient(server.url, tmpdir=str(tmp_path_factory.mktemp("client")))
+
+
+# --- a real Orthanc and the server on it (DICOMweb and OHIF tests) ---------------------------------
+VH = SHARED_DATA / "dicom" / "visible_human_4slice_rt"
+LIVER = SHARED_DATA / "dicom" / "ct_3slice_liver"
+
+
+def series_uid(folder: Path) -> str:
+    return str(pydicom.dcmread(next(folder.glob("CT_*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    with OrthancProcess(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def uploaded(orthanc, tmp_path_factory) -> dict[str, str]:
+    """Real CT series (Visible Human, GE liver) and one SYNTHETIC phantom series, sent with STOW-RS."""
+    phantom = make_phantom(9101)
+    folder = tmp_path_factory.mktemp("phantom_dicom")
+    write_ct_series(phantom.image, phantom.affine, str(folder), patient_id="PHANTOM_9101")
+    orthanc.stow(sorted(VH.glob("CT_*.dcm")) + sorted(LIVER.glob("0*.dcm")) + sorted(folder.glob("*.dcm")))
+    return {"visible_human": series_uid(VH), "liver": str(pydicom.dcmread(LIVER / "01.dcm").SeriesInstanceUID),
+            "phantom": series_uid(folder)}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def dicomweb_server(orthanc, uploaded, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("dicomweb_server")
+    env = {
+        "MONAI_LABEL_DICOMWEB_USERNAME": orthanc.user,
+        "MONAI_LABEL_DICOMWEB_PASSWORD": orthanc.password,
+        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(workdir / "cache"),
+    }
+    with ServerProcess(orthanc.dicomweb_url, workdir, env=env) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def dw_client(dicomweb_server, tmp_path_factory) -> MONAILabelClient:
+    return MONAILabelClient(dicomweb_server.url, tmpdir=str(tmp_path_factory.mktemp("dw_client")))

@@ -7,7 +7,6 @@ with ``store_result`` the result lands back in Orthanc; a corrected label is sto
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import highdicom as hd
 import nibabel as nib
@@ -20,53 +19,12 @@ from monailabel.client.client import MONAILabelClientException
 
 from ctv_app.lib.dicom.rtstruct import rasterise, read_rtstruct
 from ctv_app.lib.dicom.series import read_ct_geometry
-from ctv_datastore.dicom_export import write_ct_series
-from ctv_datastore.phantom import make_phantom
 
-from .support import SHARED_DATA, OrthancProcess, ServerProcess
+from .support import SHARED_DATA
 
 VH = SHARED_DATA / "dicom" / "visible_human_4slice_rt"
-LIVER = SHARED_DATA / "dicom" / "ct_3slice_liver"
 
 pytestmark = pytest.mark.skipif(not VH.exists(), reason="../shared/data/dicom is not present")
-
-
-def series_uid(folder: Path) -> str:
-    return str(pydicom.dcmread(next(folder.glob("CT_*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    with OrthancProcess(tmp_path_factory.mktemp("orthanc")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def uploaded(orthanc, tmp_path_factory) -> dict[str, str]:
-    """Real CT series (Visible Human, GE liver) and one SYNTHETIC phantom series, sent with STOW-RS."""
-    phantom = make_phantom(9101)
-    folder = tmp_path_factory.mktemp("phantom_dicom")
-    write_ct_series(phantom.image, phantom.affine, str(folder), patient_id="PHANTOM_9101")
-    orthanc.stow(sorted(VH.glob("CT_*.dcm")) + sorted(LIVER.glob("0*.dcm")) + sorted(folder.glob("*.dcm")))
-    return {"visible_human": series_uid(VH), "liver": str(pydicom.dcmread(LIVER / "01.dcm").SeriesInstanceUID),
-            "phantom": series_uid(folder)}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def dicomweb_server(orthanc, uploaded, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("dicomweb_server")
-    env = {
-        "MONAI_LABEL_DICOMWEB_USERNAME": orthanc.user,
-        "MONAI_LABEL_DICOMWEB_PASSWORD": orthanc.password,
-        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(workdir / "cache"),
-    }
-    with ServerProcess(orthanc.dicomweb_url, workdir, env=env) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def dw_client(dicomweb_server, tmp_path_factory) -> MONAILabelClient:
-    return MONAILabelClient(dicomweb_server.url, tmpdir=str(tmp_path_factory.mktemp("dw_client")))
 
 
 def test_orthanc_refuses_anonymous_requests(orthanc):

@@ -11,6 +11,7 @@ import tempfile
 from typing import Any, Callable, Sequence
 
 import nibabel as nib
+import nrrd
 import numpy as np
 import torch
 from monai.inferers import Inferer
@@ -26,6 +27,22 @@ from ..provenance import input_sha256, model_record, software_versions
 from ..transforms import post_transforms, pre_transforms
 
 logger = logging.getLogger(__name__)
+
+
+def write_nrrd(mask: np.ndarray, affine: np.ndarray, compress: bool = True) -> str:
+    """The mask as NRRD in LPS space; voxel order as in the NIfTI (first index fastest)."""
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": lps[:3, :3].T,
+        "space origin": lps[:3, 3],
+        "kinds": ["domain", "domain", "domain"],
+        "encoding": "gzip" if compress else "raw",
+    }
+    fd, path = tempfile.mkstemp(suffix=".nrrd")
+    os.close(fd)
+    nrrd.write(path, mask, header, index_order="F")
+    return path
 
 
 class CTVInfer(BasicInferTask):
@@ -136,16 +153,20 @@ class CTVInfer(BasicInferTask):
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[Any, Any]:
         """Write the mask in the requested ``result_format``: NIfTI with the affine the loader read
-        from the input, bit for bit, or DICOM SEG / RTSTRUCT referencing the source series."""
+        from the input, bit for bit (NRRD when a viewer asks ``result_extension: .nrrd``, as OHIF's
+        MONAI Label panel does), or DICOM SEG / RTSTRUCT referencing the source series."""
         image = data["image"]
         affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
         mask = np.asarray(data["pred"], dtype=np.uint8)
-        out = nib.Nifti1Image(mask, affine)
-        out.header.set_xyzt_units("mm")
-        out.header["descrip"] = f"CTV {data.get('model_record', {}).get('sha256', '')[:12]}".encode()[:79]
-        fd, path = tempfile.mkstemp(suffix=".nii.gz")
-        os.close(fd)
-        nib.save(out, path)
+        if str(data.get("result_extension", "")).endswith(".nrrd"):
+            path = write_nrrd(mask, affine, compress=as_bool(data.get("result_compress", True)))
+        else:
+            out = nib.Nifti1Image(mask, affine)
+            out.header.set_xyzt_units("mm")
+            out.header["descrip"] = f"CTV {data.get('model_record', {}).get('sha256', '')[:12]}".encode()[:79]
+            fd, path = tempfile.mkstemp(suffix=".nii.gz")
+            os.close(fd)
+            nib.save(out, path)
 
         source = data.get("image_path")
         result = dict(data.get(self.output_json_key, {}))

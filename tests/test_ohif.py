@@ -1,0 +1,138 @@
+"""OHIF end to end: the OHIF v3 viewer bundled in monailabel, on the server on a real Orthanc,
+driven in headless Chromium (Debian's /usr/bin/chromium) by Playwright.
+
+Opens the real Visible Human study, connects the MONAI Label panel, runs `ctv`, checks that the
+segmentation appears (labelmap voxels and screen pixels; screenshots saved), saves it with the
+viewer's own Save, and checks that a SEG referencing the series lands in Orthanc.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from .conftest import VH
+
+CHROMIUM = "/usr/bin/chromium"
+# Headless in a closed network: no GPU, no background fetches to Google's hosts.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+SCREENSHOTS = Path(os.environ.get("CTV_SCREENSHOTS", Path(__file__).resolve().parents[1] / "runs" / "screenshots"))
+
+pytestmark = [
+    pytest.mark.skipif(not VH.exists(), reason="../shared/data/dicom is not present"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (scripts/setup.sh)"),
+]
+
+LABELMAP_VOXELS = """() => {
+    const v = window.services.segmentationService.getLabelmapVolume('1'); if (!v) return -1;
+    const d = v.voxelManager.getCompleteScalarDataArray(); let n = 0;
+    for (let i = 0; i < d.length; i++) if (d[i]) n++;
+    return n; }"""
+VOLUMES_LOADED = """() => {
+    const s = window.services; if (!s) return false;
+    const vps = s.cornerstoneViewportService.getRenderingEngine()?.getViewports() || [];
+    return vps.length > 0 && vps.every(v => { try { return !!v.getImageData(); } catch (e) { return false; } }); }"""
+
+
+def changed_pixels(before: bytes, after: bytes) -> int:
+    from PIL import Image, ImageChops
+
+    diff = ImageChops.difference(Image.open(io.BytesIO(before)).convert("RGB"), Image.open(io.BytesIO(after)).convert("RGB"))
+    return int((np.asarray(diff).max(axis=2) > 40).sum())
+
+
+def test_ohif_runs_ctv_and_saves_seg_to_orthanc(dicomweb_server, dw_client, orthanc, uploaded):
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    server = dicomweb_server.url
+    series = uploaded["visible_human"]
+    study = next(
+        s["0020000D"]["Value"][0]
+        for s in orthanc.client().search_for_series(search_filters={"SeriesInstanceUID": series})
+    )
+    # What the server itself contours for this series: the viewer must show the same voxels.
+    nifti_file, _ = dw_client.infer("ctv", series, {})
+    expected_voxels = int((np.asarray(nib.load(nifti_file).dataobj) > 0).sum())
+    assert expected_voxels > 0
+    segs_before = {s["0020000E"]["Value"][0] for s in orthanc.client().search_for_series(search_filters={"Modality": "SEG"})}
+    errors: list[str] = []
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1600, "height": 1000})
+            # The panel reads its server URL from this cookie.
+            context.add_cookies([{"name": "MONAILABEL_SERVER_URL", "value": server + "/", "url": server + "/"}])
+            page = context.new_page()
+            page.set_default_timeout(180_000)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+
+            # 1. open the real study
+            page.goto(f"{server}/ohif/monai-label?StudyInstanceUIDs={study}")
+            page.wait_for_selector("canvas.cornerstone-canvas", state="attached")
+            page.wait_for_function(VOLUMES_LOADED, timeout=180_000)
+            page.wait_for_timeout(2000)
+            page.screenshot(path=SCREENSHOTS / "ohif_1_study.png")
+
+            # 2. connect the MONAI Label panel and run ctv
+            page.fill("#monailabelServerURL", server + "/")
+            page.locator("table.settingsTable button.actionButton").click()
+            page.wait_for_selector(".monaiLabelPanel p.subtitle")
+            assert "CTV contouring" in page.inner_text(".monaiLabelPanel p.subtitle")
+            page.wait_for_timeout(1500)  # the panel creates its segmentation
+            tab = page.locator("div.tab", has=page.locator("label.tab-label", has_text="Auto-Segmentation"))
+            page.locator("label.tab-label", has_text="Auto-Segmentation").click()
+            tab.locator("select.selectBox").select_option("ctv")
+            before = page.screenshot()
+            with page.expect_response(lambda r: "/infer/ctv" in r.url, timeout=600_000) as response:
+                tab.locator("button[title='Run Segmentation']").click()
+            assert response.value.status == 200
+            page.wait_for_function(f"() => ({LABELMAP_VOXELS})() > 0", timeout=60_000)
+            page.wait_for_timeout(2000)
+
+            # 3. the segmentation appears: the labelmap holds the server's voxels, and the screen changed
+            shown = page.evaluate(LABELMAP_VOXELS)
+            after = page.screenshot(path=SCREENSHOTS / "ohif_2_ctv.png")
+            changed = changed_pixels(before, after)
+            print(f"OHIF labelmap: {shown} voxels (server: {expected_voxels}); {changed} screen pixels changed")
+            assert shown == expected_voxels
+            assert changed > 500
+
+            # 4. save with the viewer's own Save: a DICOM SEG goes to Orthanc through the server's proxy
+            page.evaluate(
+                """() => { const ds = window.extensionManager.getActiveDataSource()[0];
+                window.commandsManager.runCommand('storeSegmentation', {segmentationId: '1', dataSource: ds}); }"""
+            )
+            page.get_by_text("Enter the report name").wait_for()
+            # (not input[type=text].last: that is the panel's server URL box)
+            page.get_by_text("Enter the report name").locator("xpath=following::input[1]").fill("CTV ohif e2e")
+            with page.expect_response(lambda r: "/proxy/dicom/" in r.url and r.request.method == "POST") as stow:
+                page.get_by_role("button", name="Save", exact=True).click()
+            assert stow.value.status == 200
+            page.wait_for_timeout(2000)
+            page.screenshot(path=SCREENSHOTS / "ohif_3_saved.png")
+        finally:
+            browser.close()
+
+    segs = orthanc.client().search_for_series(search_filters={"Modality": "SEG", "StudyInstanceUID": study})
+    new = [s for s in segs if s["0020000E"]["Value"][0] not in segs_before]
+    assert len(new) == 1
+    seg = orthanc.client().retrieve_series(study, new[0]["0020000E"]["Value"][0])[0]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+    import highdicom as hd
+    seg.save_as("/tmp/ohif_seg.dcm")
+    h = hd.seg.Segmentation.from_dataset(seg)
+    for i, f in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        print(i, f.PlanePositionSequence[0].ImagePositionPatient, f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID[-12:], int(np.asarray(h.pixel_array[i]).sum()) if h.pixel_array.ndim==3 else "")
+    print(seg.SegmentSequence[0].SegmentAlgorithmType, nifti_file)
+    import shutil; shutil.copy(nifti_file, "/tmp/ohif_server_mask.nii.gz")
+    assert not [e for e in errors if "URL" in e], errors
