@@ -3,7 +3,8 @@ driven in headless Chromium (Debian's /usr/bin/chromium) by Playwright.
 
 Opens the real Visible Human study, connects the MONAI Label panel, runs `ctv`, checks that the
 segmentation appears (labelmap voxels and screen pixels; screenshots saved), saves it with the
-viewer's own Save, and checks that a SEG referencing the series lands in Orthanc.
+viewer's own Save, and checks that a SEG referencing the series lands in Orthanc; then saves
+it as the panel's client does (PUT /datastore/label) and checks what training reads back.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import requests
 
 from .conftest import VH
 
@@ -120,19 +122,35 @@ def test_ohif_runs_ctv_and_saves_seg_to_orthanc(dicomweb_server, dw_client, orth
             assert stow.value.status == 200
             page.wait_for_timeout(2000)
             page.screenshot(path=SCREENSHOTS / "ohif_3_saved.png")
+
+            # The panel's own client saves a label as raw voxels (PUT /datastore/label, label.bin): the
+            # server checks it and writes the SEG it trains on. Done from the page, as the panel would.
+            status = page.evaluate(
+                """async ([server, series]) => {
+                const v = window.services.segmentationService.getLabelmapVolume('1');
+                const form = new FormData();
+                form.append('params', JSON.stringify({annotator: 'ohif_e2e'}));
+                form.append('label', new Blob([new Uint8Array(v.voxelManager.getCompleteScalarDataArray())]), 'label.bin');
+                const r = await fetch(`${server}/datastore/label?image=${series}&tag=final`, {method: 'PUT', body: form});
+                return r.status; }""",
+                [server, series],
+            )
+            assert status == 200
         finally:
             browser.close()
 
     segs = orthanc.client().search_for_series(search_filters={"Modality": "SEG", "StudyInstanceUID": study})
-    new = [s for s in segs if s["0020000E"]["Value"][0] not in segs_before]
-    assert len(new) == 1
-    seg = orthanc.client().retrieve_series(study, new[0]["0020000E"]["Value"][0])[0]
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series
-    import highdicom as hd
-    seg.save_as("/tmp/ohif_seg.dcm")
-    h = hd.seg.Segmentation.from_dataset(seg)
-    for i, f in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        print(i, f.PlanePositionSequence[0].ImagePositionPatient, f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID[-12:], int(np.asarray(h.pixel_array[i]).sum()) if h.pixel_array.ndim==3 else "")
-    print(seg.SegmentSequence[0].SegmentAlgorithmType, nifti_file)
-    import shutil; shutil.copy(nifti_file, "/tmp/ohif_server_mask.nii.gz")
+    new = [orthanc.client().retrieve_series(study, s["0020000E"]["Value"][0])[0] for s in segs]
+    new = [seg for seg in new if seg.SeriesInstanceUID not in segs_before]
+    by_viewer = [seg for seg in new if seg.get("Manufacturer") != "ctv-label"]
+    assert len(new) == 2 and len(by_viewer) == 1  # the viewer's Save, and the server's SEG of the PUT
+    seg = by_viewer[0]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series and seg.NumberOfFrames == 4
+    assert seg.SegmentSequence[0].SegmentLabel == "CTV"
     assert not [e for e in errors if "URL" in e], errors
+
+    # Training takes the server-written SEG (voxel for voxel what the viewer showed), not the viewer's
+    # own SEG export (which this OHIF build writes with its frames in reverse slice order).
+    datalist = requests.get(f"{server}/datastore/?output=train", timeout=120).json()
+    label = next(d["label"] for d in datalist if series in d["image"])
+    np.testing.assert_array_equal(np.asarray(nib.load(label).dataobj), np.asarray(nib.load(nifti_file).dataobj))

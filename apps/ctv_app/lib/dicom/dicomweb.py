@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import nibabel as nib
+import numpy as np
 import pydicom
 from dicomweb_client import DICOMwebClient
 from monailabel.datastore.dicom import DICOMWebDatastore
@@ -28,7 +29,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from ..errors import ImageNotFoundError, InvalidInputError
-from .seg import read_seg_mask, write_seg
+from .seg import SEG_MANUFACTURER, read_seg_mask, write_seg
 from .series import read_ct_geometry
 
 logger = logging.getLogger(__name__)
@@ -118,22 +119,43 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
         from ..datastore import check_label  # the folder datastore's checks, for one rule
 
         folder = self.get_image_uri(image_id)
-        mask = check_label(label_filename, image_id, folder, self.label_values)
-        info = dict(label_info or {})
-        info["annotator"] = str(info.get("annotator") or info.get("user") or "unknown")
-        if label_tag == DefaultLabelTag.FINAL:
-            geometry, headers = read_ct_geometry(folder)
-            fd, seg_path = tempfile.mkstemp(suffix=".dcm")
-            os.close(fd)
-            try:
-                write_seg(
-                    mask.astype("uint8"), geometry, headers, seg_path, self.labels, None, self.software_version,
-                    series_description=f"CTV by {info['annotator']}"[:64],
-                )  # fmt: skip
-                info.update(self.store_result(seg_path))
-            finally:
-                os.unlink(seg_path)
-        return LocalDatastore.save_label(self, image_id, label_filename, label_tag, info)
+        converted = None
+        if label_filename.endswith(".bin"):  # raw uint8 voxels from a viewer (OHIF's MONAI Label client)
+            converted = label_filename = self._binary_to_nifti(label_filename, folder, image_id)
+        try:
+            mask = check_label(label_filename, image_id, folder, self.label_values)
+            info = dict(label_info or {})
+            info["annotator"] = str(info.get("annotator") or info.get("user") or "unknown")
+            if label_tag == DefaultLabelTag.FINAL:
+                geometry, headers = read_ct_geometry(folder)
+                fd, seg_path = tempfile.mkstemp(suffix=".dcm")
+                os.close(fd)
+                try:
+                    write_seg(
+                        mask.astype("uint8"), geometry, headers, seg_path, self.labels, None, self.software_version,
+                        series_description=f"CTV by {info['annotator']}"[:64],
+                    )  # fmt: skip
+                    info.update(self.store_result(seg_path))
+                finally:
+                    os.unlink(seg_path)
+            return LocalDatastore.save_label(self, image_id, label_filename, label_tag, info)
+        finally:
+            if converted:
+                os.unlink(converted)
+
+    @staticmethod
+    def _binary_to_nifti(path: str, folder: str, image_id: str) -> str:
+        """Raw uint8 voxels in the series' order (column fastest, then row, then slice along the normal)."""
+        geometry = read_ct_geometry(folder)[0]
+        data = np.fromfile(path, dtype=np.uint8)
+        if data.size != int(np.prod(geometry.shape)):
+            raise InvalidInputError(
+                f"label for '{image_id}' has {data.size} voxels; its series has {int(np.prod(geometry.shape))} "
+                f"{tuple(geometry.shape)}"
+            )
+        out = path[: -len(".bin")] + ".nii.gz"
+        nib.save(nib.Nifti1Image(data.reshape(geometry.shape, order="F"), geometry.affine), out)
+        return out
 
     def store_result(self, path: str) -> dict[str, Any]:
         """STOW-RS one DICOM file; returns what the PACS now holds."""
@@ -155,9 +177,13 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
         }
 
     def _label_segs(self) -> dict[str, str]:
-        """image series -> its label: the newest SEG drawn by a person (MANUAL or SEMIAUTOMATIC).
+        """image series -> its label: the newest clinician SEG (not AUTOMATIC) written by this server.
 
-        Model output stored back with ``store_result`` is AUTOMATIC and never counts as a label."""
+        Model output stored back with ``store_result`` is AUTOMATIC and never counts as a label.
+        SEGs from other writers are not trusted as labels: the OHIF v3 build bundled with monailabel
+        0.8.5 stores its segmentations with the frames in reverse slice order (seen in
+        tests/test_ohif.py), which would train the model on mirrored contours. Labels from a viewer
+        come in through ``PUT /datastore/label`` and are written here."""
         images = set(self.list_images())
         newest: dict[str, tuple[tuple[str, str], str]] = {}
         for found in self._client.search_for_series(search_filters={"Modality": "SEG"}):
@@ -168,6 +194,9 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
             types = {str(s.get("SegmentAlgorithmType", "")) for s in meta.get("SegmentSequence", [])}
             refs = meta.get("ReferencedSeriesSequence")
             if not types or "AUTOMATIC" in types or not refs:
+                continue
+            if str(meta.get("Manufacturer", "")) != SEG_MANUFACTURER:
+                logger.info(f"SEG {series.SeriesInstanceUID} by '{meta.get('Manufacturer', '')}' not used as a label")
                 continue
             image = str(refs[0].SeriesInstanceUID)
             stamp = (str(meta.get("ContentDate", meta.get("SeriesDate", ""))), str(meta.get("ContentTime", "")))

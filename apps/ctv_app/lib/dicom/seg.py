@@ -16,6 +16,7 @@ from .series import CTGeometry
 RT_TARGET = Code("130041", "DCM", "RT Target")
 CTV = Code("228792002", "SCT", "Clinical Target Volume")
 AI_FAMILY = Code("113037", "DCM", "Pattern recognition")  # CID 7162 Artificial Intelligence
+SEG_MANUFACTURER = "ctv-label"
 
 
 def write_seg(
@@ -63,7 +64,7 @@ def write_seg(
         series_number=902,
         sop_instance_uid=hd.UID(),
         instance_number=1,
-        manufacturer="ctv-label",
+        manufacturer=SEG_MANUFACTURER,
         manufacturer_model_name="CTV auto-contouring (MONAI Label)",
         software_versions=software_version,
         device_serial_number=(model_version or "manual")[:16],
