@@ -4,12 +4,15 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# Debian packages (scripts/apt-packages.txt), installed only when one is missing.
+# Debian packages (scripts/apt-packages.txt; with --tests also scripts/apt-packages-test.txt),
+# installed only when one is missing.
+lists=(scripts/apt-packages.txt)
+[[ "${1:-}" == "--tests" ]] && lists+=(scripts/apt-packages-test.txt)
 missing=()
 while read -r pkg; do
   [[ -z "$pkg" || "$pkg" == \#* ]] && continue
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-done < scripts/apt-packages.txt
+done < <(cat "${lists[@]}")
 if ((${#missing[@]})); then
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   echo "Installing Debian packages: ${missing[*]}"

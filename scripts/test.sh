@@ -2,7 +2,7 @@
 # Set up and run the whole test suite (starts real servers: MONAI Label, Orthanc, Chromium).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --tests
 # Run the tests in a private network namespace holding only loopback, so the servers they start
 # can be reached from nowhere else (Debian's Orthanc binds all interfaces). Needs root or user
 # namespaces; otherwise the tests still bind 127.0.0.1 and Orthanc refuses remote access.
