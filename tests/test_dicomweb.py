@@ -121,9 +121,10 @@ def test_dicom_errors_are_4xx_through_dicomweb(dw_client, uploaded):
     with pytest.raises(MONAILabelClientException) as err:  # 3 slices: too few for a 3-D contour
         dw_client.infer("ctv", uploaded["liver"], {})
     assert "422" in str(err.value)
-    with pytest.raises(MONAILabelClientException) as err:
-        dw_client.infer("ctv", "1.2.3.4.5.6.7.8.9", {})
-    assert "404" in str(err.value)
+    for missing in ("1.2.3.4.5.6.7.8.9", "../../etc"):  # not in the PACS; not a UID (never a path)
+        with pytest.raises(MONAILabelClientException) as err:
+            dw_client.infer("ctv", missing, {})
+        assert "404" in str(err.value)
     with pytest.raises(MONAILabelClientException) as err:
         dw_client.infer("ctv", uploaded["phantom"], {"result_format": "stl"})
     assert "422" in str(err.value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -22,20 +23,23 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from dicomweb_client import DICOMwebClient
-from monailabel.datastore.dicom import DICOMWebDatastore
 from filelock import FileLock
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
-from ..errors import ImageNotFoundError, InvalidInputError
+from ..errors import CTVError, ImageNotFoundError, InvalidInputError
 from .seg import SEG_MANUFACTURER, read_seg_mask, write_seg
 from .series import read_ct_geometry
 
 logger = logging.getLogger(__name__)
 
 
-class StoreError(InvalidInputError):
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class StoreError(CTVError):
     """The PACS refused or could not be reached: the request cannot be completed now."""
 
     status_code = 502
@@ -68,6 +72,8 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
         return found[0]
 
     def get_image_uri(self, image_id: str) -> str:
+        if not _UID.match(image_id or "") or len(image_id) > 64:
+            raise ImageNotFoundError(f"'{image_id}' is not a SeriesInstanceUID")
         folder = os.path.join(self._datastore.image_path(), image_id)
         if not os.path.isdir(folder):
             self._download(image_id, folder)
