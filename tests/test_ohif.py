@@ -154,3 +154,52 @@ def test_ohif_runs_ctv_and_saves_seg_to_orthanc(dicomweb_server, dw_client, orth
     datalist = requests.get(f"{server}/datastore/?output=train", timeout=120).json()
     label = next(d["label"] for d in datalist if series in d["image"])
     np.testing.assert_array_equal(np.asarray(nib.load(label).dataobj), np.asarray(nib.load(nifti_file).dataobj))
+
+
+SEG_SLICE_COUNTS = """async () => {
+    const s = window.services;
+    const seg = s.displaySetService.getActiveDisplaySets().find(d => d.Modality === 'SEG');
+    if (!seg) return null;
+    await seg.load({headers: {}});
+    const cs = window.cornerstone, ct = window.cornerstoneTools;
+    const state = ct.segmentation.state.getSegmentation(seg.displaySetInstanceUID);
+    const ids = state.representationData.Labelmap.imageIds;
+    const counts = {};
+    for (const id of ids) {
+        const image = cs.cache.getImage(id) || await cs.imageLoader.loadAndCacheImage(id);
+        let n = 0; for (const x of image.getPixelData()) if (x) n++;
+        const z = cs.metaData.get('imagePlaneModule', image.referencedImageId).imagePositionPatient[2];
+        counts[z.toFixed(2)] = (counts[z.toFixed(2)] || 0) + n;
+    }
+    return {label: Object.values(state.segments || {}).filter(Boolean).map(x => x.label), counts};
+}"""
+
+
+def test_ohif_reads_the_servers_dicom_seg(dicomweb_server, dw_client, orthanc, uploaded):
+    """Our SEG, stored in Orthanc by the server, opens in OHIF with the contour on the right slices."""
+    from playwright.sync_api import sync_playwright
+
+    series = uploaded["phantom"]
+    nifti_file, _ = dw_client.infer("ctv", series, {})
+    seg_file, result = dw_client.infer("ctv", series, {"result_format": "dicom_seg", "store_result": True})
+    image = nib.load(nifti_file)
+    mask = np.asarray(image.dataobj) > 0
+    z = [round(float((image.affine @ [0, 0, k, 1])[2]), 2) for k in range(mask.shape[2])]
+    expected = {f"{z[k]:.2f}": int(mask[:, :, k].sum()) for k in range(mask.shape[2]) if mask[:, :, k].any()}
+    study = result["stored"]["StudyInstanceUID"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1600, "height": 1000}).new_page()
+            page.set_default_timeout(180_000)
+            page.goto(f"{dicomweb_server.url}/ohif/monai-label?StudyInstanceUIDs={study}")
+            page.wait_for_function(VOLUMES_LOADED, timeout=180_000)
+            shown = page.evaluate(SEG_SLICE_COUNTS)
+            page.screenshot(path=SCREENSHOTS / "ohif_4_server_seg.png")
+        finally:
+            browser.close()
+    assert shown is not None, "OHIF lists no SEG for the study"
+    assert shown["label"] == ["CTV"]
+    got = {z: n for z, n in shown["counts"].items() if n}
+    print(f"OHIF read our SEG: {sum(got.values())} voxels on {len(got)} slices (server: {int(mask.sum())})")
+    assert got == expected

@@ -111,7 +111,7 @@ def write_dicom_result(
     else:
         ds = write_seg(
             mask, geometry, headers, path, labels, model_version, software,
-            series_description=f"AUTO {config.roi_name} model {model_version[:12]}"[:64],
+            series_description=f"AUTO {config.roi_name} model {model_version[:12]}"[:64], colour=config.roi_colour,
         )  # fmt: skip
     info = {
         "format": fmt,

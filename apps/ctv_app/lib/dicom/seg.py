@@ -19,6 +19,17 @@ AI_FAMILY = Code("113037", "DCM", "Pattern recognition")  # CID 7162 Artificial 
 SEG_MANUFACTURER = "ctv-label"
 
 
+def dicom_lab(rgb: Sequence[int]) -> list[int]:
+    """sRGB (0-255) as the DICOM-scaled CIELab triple of RecommendedDisplayCIELabValue (D65 white)."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    srgb_to_xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = srgb_to_xyz @ linear / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    lab = np.clip([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])], [0, -128, -128], [100, 127, 127])
+    return list(hd.color.CIELabColor(*lab).value)
+
+
 def write_seg(
     mask: np.ndarray,
     geometry: CTGeometry,
@@ -28,6 +39,7 @@ def write_seg(
     model_version: str | None,
     software_version: str,
     series_description: str = "AUTO-GENERATED CTV, NOT APPROVED",
+    colour: Sequence[int] = (255, 128, 0),
 ) -> Dataset:
     """One binary segment per label (CTV coded as SCT 228792002 in the RT Target category).
 
@@ -43,16 +55,16 @@ def write_seg(
         )
     descriptions, frames = [], []
     for number, (name, value) in enumerate(labels.items(), start=1):
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=name.upper() if name.lower() == "ctv" else name,
-                segmented_property_category=RT_TARGET,
-                segmented_property_type=CTV,
-                algorithm_type=algorithm_type,
-                algorithm_identification=algorithm,
-            )
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=name.upper() if name.lower() == "ctv" else name,
+            segmented_property_category=RT_TARGET,
+            segmented_property_type=CTV,
+            algorithm_type=algorithm_type,
+            algorithm_identification=algorithm,
         )
+        description.RecommendedDisplayCIELabValue = dicom_lab(colour)
+        descriptions.append(description)
         frames.append(np.moveaxis(mask == value, 2, 0).transpose(0, 2, 1))  # (k, i, j) -> (k, rows, cols)
     pixels = np.stack(frames, axis=-1).astype(np.uint8)  # (frames, rows, cols, segments)
     seg = hd.seg.Segmentation(
