@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
+import io
+import json
+
 import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import requests
 from monailabel.client.client import MONAILabelClientException
 
 from ctv_app.lib.dicom.rtstruct import rasterise, read_rtstruct
@@ -59,3 +64,18 @@ def test_tilted_series_is_refused_with_the_angle(client):
     with pytest.raises(MONAILabelClientException) as err:
         client.infer("ctv", "tilted_series", {})
     assert "Status: 422" in str(err.value) and "gantry-tilted" in str(err.value)
+
+
+@pytest.mark.parametrize("fmt, modality", [("rtstruct", "RTSTRUCT"), ("dicom_seg", "SEG"), ("nifti", None)])
+def test_output_image_comes_back_in_the_requested_format(server, fmt, modality):
+    r = requests.post(
+        f"{server.url}/infer/ctv?image={DICOM_ID}&output=image",
+        files={"params": (None, json.dumps({"result_format": fmt}))},
+        timeout=300,
+    )
+    assert r.status_code == 200, r.text
+    if modality is None:
+        assert nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).shape == (112, 96, 64)
+    else:
+        assert r.content[128:132] == b"DICM" and r.headers["content-type"] == "application/dicom"
+        assert pydicom.dcmread(io.BytesIO(r.content)).Modality == modality
