@@ -71,7 +71,8 @@ class ServerProcess:
             "--port",
             str(self.port),
         ]
-        for key, value in self.conf.items():
+        # The page's uploads go to the work folder, never into the app folder.
+        for key, value in {"cases_path": str(self.workdir / "cases"), **self.conf}.items():
             cmd += ["--conf", key, value]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(

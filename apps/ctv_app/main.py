@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
 from typing import Any
 
 import monailabel
@@ -26,10 +28,13 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.async_tasks.task import AsyncTask
 
 from ctv_app.lib.configs.ctv import CTVConfig
+from ctv_app.lib import web
+from ctv_app.lib.cases import CaseStore
 from ctv_app.lib.datastore import CTVDatastore
 from ctv_app.lib.dicom.dicomweb import CTVDicomWebDatastore
 from ctv_app.lib.dicom.results import RTConfig
 from ctv_app.lib.provenance import software_versions
+from ctv_app.lib.web import ContouringService
 from ctv_app.lib.errors import CTVError, ImageNotFoundError, InvalidInputError
 from ctv_app.lib.params import as_bool
 
@@ -61,6 +66,17 @@ class CTVApp(MONAILabelApp):
         )
         # Scores depend on the model: the uncertain strategy rescores lazily instead of after every call.
         self._auto_update_scoring = conf.get("auto_update_scoring", "false").lower() == "true"
+        self._mount_page(app_dir, conf, names[0])
+
+    def _mount_page(self, app_dir: str, conf: dict[str, str], model: str) -> None:
+        """The contouring page at /ctv/ (``--conf cases_path DIR`` keeps its uploads; default <app>/cases)."""
+        server = sys.modules.get("monailabel.app")
+        if server is None:  # a training or scoring subprocess: no web server here
+            return
+        config = self.models[model]
+        store = CaseStore(conf.get("cases_path") or os.path.join(app_dir, "cases"))
+        self.contouring = ContouringService(store, self, model, config.params.window, config.rt_config)
+        web.mount(server.app, self.contouring, {0, *config.labels.values()})
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: config.infer() for name, config in self.models.items()}
@@ -97,6 +113,19 @@ class CTVApp(MONAILabelApp):
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
+
+    def _readable_path(self, image: str) -> bool:
+        """A path the server may read for a request: an upload of this request (MONAI Label writes
+        it to the temp folder) or a case of the contouring page. Any other string is a datastore id,
+        so a client cannot make the server read an arbitrary file."""
+        if not os.path.exists(image):
+            return False
+        real = os.path.realpath(image)
+        uploads = os.path.realpath(tempfile.gettempdir())
+        if os.path.dirname(real) == uploads and os.path.basename(real).startswith("tmp"):
+            return True
+        contouring = getattr(self, "contouring", None)
+        return contouring is not None and real.startswith(contouring.store.root + os.sep)
 
     def _init_dicomweb(self) -> Datastore:
         """A DICOMweb PACS (e.g. Orthanc); credentials from MONAI_LABEL_DICOMWEB_USERNAME/_PASSWORD."""
@@ -155,9 +184,12 @@ class CTVApp(MONAILabelApp):
         try:
             store = datastore or self.datastore()
             image = request.get("image")
-            if isinstance(image, str) and not os.path.exists(image):
-                if not store.get_image_uri(image):
+            if isinstance(image, str) and not self._readable_path(image):
+                uri = store.get_image_uri(image)
+                if not uri:
                     raise ImageNotFoundError(f"image '{image}' is not in the datastore")
+                if os.path.exists(image):  # an id that is also a relative path here: the id wins
+                    request = {**request, "image": uri}
             store_result = as_bool(request.get("store_result", False))
             if store_result:
                 if not isinstance(store, CTVDicomWebDatastore):

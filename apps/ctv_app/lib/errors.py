@@ -28,3 +28,9 @@ class ModelUnavailableError(CTVError):
     """No usable weights yet (not trained, or the file on disk is unreadable)."""
 
     status_code = 503
+
+
+class NotAuthorisedError(CTVError):
+    """The request does not say whose data it is."""
+
+    status_code = 401

@@ -40,6 +40,7 @@ def write_seg(
     software_version: str,
     series_description: str = "AUTO-GENERATED CTV, NOT APPROVED",
     colour: Sequence[int] = (255, 128, 0),
+    comments: str = "",
 ) -> Dataset:
     """One binary segment per label (CTV coded as SCT 228792002 in the RT Target category).
 
@@ -83,6 +84,8 @@ def write_seg(
         series_description=series_description,
         omit_empty_frames=False,
     )
+    if comments:
+        seg.ImageComments = comments  # LT: room for the full provenance (descriptions are 64 characters)
     seg.save_as(path)
     return seg
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import json
 import logging
 import os
 import tempfile
@@ -43,6 +44,26 @@ def write_nrrd(mask: np.ndarray, affine: np.ndarray, compress: bool = True) -> s
     os.close(fd)
     nrrd.write(path, mask, header, index_order="F")
     return path
+
+
+def write_nifti(mask: np.ndarray, affine: np.ndarray, provenance: dict[str, Any]) -> str:
+    """The mask as NIfTI carrying its provenance: input and model sha256 in ``descrip``, and the whole
+    record as JSON in a header extension (comment), so the file names where it came from."""
+    out = nib.Nifti1Image(mask, affine)
+    out.header.set_xyzt_units("mm")
+    model = (provenance.get("model") or {}).get("sha256") or ""
+    out.header["descrip"] = f"CTV in {str(provenance['input']['sha256'])[:16]} model {model[:16]}".encode()[:79]
+    text = json.dumps({k: v for k, v in provenance.items() if k != "model"} | {"model": _model_summary(provenance)})
+    out.header.extensions.append(nib.nifti1.Nifti1Extension("comment", text.encode()))
+    fd, path = tempfile.mkstemp(suffix=".nii.gz")
+    os.close(fd)
+    nib.save(out, path)
+    return path
+
+
+def _model_summary(provenance: dict[str, Any]) -> dict[str, Any]:
+    model = provenance.get("model") or {}
+    return {k: model.get(k) for k in ("name", "sha256", "trained", "epoch", "val_dice", "train_labels_sha256")}
 
 
 class CTVInfer(BasicInferTask):
@@ -158,16 +179,6 @@ class CTVInfer(BasicInferTask):
         image = data["image"]
         affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
         mask = np.asarray(data["pred"], dtype=np.uint8)
-        if str(data.get("result_extension", "")).endswith(".nrrd"):
-            path = write_nrrd(mask, affine, compress=as_bool(data.get("result_compress", True)))
-        else:
-            out = nib.Nifti1Image(mask, affine)
-            out.header.set_xyzt_units("mm")
-            out.header["descrip"] = f"CTV {data.get('model_record', {}).get('sha256', '')[:12]}".encode()[:79]
-            fd, path = tempfile.mkstemp(suffix=".nii.gz")
-            os.close(fd)
-            nib.save(out, path)
-
         source = data.get("image_path")
         result = dict(data.get(self.output_json_key, {}))
         result["provenance"] = {
@@ -184,6 +195,10 @@ class CTVInfer(BasicInferTask):
                 "threshold": float(data.get("threshold", self.params.threshold)),
             },
         }
+        if str(data.get("result_extension", "")).endswith(".nrrd"):
+            path = write_nrrd(mask, affine, compress=as_bool(data.get("result_compress", True)))
+        else:
+            path = write_nifti(mask, affine, result["provenance"])
         result["ctv_voxels"] = int(mask.sum())
         result["ctv_volume_ml"] = float(mask.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)
         fmt = data.get("result_format", "nifti")

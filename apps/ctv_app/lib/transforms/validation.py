@@ -44,7 +44,8 @@ class LoadCTImaged(LoadImaged):
                 raise
             except Exception as e:  # readers raise many types; all mean the same thing to the caller
                 name = os.path.basename(str(path))
-                raise InvalidInputError(f"image '{name}' is not a readable 3D image: {type(e).__name__}: {e}") from e
+                why = str(e).replace(str(path), name)  # the server's folders are nobody's business
+                raise InvalidInputError(f"image '{name}' is not a readable 3D image: {type(e).__name__}: {why}") from e
         return d
 
 

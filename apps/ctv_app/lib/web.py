@@ -1,0 +1,281 @@
+"""The contouring page at /ctv/ and its API at /ctv/api/ (upload, contour, view, download, history).
+
+The page is static (``apps/ctv_app/web/``); everything it shows comes from this API. Contouring
+runs the same infer task as ``/infer/ctv``, one case at a time in a background worker, so the
+page polls the result's stage. Slices are rendered in the browser from two byte volumes the
+server prepares once per case: the CT windowed to uint8 and each contour, both in display
+orientation (axial, patient right on the left of the screen, anterior up).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from monailabel.config import settings
+from monailabel.endpoints.user.auth import RBAC, User
+from monai.transforms import EnsureChannelFirstd
+
+from .cases import Case, CaseStore
+from .datastore import check_label
+from .dicom.results import write_dicom_result
+from .errors import CTVError, ImageNotFoundError, InvalidInputError, NotAuthorisedError
+from .transforms.validation import LoadCTImaged, ValidateCTd
+
+logger = logging.getLogger(__name__)
+
+WEB_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "web")
+OWNER_COOKIE = "ctv_owner"
+OWNER_HEADER = "X-CTV-Owner"
+FILE_NAMES = {"nifti": "ctv.nii.gz", "rtstruct": "ctv_rtstruct.dcm", "dicom_seg": "ctv_seg.dcm"}
+
+
+def load_ct(path: str):
+    """The CT as the model reads it (NIfTI file or DICOM series folder), checked; 422 otherwise."""
+    data = {"image": path}
+    for transform in (LoadCTImaged(keys="image"), EnsureChannelFirstd(keys="image"), ValidateCTd(keys="image")):
+        data = transform(data)  # one by one: Compose would wrap the 422 in a RuntimeError
+    return data["image"]
+
+
+def display_volume(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """(slice, row, col) for axial display: RAS-reoriented, patient right on screen left, anterior up,
+    first slice inferior."""
+    ornt = nib.orientations.io_orientation(affine)
+    ras = nib.orientations.apply_orientation(np.asarray(array), ornt)
+    return np.ascontiguousarray(np.transpose(ras[::-1, ::-1, :], (2, 1, 0)))  # [k][j flipped][i flipped]
+
+
+class ContouringService:
+    def __init__(self, store: CaseStore, app: Any, model: str, window: tuple[float, float], rt_config: Any):
+        self.store, self.app, self.model = store, app, model
+        self.window, self.rt_config = window, rt_config
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctv-contour")
+
+    def create_case(self, owner: str, filename: str, upload: str) -> Case:
+        case = self.store.create(owner, filename, upload, validate=load_ct)
+        from .provenance import input_sha256
+
+        self.store.update(case, lambda r: r["input"].update({"contoured_sha256": input_sha256(case.input_path)}))
+        return case
+
+    def contour(self, case: Case) -> dict[str, Any]:
+        result = self.store.new_result(case)
+        self._worker.submit(self._run, case, result["id"])
+        return result
+
+    def _run(self, case: Case, result_id: str) -> None:
+        work = tempfile.mkdtemp(prefix="ctv-result-")
+        try:
+            self.store.set_result(case, result_id, status="running", stage="contouring")
+            out = self.app.infer({"model": self.model, "image": case.input_path, "result_format": "nifti"})
+            params = out["params"]
+            provenance = params["provenance"]
+            if provenance["input"]["sha256"] != case.record["input"]["contoured_sha256"]:
+                raise RuntimeError("the contoured input is not this case's input")
+            self.store.set_result(case, result_id, stage="writing")
+            files = {"nifti": os.path.join(work, FILE_NAMES["nifti"])}
+            shutil.move(out["file"], files["nifti"])
+            if case.is_dicom:
+                mask = np.asarray(nib.load(files["nifti"]).dataobj)
+                for fmt in ("rtstruct", "dicom_seg"):
+                    path, _ = write_dicom_result(fmt, mask, case.input_path, self.rt_config, provenance)
+                    files[fmt] = os.path.join(work, FILE_NAMES[fmt])
+                    shutil.move(path, files[fmt])
+            names = self.store.publish_files(case, result_id, files)
+            self.store.set_result(
+                case, result_id, status="done", stage="done", files=names,
+                model=provenance["model"]["sha256"], input_sha256=provenance["input"]["sha256"],
+                ctv_volume_ml=params.get("ctv_volume_ml"), latencies=params.get("latencies"),
+            )  # fmt: skip
+        except Exception as e:  # the page shows it; the server and the other cases carry on
+            logger.exception(f"contouring case {case.id} failed")
+            message = e.detail if isinstance(e, CTVError) else str(e)
+            self.store.set_result(case, result_id, status="failed", stage="failed", error=str(message))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # --- what the viewer draws -------------------------------------------------------------------
+    def view_bytes(self, case: Case, what: str, result_id: str | None = None) -> str:
+        """Path of a cached uint8 display volume: the windowed CT, a result's mask, or the annotation."""
+        cache = os.path.join(case.folder, "view")
+        os.makedirs(cache, exist_ok=True)
+        name = f"{what}{'_' + result_id if result_id else ''}.u8"
+        path = os.path.join(cache, name)
+        if not os.path.exists(path):
+            image = load_ct(case.input_path)
+            affine = np.asarray(image.meta["original_affine"])
+            if what == "image":
+                lo, hi = self.window
+                data = np.clip((np.asarray(image[0]) - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
+            elif what == "mask":
+                nifti = os.path.join(case.result_folder(result_id), case.result(result_id)["files"]["nifti"])
+                data = (np.asarray(nib.load(nifti).dataobj) > 0).astype(np.uint8)
+            else:
+                data = (np.asarray(nib.load(os.path.join(case.folder, "annotation.nii.gz")).dataobj) > 0).astype(np.uint8)
+            tmp = path + f".{secrets.token_hex(4)}.tmp"
+            display_volume(data, affine).tofile(tmp)
+            os.replace(tmp, path)
+        return path
+
+    def view_meta(self, case: Case) -> dict[str, Any]:
+        image = load_ct(case.input_path)
+        affine = np.asarray(image.meta["original_affine"])
+        shape = display_volume(np.zeros(image.shape[1:], np.uint8), affine).shape
+        ornt = nib.orientations.io_orientation(affine)
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)[ornt[:, 0].astype(int)]  # RAS axis order
+        lo, hi = self.window
+        return {
+            "slices": shape[0], "rows": shape[1], "cols": shape[2],
+            "spacing_mm": {"col": float(spacing[0]), "row": float(spacing[1]), "slice": float(spacing[2])},
+            "window": {"name": "soft tissue (the model's window)", "level": (lo + hi) / 2, "width": hi - lo},
+        }  # fmt: skip
+
+
+def owner_of(request: Request, user: User) -> str:
+    if settings.MONAI_LABEL_AUTH_ENABLE and getattr(user, "username", None):
+        return f"user:{user.username}"
+    token = request.headers.get(OWNER_HEADER) or request.cookies.get(OWNER_COOKIE)
+    if not token or len(token) < 16:
+        raise NotAuthorisedError(f"no owner token: open /ctv/ in a browser, or send the {OWNER_HEADER} header")
+    return token
+
+
+def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
+    router = APIRouter(prefix="/ctv", tags=["CTV page"])
+    authorised = RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)
+
+    def owner(request: Request, user: User = Depends(authorised)) -> str:
+        return owner_of(request, user)
+
+    @router.get("/", include_in_schema=False)
+    def page(request: Request):
+        response = FileResponse(os.path.join(WEB_DIR, "index.html"), media_type="text/html")
+        if not request.cookies.get(OWNER_COOKIE):
+            response.set_cookie(OWNER_COOKIE, secrets.token_urlsafe(32), httponly=True, samesite="strict")
+        return response
+
+    @router.post("/api/cases")
+    def upload(
+        file: UploadFile | None = File(None), image: str | None = Form(None), owner: str = Depends(owner)
+    ) -> JSONResponse:
+        """Store and check an upload (NIfTI, or a zip of one DICOM series) or a datastore study
+        (``image``: its id), then contour it."""
+        if image:
+            path = service.app.datastore().get_image_uri(image)
+            if not path:
+                raise ImageNotFoundError(f"image '{image}' is not in the datastore")
+            name = image if os.path.isdir(path) else os.path.basename(path)
+            case = service.create_case(owner, name, path)
+        elif file is not None:
+            fd, tmp = tempfile.mkstemp(prefix="ctv-upload-")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(file.file, out)
+                case = service.create_case(owner, file.filename or "", tmp)
+            finally:
+                os.unlink(tmp)
+        else:
+            raise InvalidInputError("send a file (NIfTI or a zip of a DICOM series) or image=<datastore id>")
+        result = service.contour(case)
+        return JSONResponse({"case": case.public(), "result": result}, status_code=201)
+
+    @router.get("/api/cases")
+    def history(owner: str = Depends(owner)) -> list[dict[str, Any]]:
+        return [c.public() for c in service.store.list(owner)]
+
+    @router.get("/api/cases/{case_id}")
+    def case(case_id: str, owner: str = Depends(owner)) -> dict[str, Any]:
+        return service.store.get(owner, case_id).public()
+
+    @router.post("/api/cases/{case_id}/contour")
+    def recontour(case_id: str, owner: str = Depends(owner)) -> dict[str, Any]:
+        """Contour again with the model served now; earlier results are kept."""
+        return service.contour(service.store.get(owner, case_id))
+
+    @router.put("/api/cases/{case_id}/annotation")
+    def annotate(case_id: str, file: UploadFile = File(...), owner: str = Depends(owner)) -> dict[str, Any]:
+        case = service.store.get(owner, case_id)
+        fd, tmp = tempfile.mkstemp(suffix=".nii.gz", dir=case.folder)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(file.file, out)
+            check_label(tmp, case.id, case.input_path, labels)
+            os.replace(tmp, os.path.join(case.folder, "annotation.nii.gz"))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        cached = os.path.join(case.folder, "view", "annotation.u8")
+        if os.path.exists(cached):
+            os.unlink(cached)
+        service.store.update(case, lambda r: r.update(annotation={"name": file.filename}))
+        return case.public()
+
+    @router.get("/api/cases/{case_id}/view")
+    def view(case_id: str, owner: str = Depends(owner)) -> dict[str, Any]:
+        return service.view_meta(service.store.get(owner, case_id))
+
+    @router.get("/api/cases/{case_id}/view/{what}")
+    def view_bytes(case_id: str, what: str, result: str | None = None, owner: str = Depends(owner)) -> FileResponse:
+        case = service.store.get(owner, case_id)
+        if what not in ("image", "mask", "annotation"):
+            raise ImageNotFoundError(f"no view '{what}'")
+        if what == "mask" and (not result or case.result(result).get("status") != "done"):
+            raise InvalidInputError("name a finished result: ?result=<id>")
+        if what == "annotation" and not case.record.get("annotation"):
+            raise ImageNotFoundError(f"case {case_id} has no annotation")
+        return FileResponse(service.view_bytes(case, what, result), media_type="application/octet-stream")
+
+    @router.get("/api/cases/{case_id}/results/{result_id}/{fmt}")
+    def download(case_id: str, result_id: str, fmt: str, owner: str = Depends(owner)) -> FileResponse:
+        case = service.store.get(owner, case_id)
+        result = case.result(result_id)
+        name = result.get("files", {}).get(fmt)
+        if name is None:
+            available = sorted(result.get("files", {}))
+            raise InvalidInputError(f"result {result_id} has no '{fmt}' file (available: {available})")
+        path = os.path.join(case.result_folder(result_id), name)
+        embedded = embedded_input_sha256(path)
+        if embedded != case.record["input"]["contoured_sha256"]:  # never another input's result
+            raise CTVError(f"result file {name} names input {embedded}, not this case's input")
+        return FileResponse(path, filename=f"{case.id[:8]}_{result_id[:8]}_{name}")
+
+    return router
+
+
+def embedded_input_sha256(path: str) -> str | None:
+    """The input sha256 a result file carries (NIfTI header extension, or DICOM description)."""
+    if path.endswith(".nii.gz"):
+        for ext in nib.load(path).header.extensions:
+            try:
+                return json.loads(ext.get_content())["input"]["sha256"]
+            except (ValueError, KeyError, TypeError):
+                continue
+        return None
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    text = str(ds.get("StructureSetDescription", "") or ds.get("ImageComments", ""))
+    marker = "input sha256 "
+    return text.split(marker, 1)[1][:64] if marker in text else None
+
+
+def mount(fastapi_app, service: ContouringService, labels: set[int]) -> None:
+    """Add the page, its API and its static files to MONAI Label's FastAPI app."""
+    fastapi_app.include_router(build_router(service, labels))
+    fastapi_app.mount("/ctv/static", StaticFiles(directory=WEB_DIR), name="ctv-static")
+
+    @fastapi_app.get("/ctv", include_in_schema=False)
+    def ctv_no_slash() -> Response:
+        return RedirectResponse("/ctv/")

@@ -1,0 +1,253 @@
+"""``ctv``: the command-line client hospital scripts use, built on the server's REST API.
+
+    ctv infer PATH... --server URL --out DIR [--format nifti,rtstruct,seg]
+    ctv status | ctv train [--epochs N] | ctv next [--strategy uncertain]
+
+``infer`` takes NIfTI files, folders holding one DICOM series (sent as a zip), or the ids of
+studies in the server's datastore (e.g. SeriesInstanceUIDs of a DICOMweb datastore). Each case
+goes through the contouring page's API (/ctv/api: one contouring, every format, kept in the
+server's history); results land in OUT/<case>/ with a manifest.json naming the input sha256 and
+the model. A case whose manifest already lists the asked formats for the same input is skipped,
+so a batch can be re-run after an interruption. Exit status 1 when any case failed.
+
+Authentication: ``--token`` (or CTV_TOKEN) is sent as a bearer token, for servers started with
+MONAI Label's auth; ``--user``/``--password`` (or CTV_USER/CTV_PASSWORD) fetch one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import secrets
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from monailabel.client import MONAILabelClient
+from tqdm import tqdm
+
+FORMATS = {"nifti": "nifti", "rtstruct": "rtstruct", "seg": "dicom_seg", "dicom_seg": "dicom_seg"}
+OWNER_HEADER = "X-CTV-Owner"
+
+
+class CaseFailed(Exception):
+    pass
+
+
+@dataclass
+class Source:
+    """One case to contour: a local file, a DICOM folder, or a datastore study id."""
+
+    spec: str
+
+    @property
+    def name(self) -> str:
+        p = Path(self.spec)
+        if p.exists():
+            return p.name.removesuffix(".gz").removesuffix(".nii") if p.is_file() else p.name
+        return self.spec
+
+    def payload(self) -> tuple[str, bytes]:
+        """The upload: the file itself, or a folder's files zipped (one DICOM series)."""
+        p = Path(self.spec)
+        if p.is_file():
+            return p.name, p.read_bytes()
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in sorted(p.rglob("*")):
+                if f.is_file():
+                    z.write(f, f.relative_to(p).as_posix())
+        return f"{p.name}.zip", buffer.getvalue()
+
+    def local_sha256(self) -> str | None:
+        p = Path(self.spec)
+        if p.is_file():
+            return hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_dir():  # names and contents of every file: changes when the series does
+            h = hashlib.sha256()
+            for f in sorted(p.rglob("*")):
+                if f.is_file():
+                    h.update(f"{f.relative_to(p).as_posix()}:{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
+            return h.hexdigest()
+        return None
+
+
+class CTVClient:
+    def __init__(self, server: str, owner: str, token: str | None = None, timeout_s: float = 3600):
+        self.server = server.rstrip("/")
+        self.session = requests.Session()
+        self.session.headers[OWNER_HEADER] = owner
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        self.timeout_s = timeout_s
+        self.monailabel = MONAILabelClient(self.server)
+        if token:
+            self.monailabel.update_auth(token)
+
+    def _check(self, r: requests.Response) -> requests.Response:
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise CaseFailed(f"{r.status_code}: {detail}")
+        return r
+
+    def contour(self, source: Source) -> dict[str, Any]:
+        """Send the case and wait for its result; returns the case record and the finished result."""
+        if Path(source.spec).exists():
+            name, data = source.payload()
+            r = self.session.post(f"{self.server}/ctv/api/cases", files={"file": (name, data)}, timeout=600)
+        else:
+            r = self.session.post(f"{self.server}/ctv/api/cases", data={"image": source.spec}, timeout=600)
+        body = self._check(r).json()
+        case_id, result_id = body["case"]["id"], body["result"]["id"]
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            case = self._check(self.session.get(f"{self.server}/ctv/api/cases/{case_id}", timeout=60)).json()
+            result = next(r for r in case["results"] if r["id"] == result_id)
+            if result["status"] == "done":
+                return {"case": case, "result": result}
+            if result["status"] == "failed":
+                raise CaseFailed(result.get("error", "contouring failed"))
+            time.sleep(0.5)
+        raise CaseFailed(f"no result after {self.timeout_s:.0f} s")
+
+    def download(self, case_id: str, result_id: str, fmt: str, dest: Path) -> None:
+        url = f"{self.server}/ctv/api/cases/{case_id}/results/{result_id}/{fmt}"
+        r = self._check(self.session.get(url, timeout=600))
+        tmp = dest.with_suffix(dest.suffix + ".part")
+        tmp.write_bytes(r.content)
+        os.replace(tmp, dest)
+
+
+def already_done(folder: Path, local_sha: str | None, formats: list[str]) -> bool:
+    """The manifest of an earlier run covers these formats for the same input, and its files exist."""
+    path = folder / "manifest.json"
+    if not path.exists():
+        return False
+    manifest = json.loads(path.read_text())
+    if local_sha is not None and manifest.get("source_sha256") != local_sha:
+        return False
+    covered = set(manifest["files"]) | set(manifest.get("not_available", []))
+    return set(formats) <= covered and all((folder / name).exists() for name in manifest["files"].values())
+
+
+def infer_one(client: CTVClient, source: Source, formats: list[str], folder: Path, local_sha: str | None) -> None:
+    outcome = client.contour(source)
+    case, result = outcome["case"], outcome["result"]
+    available = [f for f in formats if f in result["files"]]
+    if not available:
+        raise CaseFailed(f"{', '.join(formats)}: need a DICOM input; this case is {case['input']['kind']}")
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {fmt: result["files"][fmt] for fmt in available}
+    for fmt, name in files.items():
+        client.download(case["id"], result["id"], fmt, folder / name)
+    manifest = {
+        "source": source.spec, "source_sha256": local_sha, "case": case["id"], "result": result["id"],
+        "input_sha256": case["input"]["sha256"], "contoured_sha256": case["input"].get("contoured_sha256"),
+        "model_sha256": result["model"], "files": files, "not_available": [f for f in formats if f not in files],
+    }  # fmt: skip
+    tmp = folder / "manifest.json.part"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, folder / "manifest.json")  # written last: a case counts as done only when complete
+
+
+def infer(args: argparse.Namespace, client: CTVClient) -> int:
+    formats = list(dict.fromkeys(FORMATS[f.strip()] for f in args.format.split(",") if f.strip()))
+    out = Path(args.out)
+    failed: dict[str, str] = {}
+    done = skipped = 0
+    bar = tqdm(args.paths, unit="case", file=sys.stderr, disable=args.quiet)
+    for spec in bar:
+        source = Source(spec)
+        bar.set_postfix_str(source.name[:30])
+        folder = out / source.name
+        local_sha = source.local_sha256()
+        if already_done(folder, local_sha, formats):
+            skipped += 1
+            continue
+        try:
+            infer_one(client, source, formats, folder, local_sha)
+            done += 1
+        except (CaseFailed, requests.RequestException, OSError) as e:
+            failed[spec] = str(e)
+    bar.close()
+    print(f"{done} contoured, {skipped} already done, {len(failed)} failed")
+    for spec, why in failed.items():
+        print(f"FAILED {spec}: {why}")
+    return 1 if failed else 0
+
+
+def status(args: argparse.Namespace, client: CTVClient) -> int:
+    info = client.monailabel.info()
+    store = client.monailabel.datastore()
+    train = requests.get(f"{client.server}/train/?check_if_running=false", headers=client.session.headers, timeout=30)
+    print(json.dumps({
+        "models": {k: {"labels": v.get("labels")} for k, v in info.get("models", {}).items()},
+        "datastore": {"studies": len(store.get("objects", {}))},
+        "training": train.json() if train.ok else train.text,
+    }, indent=2, default=str))  # fmt: skip
+    return 0
+
+
+def train(args: argparse.Namespace, client: CTVClient) -> int:
+    params = {"max_epochs": args.epochs} if args.epochs else {}
+    print(json.dumps(client.monailabel.train_start(args.model, params), indent=2, default=str))
+    return 0
+
+
+def next_sample(args: argparse.Namespace, client: CTVClient) -> int:
+    print(json.dumps(client.monailabel.next_sample(args.strategy, {}), indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ctv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", default=os.environ.get("CTV_SERVER", "http://127.0.0.1:8000"))
+    parser.add_argument("--token", default=os.environ.get("CTV_TOKEN"))
+    parser.add_argument("--user", default=os.environ.get("CTV_USER"))
+    parser.add_argument("--password", default=os.environ.get("CTV_PASSWORD"))
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("infer", help="contour cases and download the results")
+    p.add_argument("paths", nargs="+", help="NIfTI files, DICOM series folders, or datastore study ids")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="nifti", help="comma-separated: nifti, rtstruct, seg")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=infer)
+    commands.add_parser("status", help="models, datastore size, training state").set_defaults(run=status)
+    p = commands.add_parser("train", help="start training on the saved labels")
+    p.add_argument("--model", default="ctv")
+    p.add_argument("--epochs", type=int)
+    p.set_defaults(run=train)
+    p = commands.add_parser("next", help="the study to contour next (active learning)")
+    p.add_argument("--strategy", default="uncertain")
+    p.set_defaults(run=next_sample)
+    args = parser.parse_args(argv)
+
+    unknown = [f for f in getattr(args, "format", "").split(",") if f.strip() and f.strip() not in FORMATS]
+    if unknown:
+        parser.error(f"unknown formats {unknown}; use nifti, rtstruct, seg")
+    token = args.token
+    if not token and args.user:
+        token = MONAILabelClient(args.server).auth_token(args.user, args.password).get("access_token")
+    owner_file = Path(getattr(args, "out", ".")) / ".ctv_owner"
+    if getattr(args, "out", None) and owner_file.exists():
+        owner = owner_file.read_text().strip()  # the same owner on a re-run: its cases stay visible
+    else:
+        owner = secrets.token_urlsafe(32)
+        if getattr(args, "out", None):
+            owner_file.parent.mkdir(parents=True, exist_ok=True)
+            owner_file.write_text(owner)
+    return args.run(args, CTVClient(args.server, owner, token))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
