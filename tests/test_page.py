@@ -124,6 +124,22 @@ def test_page_upload_view_navigate_download(server, tmp_path):
             saved = tmp_path / "ctv.nii.gz"
             download.value.save_as(saved)
             provenance_text = page.inner_text("#provenance")
+
+            # A saved annotation (here: the contour with every other row removed) is drawn beside it.
+            result = nib.load(saved)
+            edited = np.asarray(result.dataobj).copy()
+            edited[:, ::2, :] = 0
+            annotation = tmp_path / "annotation.nii.gz"
+            nib.save(nib.Nifti1Image(edited, result.affine), annotation)
+            page.set_input_files("#annotation-file", str(annotation))
+            page.click("#annotation-upload")
+            page.wait_for_function("() => window.ctvState.annotation !== null")
+            page.select_option("#layout", "side")
+            page.evaluate(f"() => showSlice({k})")
+            on_slice = page.evaluate(MASK_SLICE_VOXELS.replace("s.mask", "s.annotation"), k)
+            assert 0 < on_slice < voxels
+            assert page.evaluate(TINTED_PIXELS, "view-annotation") == on_slice
+            page.screenshot(path=SCREENSHOTS / "page_4_annotation.png")
         finally:
             browser.close()
     result, source = nib.load(saved), nib.load(REAL_CT)

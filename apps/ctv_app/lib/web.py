@@ -178,6 +178,11 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
                 raise ImageNotFoundError(f"image '{image}' is not in the datastore")
             name = image if os.path.isdir(path) else os.path.basename(path)
             case = service.create_case(owner, name, path)
+            label = service.app.datastore().get_label_uri(image, "final")
+            if label and os.path.isfile(label):  # the study's saved annotation, shown beside the contour
+                check_label(label, case.id, case.input_path, labels)
+                shutil.copyfile(label, os.path.join(case.folder, "annotation.nii.gz"))
+                service.store.update(case, lambda r: r.update(annotation={"name": f"{image} (datastore final label)"}))
         elif file is not None:
             fd, tmp = tempfile.mkstemp(prefix="ctv-upload-")
             try:
