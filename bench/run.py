@@ -1,0 +1,281 @@
+"""Performance of CTV contouring on this machine, against MONAI's stock pipeline and the hardware.
+
+    .venv/bin/python bench/run.py --quick      # < 2 minutes; last line: one JSON object
+    .venv/bin/python bench/run.py              # full run; writes docs/performance.md
+
+1. End to end: /infer/ctv over HTTP on a SYNTHETIC 512x512x120 phantom (0.98x0.98x3 mm) and on
+   the real CT (../shared/data/ct/abdomen_pelvis_3mm.nii.gz): median after a warm-up, the
+   server's per-stage breakdown, HTTP = client time - server total, peak RSS of the server.
+2. The peer: the same 512x512x120 volume through MONAI's stock pipeline as MONAI Label's
+   radiology `segmentation` model sets it up (SegResNet 32 filters, blocks (1,2,2,4)/(1,1,1),
+   26 outputs, random weights; 1.5 mm; ScaleIntensity to [-1, 1]; SlidingWindowInferer roi 96^3,
+   sw_batch_size 2, overlap 0.4). --quick times a sample of its window batches and scales by
+   the number of batches (said in the output); the full run times it whole.
+3. The limit: FLOPs of the network over the whole volume (torch's FLOP counter on one window,
+   times the windows), achieved GFLOP/s, and the fraction of this CPU's fp32 peak measured as a
+   large matmul on the same threads.
+4. Training: patches/s of a training step, plain and with quality weighting (QAM + OCM).
+5. GPU: the same figures when torch sees one (none on the project's machines so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from monailabel.client import MONAILabelClient  # noqa: E402
+
+from ctv_app.lib.losses import DeepSupervisionLoss  # noqa: E402
+from ctv_app.lib.networks import network_for  # noqa: E402
+from ctv_app.lib.params import CTVParams  # noqa: E402
+from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss  # noqa: E402
+from ctv_datastore.phantom import FULL_SHAPE, FULL_SPACING, make_phantom, save_nifti  # noqa: E402
+from tests.support import APP_DIR, REAL_CT, ServerProcess  # noqa: E402
+
+STAGES = ("pre", "infer", "post", "write")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """High-water mark of resident memory of a process (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def server_pid(server: ServerProcess) -> int:
+    """The python process serving (the monailabel wrapper execs it, or it is the wrapper's child)."""
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+    kids = [int(k) for k in children.read_text().split()] if children.exists() else []
+    return kids[0] if kids else server.proc.pid
+
+
+def end_to_end(client: MONAILabelClient, image_id: str, repeats: int) -> dict:
+    client.infer("ctv", image_id, {})  # warm-up
+    walls, latencies = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _, result = client.infer("ctv", image_id, {})
+        walls.append(time.perf_counter() - t0)
+        latencies.append(result["latencies"])
+    median = statistics.median(walls)
+    stages = {k: statistics.median(float(lat[k]) for lat in latencies) for k in STAGES}
+    stages["http"] = median - statistics.median(float(lat["total"]) for lat in latencies)
+    return {"seconds": median, "stages": stages, "runs": repeats}
+
+
+def window_count(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
+    """Sliding windows MONAI places over ``shape`` (its scan interval and last-window rule)."""
+    n = 1
+    for size, r in zip(shape, roi):
+        r = min(r, size)
+        step = max(int(r * (1 - overlap)), 1)
+        n *= int(np.ceil((size - r) / step)) + 1 if size > r else 1
+    return n
+
+
+def network_flops(net: torch.nn.Module, roi: tuple[int, ...], channels: int = 1) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        net(torch.zeros(1, channels, *roi))
+    return float(counter.get_total_flops())
+
+
+def fp32_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def stock_pipeline(path: str, quick: bool) -> dict:
+    """MONAI Label radiology `segmentation` as configured there, random weights, on this volume."""
+    from monai.inferers import SlidingWindowInferer
+    from monai.networks.nets import SegResNet
+    from monai.transforms import EnsureChannelFirstd, LoadImaged, Orientationd, ScaleIntensityd, Spacingd
+
+    t0 = time.perf_counter()
+    data = {"image": path}
+    for t in (
+        LoadImaged(keys="image"),
+        EnsureChannelFirstd(keys="image"),
+        Orientationd(keys="image", axcodes="RAS"),
+        Spacingd(keys="image", pixdim=(1.5, 1.5, 1.5), mode="bilinear"),
+        ScaleIntensityd(keys="image", minv=-1.0, maxv=1.0),
+    ):
+        data = t(data)
+    pre_s = time.perf_counter() - t0
+    x = data["image"][None].as_tensor()
+    net = SegResNet(
+        spatial_dims=3, in_channels=1, out_channels=26, init_filters=32, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1)
+    ).eval()
+    roi, overlap, batch = (96, 96, 96), 0.4, 2
+    windows = window_count(tuple(x.shape[2:]), roi, overlap)
+    batches = int(np.ceil(windows / batch))
+    flops = network_flops(net, roi) * windows
+    with torch.inference_mode():
+        if quick:  # time sample batches of two windows, scale by the number of batches
+            sample = torch.zeros(batch, 1, *roi)
+            net(sample)
+            per_batch = statistics.median(_timed(lambda: net(sample)) for _ in range(2))
+            infer_s = per_batch * batches
+            how = f"sampled: 2 batches of {batch} windows timed ({per_batch:.2f} s each), scaled to {batches} batches"
+        else:
+            inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=batch, overlap=overlap, mode="gaussian")
+            infer_s = _timed(lambda: inferer(x, net))
+            how = "timed whole"
+    return {"seconds": pre_s + infer_s, "pre_s": pre_s, "infer_s": infer_s, "windows": windows,
+            "shape": list(x.shape[2:]), "flops": flops, "how": how}  # fmt: skip
+
+
+def train_throughput(params: CTVParams, steps: int, batch: int = 4) -> dict:
+    """Patches/s of a training step (forward, loss, backward, Adam), plain and with QAM + OCM."""
+    out = {}
+    for name in ("plain", "qam_ocm"):
+        torch.manual_seed(0)
+        net = network_for(params).train()
+        loss_fn = DeepSupervisionLoss(params.loss, reduction="none")
+        weighting = QualityWeightedLoss(QualityAwarenessModule(3, in_channels=2), 2.0) if name == "qam_ocm" else None
+        parameters = list(net.parameters()) + (list(weighting.parameters()) if weighting else [])
+        opt = torch.optim.Adam(parameters, lr=1e-4)
+        x = torch.rand(batch, 1, *params.patch_size)
+        y = (torch.rand(batch, 1, *params.patch_size) > 0.7).float()
+        times = []
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            per_sample = loss_fn(net(x), y)
+            loss = weighting(per_sample, x, y) if weighting else per_sample.mean()
+            loss.backward()
+            opt.step()
+            if i:  # the first step warms up
+                times.append(time.perf_counter() - t0)
+        out[name] = batch / statistics.median(times)
+    out["qam_ocm_overhead"] = out["plain"] / out["qam_ocm"]
+    return out
+
+
+def write_report(figures: dict, command: str) -> None:
+    e, s = figures["e2e"]["phantom 512x512x120"], figures["stock"]
+    lines = [
+        "# Performance",
+        "",
+        f"Command: `{command}` · machine: {figures['machine']} · date: {figures['date']}",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
+    for name, row in figures["e2e"].items():
+        st = row["stages"]
+        lines.append(
+            f"| /infer/ctv, {name} (median of {row['runs']} after a warm-up) | {row['seconds']:.2f} s "
+            f"(pre {st['pre']:.2f}, network {st['infer']:.2f}, post {st['post']:.2f}, write {st['write']:.2f}, "
+            f"HTTP {st['http']:.2f}) |"
+        )
+    lines += [
+        f"| stock MONAI Label radiology pipeline, 512x512x120 ({s['how']}) | {s['seconds']:.1f} s "
+        f"({s['windows']} windows of 96^3 on {s['shape']}) |",
+        f"| ours / stock | {figures['ratio_vs_stock']:.3f} |",
+        f"| non-network share of end to end (512x512x120) | {figures['non_network_share']:.0%} |",
+        f"| peak RSS of the server | {figures['peak_rss_mb']:.0f} MB |",
+        f"| network FLOPs, 512x512x120 ({figures['windows']} windows) | {figures['flops'] / 1e9:.0f} GFLOP |",
+        f"| achieved / fp32 peak (matmul, {figures['threads']} threads) | {figures['gflops']:.1f} / "
+        f"{figures['peak_gflops']:.1f} GFLOP/s = {figures['frac_of_peak_flops']:.1%} |",
+        f"| training, patches/s plain / QAM+OCM | {figures['train']['plain']:.2f} / {figures['train']['qam_ocm']:.2f} "
+        f"(overhead x{figures['train']['qam_ocm_overhead']:.2f}) |",
+        f"| GPU | {figures['gpu']} |",
+        "",
+        "Stage times are the server's own (`latencies` in the result); HTTP is the client's time",
+        "minus the server's total. The stock pipeline uses random weights: speed does not depend on them.",
+    ]
+    _ = e
+    (REPO / "docs" / "performance.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="under 2 minutes: fewer runs, stock pipeline sampled")
+    args = ap.parse_args()
+    repeats = 2 if args.quick else 5
+    params = CTVParams()
+    figures: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "date": datetime.date.today().isoformat(),
+        "threads": torch.get_num_threads(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        studies = Path(tmp) / "studies"
+        studies.mkdir()
+        phantom = studies / "phantom_full.nii.gz"
+        save_nifti(make_phantom(9500, FULL_SHAPE, FULL_SPACING), str(phantom))
+        cases = {"phantom 512x512x120": "phantom_full"}
+        if REAL_CT.exists():
+            os.symlink(REAL_CT, studies / REAL_CT.name)
+            cases["real CT 122x101x112"] = REAL_CT.name.removesuffix(".nii.gz")
+        with ServerProcess(studies, Path(tmp) / "server") as server:
+            client = MONAILabelClient(server.url, tmpdir=str(Path(tmp) / "client"))
+            figures["e2e"] = {name: end_to_end(client, image_id, repeats) for name, image_id in cases.items()}
+            figures["peak_rss_mb"] = peak_rss_mb(server_pid(server))
+        for name, row in figures["e2e"].items():
+            print(f"/infer/ctv {name}: {row['seconds']:.2f} s  " + ", ".join(f"{k} {v:.2f}" for k, v in row["stages"].items()))
+        print(f"peak RSS of the server: {figures['peak_rss_mb']:.0f} MB")
+
+        figures["stock"] = stock_pipeline(str(phantom), args.quick)
+        print(f"stock pipeline: {figures['stock']['seconds']:.1f} s ({figures['stock']['how']})")
+
+    e2e = figures["e2e"]["phantom 512x512x120"]
+    net = network_for(params).eval()
+    pre_shape = [int(round(s * sp / t)) for s, sp, t in zip(FULL_SHAPE, FULL_SPACING, params.target_spacing)]
+    figures["windows"] = window_count(tuple(pre_shape), params.patch_size, params.sw_overlap)
+    figures["flops"] = network_flops(net, params.patch_size) * figures["windows"]
+    figures["gflops"] = figures["flops"] / e2e["stages"]["infer"] / 1e9
+    figures["peak_gflops"] = fp32_peak_gflops()
+    figures["frac_of_peak_flops"] = figures["gflops"] / figures["peak_gflops"]
+    figures["ratio_vs_stock"] = e2e["seconds"] / figures["stock"]["seconds"]
+    figures["non_network_share"] = 1 - e2e["stages"]["infer"] / e2e["seconds"]
+    print(f"network: {figures['flops'] / 1e9:.0f} GFLOP over {figures['windows']} windows, {figures['gflops']:.1f} GFLOP/s "
+          f"= {figures['frac_of_peak_flops']:.1%} of the measured fp32 peak {figures['peak_gflops']:.1f} GFLOP/s")
+    figures["train"] = train_throughput(params, steps=2 if args.quick else 6)
+    print(f"training: {figures['train']['plain']:.2f} patches/s plain, {figures['train']['qam_ocm']:.2f} with QAM+OCM "
+          f"(x{figures['train']['qam_ocm_overhead']:.2f})")
+    figures["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none on this machine"
+    if not args.quick:
+        write_report(figures, "python bench/run.py")
+        print("wrote docs/performance.md")
+    print(json.dumps({
+        "e2e_s": round(e2e["seconds"], 3),
+        "e2e_real_ct_s": round(figures["e2e"].get("real CT 122x101x112", {}).get("seconds", float("nan")), 3),
+        "stock_s": round(figures["stock"]["seconds"], 2),
+        "stock_timing": "sampled" if args.quick else "whole",
+        "ratio_vs_stock": round(figures["ratio_vs_stock"], 4),
+        "peak_rss_mb": round(figures["peak_rss_mb"], 1),
+        "frac_of_peak_flops": round(figures["frac_of_peak_flops"], 4),
+        "non_network_share": round(figures["non_network_share"], 3),
+        "stages_s": {k: round(v, 3) for k, v in e2e["stages"].items()},
+        "train_patches_per_s": {k: round(v, 3) for k, v in figures["train"].items()},
+    }))
+
+
+if __name__ == "__main__":
+    main()
