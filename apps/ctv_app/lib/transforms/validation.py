@@ -69,12 +69,13 @@ class ValidateCT(Transform):
                 raise InvalidInputError(
                     f"'{name}' has voxel spacing {np.round(spacing, 3).tolist()} mm, outside {SPACING_RANGE_MM} mm"
                 )
-        values = torch.as_tensor(img).float()
-        if not bool(torch.isfinite(values).all()):
+        values = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)  # no metadata tracking
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
             raise InvalidInputError(f"'{name}' contains NaN or infinite values")
-        sample = values.flatten()[:: max(1, values.numel() // 1_000_000)]
+        # A strided sample of ~250k voxels estimates these two figures to well under a percent.
+        sample = values.flatten()[:: max(1, values.numel() // 250_000)].float()
         low_fraction = float((sample < CT_LOW_HU).float().mean())
-        p99 = float(torch.quantile(sample, 0.99))
+        p99 = float(torch.kthvalue(sample, max(1, int(0.99 * sample.numel()))).values)
         if low_fraction < CT_LOW_FRACTION or p99 > CT_MAX_P99:
             raise InvalidInputError(
                 f"'{name}' does not look like CT in Hounsfield units: {low_fraction:.1%} of voxels below "
