@@ -36,7 +36,7 @@ def pre_transforms(params: CTVParams, with_label: bool = False) -> list:
     keys = ["image", "label"] if with_label else ["image"]
     lo, hi = params.window
     chain = [
-        LoadCTImaged(keys=keys, image_only=True),
+        LoadCTImaged(keys=keys, image_only=True, dtype=None),  # as stored (int16 CT): float32 later, once
         EnsureChannelFirstd(keys=keys),
         ValidateCTd(keys="image"),
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
