@@ -47,6 +47,7 @@ from ctv_datastore.phantom import FULL_SHAPE, FULL_SPACING, make_phantom, save_n
 from tests.support import APP_DIR, REAL_CT, ServerProcess  # noqa: E402
 
 STAGES = ("pre", "infer", "post", "write")
+NOTES_MARKER = "<!-- Written by hand below; bench/run.py keeps it when it rewrites the table above. -->"
 
 
 def cpu_model() -> str:
@@ -247,7 +248,11 @@ def write_report(figures: dict, command: str) -> None:
         "Stage times are the server's own (`latencies` in the result); HTTP is the client's time",
         "minus the server's total. The stock pipeline uses random weights: speed does not depend on them.",
     ]
-    (REPO / "docs" / "performance.md").write_text("\n".join(lines) + "\n")
+    report = REPO / "docs" / "performance.md"
+    notes = ""
+    if report.exists() and NOTES_MARKER in report.read_text():  # the hand-written part is kept
+        notes = report.read_text()[report.read_text().index(NOTES_MARKER) :]
+    report.write_text("\n".join(lines) + "\n\n" + (notes or NOTES_MARKER + "\n"))
 
 
 def main() -> None:
