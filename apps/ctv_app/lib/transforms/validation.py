@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable, Mapping
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
@@ -15,6 +16,9 @@ from ..dicom.reader import DicomSeriesReader
 from ..errors import InvalidInputError
 
 MIN_VOXELS_PER_AXIS = 4
+# Largest image accepted, checked from the header before any voxel is read (CTV_MAX_VOXELS to change):
+# 512x512x2000 slices, about 2 GB as float32.
+MAX_VOXELS = int(os.environ.get("CTV_MAX_VOXELS", 512 * 512 * 2000))
 SPACING_RANGE_MM = (0.05, 20.0)
 # A CT in HU holds air or fat (< -200 HU) in at least 1% of voxels and tops out far below 5000 HU;
 # MR, PET, 8-bit images and label maps fail one of these.
@@ -34,6 +38,8 @@ class LoadCTImaged(LoadImaged):
         d = dict(data)
         for key in self.key_iterator(d):
             path = d[key]
+            if isinstance(path, str):
+                check_size(path)
             if reader is None and isinstance(path, str) and os.path.isdir(path):
                 chosen = self.series_reader  # named explicitly: its errors reach the caller unchanged
             else:
@@ -47,6 +53,49 @@ class LoadCTImaged(LoadImaged):
                 why = str(e).replace(str(path), name)  # the server's folders are nobody's business
                 raise InvalidInputError(f"image '{name}' is not a readable 3D image: {type(e).__name__}: {why}") from e
         return d
+
+
+def check_size(path: str, limit: int | None = None) -> None:
+    """Refuse an image over ``limit`` voxels from its header alone (NIfTI, or a DICOM series folder)."""
+    limit = MAX_VOXELS if limit is None else limit
+    name = os.path.basename(os.path.normpath(path))
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise InvalidInputError(f"image '{name}' is an empty file (0 bytes)")
+    if os.path.isdir(path):
+        from ..dicom.series import find_ct_series
+
+        series = find_ct_series(path)
+        shape = (int(series.headers[0].Rows), int(series.headers[0].Columns), len(series.paths))
+    elif path.endswith((".nii", ".nii.gz")):
+        try:
+            header = nib.load(path).header  # the header only
+        except Exception:
+            return  # unreadable: the loader says so, with its reason
+        shape = tuple(int(s) for s in header.get_data_shape())
+        _check_nifti_geometry(header, name)
+    else:
+        return
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if voxels > limit:
+        raise InvalidInputError(
+            f"image '{name}' has {voxels:,} voxels {shape}; the limit is {limit:,} (CTV_MAX_VOXELS)"
+        )
+
+
+def _check_nifti_geometry(header, name: str) -> None:
+    """A geometry the header states must be usable: nibabel would otherwise fall back silently to
+    another one (e.g. an sform with a zero spacing is replaced by pixdim)."""
+    stated = [(k, a) for k, a, code in (("sform", header.get_sform(), header["sform_code"]),
+                                        ("qform", header.get_qform(), header["qform_code"])) if code > 0]  # fmt: skip
+    if not stated:
+        stated = [("pixdim", np.diag([*header.get_zooms()[:3], 1.0]))]
+    for kind, affine in stated:
+        spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+        lo, hi = SPACING_RANGE_MM
+        if not np.all(np.isfinite(spacing)) or np.any(spacing < lo) or np.any(spacing > hi):
+            raise InvalidInputError(
+                f"image '{name}': its {kind} gives voxel spacing {np.round(spacing, 4).tolist()} mm, outside {lo}-{hi} mm"
+            )
 
 
 class ValidateCT(Transform):

@@ -1,0 +1,101 @@
+"""Bad input through the real server: a 4xx naming the problem, the server stays up, nothing written."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+
+from ..support import REAL_CT, ServerProcess
+
+OWNER = {"X-CTV-Owner": "reliability-" + "r" * 32}
+
+
+def nifti(path: Path, data: np.ndarray, affine=None) -> Path:
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(data.dtype)
+    header.set_sform(np.diag([1.0, 1.0, 3.0, 1.0]) if affine is None else affine, code=1)  # a qform cannot
+    header.set_qform(None, code=0)  # hold a zero spacing: the sform alone, written as given
+    nib.save(nib.Nifti1Image(data, None, header), path)
+    return path
+
+
+def ct_like(shape=(32, 32, 8)) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.normal(-500, 400, shape).astype(np.float32)
+
+
+def bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, words the 422 must contain)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    empty = folder / "empty.nii.gz"
+    empty.write_bytes(b"")
+    truncated = folder / "truncated.nii.gz"
+    truncated.write_bytes(REAL_CT.read_bytes()[:4000] if REAL_CT.exists() else gzip.compress(b"\x00" * 100)[:20])
+    nan, inf = ct_like(), ct_like()
+    nan[3, 3, 3], inf[4, 4, 4] = np.nan, np.inf
+    return {
+        "zero bytes": (empty, "empty file"),
+        "truncated NIfTI": (truncated, "not a readable 3D image"),
+        "2D": (nifti(folder / "flat.nii.gz", ct_like((64, 64))), "3D volume"),
+        "4D": (nifti(folder / "timeseries.nii.gz", ct_like((16, 16, 8, 3))), "single-channel 3D volume"),
+        "spacing 0": (nifti(folder / "zero_spacing.nii.gz", ct_like(), np.diag([0.0, 1.0, 3.0, 1.0])), "spacing"),
+        "spacing 1e6": (nifti(folder / "huge_spacing.nii.gz", ct_like(), np.diag([1e6, 1.0, 3.0, 1.0])), "spacing"),
+        "NaN voxels": (nifti(folder / "nan.nii.gz", nan), "NaN or infinite"),
+        "inf voxels": (nifti(folder / "inf.nii.gz", inf), "NaN or infinite"),
+        "not CT": (nifti(folder / "mr.nii.gz", np.random.default_rng(1).uniform(0, 255, (32, 32, 8)).astype(np.uint8)),
+                   "does not look like CT"),
+    }  # fmt: skip
+
+
+def test_bad_uploads_are_4xx_and_the_server_stays_up(server, tmp_path):
+    cases_before = sorted((server.workdir / "cases").glob("*")) if (server.workdir / "cases").exists() else []
+    for name, (path, words) in bad_files(tmp_path).items():
+        r = requests.post(f"{server.url}/infer/ctv?output=json", files={"file": (path.name, path.read_bytes())}, timeout=120)
+        assert r.status_code == 422, (name, r.status_code, r.text)
+        assert words in r.json()["detail"], (name, r.json()["detail"])
+        assert str(tmp_path) not in r.text and "/tmp" not in r.json()["detail"]  # no server paths in messages
+        page = requests.post(f"{server.url}/ctv/api/cases", files={"file": (path.name, path.read_bytes())},
+                             headers=OWNER, timeout=120)  # fmt: skip
+        assert page.status_code == 422, (name, page.status_code, page.text)
+    assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
+    cases_after = sorted((server.workdir / "cases").glob("*")) if (server.workdir / "cases").exists() else []
+    assert cases_after == cases_before  # nothing stored, not even a staging folder
+
+
+def test_corrupt_zip_and_dicom_are_refused(server, tmp_path):
+    not_zip = b"PK\x03\x04 this is not really a zip"
+    bad_dicom = io.BytesIO()
+    with zipfile.ZipFile(bad_dicom, "w") as z:
+        z.writestr("series/CT_1.dcm", b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00truncated")
+    for name, data, words in (("broken.zip", not_zip, "not a readable zip"),
+                              ("series.zip", bad_dicom.getvalue(), "no DICOM image files")):  # fmt: skip
+        r = requests.post(f"{server.url}/ctv/api/cases", files={"file": (name, data)}, headers=OWNER, timeout=60)
+        assert r.status_code == 422 and words in r.json()["detail"], (name, r.text)
+
+
+@pytest.mark.parametrize("image_id", ["../../etc/passwd", "/etc/passwd", "a\x00b", "..%2F..%2Fetc%2Fpasswd"])
+def test_path_traversal_ids_are_not_files(server, image_id):
+    r = requests.post(f"{server.url}/infer/ctv", params={"image": image_id, "output": "json"}, timeout=60)
+    assert r.status_code in (404, 422), r.text
+    label = requests.put(
+        f"{server.url}/datastore/label", params={"image": "phantom_09100", "tag": image_id},
+        files={"label": ("x.nii.gz", b"")}, timeout=60,
+    )  # fmt: skip
+    assert label.status_code in (404, 422), label.text
+
+
+def test_image_over_the_voxel_limit_is_refused_from_its_header(tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    big = nifti(tmp_path / "big.nii.gz", ct_like((64, 64, 40)))  # 163,840 voxels
+    with ServerProcess(studies, tmp_path / "server", env={"CTV_MAX_VOXELS": "100000"}) as server:
+        r = requests.post(f"{server.url}/infer/ctv?output=json", files={"file": (big.name, big.read_bytes())}, timeout=120)
+        assert r.status_code == 422 and "163,840 voxels" in r.json()["detail"] and "100,000" in r.json()["detail"]
