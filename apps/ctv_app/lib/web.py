@@ -20,6 +20,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import pydicom
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
@@ -31,6 +32,7 @@ from .cases import Case, CaseStore
 from .datastore import check_label
 from .dicom.results import write_dicom_result
 from .errors import CTVError, ImageNotFoundError, InvalidInputError, NotAuthorisedError
+from .provenance import input_sha256
 from .transforms.validation import LoadCTImaged, ValidateCTd
 
 logger = logging.getLogger(__name__)
@@ -65,8 +67,6 @@ class ContouringService:
 
     def create_case(self, owner: str, filename: str, upload: str) -> Case:
         case = self.store.create(owner, filename, upload, validate=load_ct)
-        from .provenance import input_sha256
-
         self.store.update(case, lambda r: r["input"].update({"contoured_sha256": input_sha256(case.input_path)}))
         return case
 
@@ -268,8 +268,6 @@ def embedded_input_sha256(path: str) -> str | None:
             except (ValueError, KeyError, TypeError):
                 continue
         return None
-    import pydicom
-
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     text = str(ds.get("StructureSetDescription", "") or ds.get("ImageComments", ""))
     marker = "input sha256 "

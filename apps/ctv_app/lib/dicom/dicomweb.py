@@ -29,6 +29,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
+from ..datastore import check_label
 from ..errors import CTVError, ImageNotFoundError, InvalidInputError
 from .seg import SEG_MANUFACTURER, read_seg_mask, write_seg
 from .series import read_ct_geometry
@@ -122,8 +123,6 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
     ) -> str:
-        from ..datastore import check_label  # the folder datastore's checks, for one rule
-
         folder = self.get_image_uri(image_id)
         converted = None
         if label_filename.endswith(".bin"):  # raw uint8 voxels from a viewer (OHIF's MONAI Label client)

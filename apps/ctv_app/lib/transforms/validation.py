@@ -13,6 +13,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImaged, MapTransform, Transform
 
 from ..dicom.reader import DicomSeriesReader
+from ..dicom.series import find_ct_series
 from ..errors import InvalidInputError
 
 MIN_VOXELS_PER_AXIS = 4
@@ -62,8 +63,6 @@ def check_size(path: str, limit: int | None = None) -> None:
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise InvalidInputError(f"image '{name}' is an empty file (0 bytes)")
     if os.path.isdir(path):
-        from ..dicom.series import find_ct_series
-
         series = find_ct_series(path)
         shape = (int(series.headers[0].Rows), int(series.headers[0].Columns), len(series.paths))
     elif path.endswith((".nii", ".nii.gz")):
