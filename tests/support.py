@@ -71,8 +71,9 @@ class ServerProcess:
             "--port",
             str(self.port),
         ]
-        # The page's uploads go to the work folder, never into the app folder.
-        for key, value in {"cases_path": str(self.workdir / "cases"), **self.conf}.items():
+        # The page's uploads and the audit log go to the work folder, never into the app folder.
+        defaults = {"cases_path": str(self.workdir / "cases"), "audit_log": str(self.workdir / "audit.jsonl")}
+        for key, value in {**defaults, **self.conf}.items():
             cmd += ["--conf", key, value]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -83,7 +84,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if requests.get(f"{self.url}/info/", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}/info/", timeout=2).status_code in (200, 401):  # 401: auth on
                     return self
             except requests.ConnectionError:
                 pass

@@ -27,8 +27,11 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.async_tasks.task import AsyncTask
 
-from ctv_app.lib.configs.ctv import CTVConfig
 from ctv_app.lib import web
+from ctv_app.lib.admission import InferenceGate
+from ctv_app.lib.api import install_api
+from ctv_app.lib.audit import AuditLog
+from ctv_app.lib.configs.ctv import CTVConfig
 from ctv_app.lib.cases import CaseStore
 from ctv_app.lib.datastore import CTVDatastore
 from ctv_app.lib.dicom.dicomweb import CTVDicomWebDatastore
@@ -37,6 +40,7 @@ from ctv_app.lib.provenance import software_versions
 from ctv_app.lib.web import ContouringService
 from ctv_app.lib.errors import CTVError, ImageNotFoundError, InvalidInputError
 from ctv_app.lib.params import as_bool
+from ctv_app.lib.security import Users
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +70,25 @@ class CTVApp(MONAILabelApp):
         )
         # Scores depend on the model: the uncertain strategy rescores lazily instead of after every call.
         self._auto_update_scoring = conf.get("auto_update_scoring", "false").lower() == "true"
-        self._mount_page(app_dir, conf, names[0])
+        self.infer_gate = InferenceGate(
+            workers=int(conf.get("infer_workers", 1)), max_waiting=int(conf.get("infer_max_waiting", 8))
+        )
+        self._mount_web(app_dir, conf, names[0])
 
-    def _mount_page(self, app_dir: str, conf: dict[str, str], model: str) -> None:
-        """The contouring page at /ctv/ (``--conf cases_path DIR`` keeps its uploads; default <app>/cases)."""
+    def _mount_web(self, app_dir: str, conf: dict[str, str], model: str) -> None:
+        """Access control, audit and API changes (``lib/api.py``) and the contouring page at /ctv/.
+
+        ``--conf cases_path DIR`` keeps the page's uploads (default <app>/cases); ``--conf audit_log
+        FILE`` (or CTV_AUDIT_LOG) the audit trail (default <app>/logs/audit.jsonl); CTV_MAX_UPLOAD_MB
+        (or ``--conf max_upload_mb``) bounds request bodies (default 2048)."""
         server = sys.modules.get("monailabel.app")
         if server is None:  # a training or scoring subprocess: no web server here
             return
+        audit_path = conf.get("audit_log") or os.environ.get("CTV_AUDIT_LOG") or os.path.join(app_dir, "logs", "audit.jsonl")
+        max_upload_mb = float(conf.get("max_upload_mb") or os.environ.get("CTV_MAX_UPLOAD_MB") or 2048)
+        users = Users.configured()
+        logger.info(f"access control {'on: ' + str(users.count) + ' users' if users else 'OFF (local demo)'}")
+        install_api(server.app, users, AuditLog(audit_path), int(max_upload_mb * 2**20))
         config = self.models[model]
         store = CaseStore(conf.get("cases_path") or os.path.join(app_dir, "cases"))
         self.contouring = ContouringService(store, self, model, config.params.window, config.rt_config)
@@ -196,7 +212,8 @@ class CTVApp(MONAILabelApp):
                     raise InvalidInputError("store_result needs a DICOMweb datastore to store the result in")
                 if str(request.get("result_format") or "nifti").lower() == "nifti":
                     raise InvalidInputError("store_result needs result_format 'dicom_seg' or 'rtstruct'")
-            result = super().infer(request, datastore)
+            with self.infer_gate.slot():
+                result = super().infer(request, datastore)
             if store_result:
                 try:
                     result["params"]["stored"] = store.store_result(result["file"])
@@ -206,4 +223,4 @@ class CTVApp(MONAILabelApp):
             return result
         except CTVError as e:
             logger.warning(f"infer rejected: {e}")
-            raise HTTPException(status_code=e.status_code, detail=str(e)) from e
+            raise HTTPException(status_code=e.status_code, detail=str(e), headers=e.headers) from e

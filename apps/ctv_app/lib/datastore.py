@@ -29,6 +29,7 @@ from .dicom.rtstruct import rasterise, read_rtstruct
 from .dicom.scan import VIEW_FOLDER, DicomScanner, link_view
 from .dicom.series import read_ct_geometry
 from .errors import ImageNotFoundError, InvalidInputError
+from .security import annotator_of
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ class CTVDatastore(LocalDatastore):
         self._check_label(image_id, label_filename)
 
         info = dict(label_info or {})
-        info["annotator"] = str(info.get("annotator") or info.get("user") or "unknown")
+        info["annotator"] = annotator_of(info)
         info["sha256"] = file_sha256(label_filename)
         label_dir = self._datastore.label_path(label_tag)
         name = self._filename(image_id, ext)

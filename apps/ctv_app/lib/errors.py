@@ -34,3 +34,13 @@ class NotAuthorisedError(CTVError):
     """The request does not say whose data it is."""
 
     status_code = 401
+
+
+class ServerBusyError(CTVError):
+    """Too many requests waiting; the client should retry after ``retry_after_s``."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(int(retry_after_s))}

@@ -24,8 +24,6 @@ import pydicom
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from monailabel.config import settings
-from monailabel.endpoints.user.auth import RBAC, User
 from monai.transforms import EnsureChannelFirstd
 
 from .cases import Case, CaseStore
@@ -33,6 +31,7 @@ from .datastore import check_label
 from .dicom.results import write_dicom_result
 from .errors import CTVError, ImageNotFoundError, InvalidInputError, NotAuthorisedError
 from .provenance import input_sha256
+from .security import current_user
 from .transforms.validation import LoadCTImaged, ValidateCTd
 
 logger = logging.getLogger(__name__)
@@ -143,9 +142,11 @@ class ContouringService:
         }  # fmt: skip
 
 
-def owner_of(request: Request, user: User) -> str:
-    if settings.MONAI_LABEL_AUTH_ENABLE and getattr(user, "username", None):
-        return f"user:{user.username}"
+def owner_of(request: Request) -> str:
+    """The authenticated user when access control is on; else the browser's owner cookie or header."""
+    user = current_user()
+    if user is not None:
+        return f"user:{user.name}"
     token = request.headers.get(OWNER_HEADER) or request.cookies.get(OWNER_COOKIE)
     if not token or len(token) < 16:
         raise NotAuthorisedError(f"no owner token: open /ctv/ in a browser, or send the {OWNER_HEADER} header")
@@ -154,10 +155,8 @@ def owner_of(request: Request, user: User) -> str:
 
 def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
     router = APIRouter(prefix="/ctv", tags=["CTV page"])
-    authorised = RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)
-
-    def owner(request: Request, user: User = Depends(authorised)) -> str:
-        return owner_of(request, user)
+    def owner(request: Request) -> str:
+        return owner_of(request)
 
     @router.get("/", include_in_schema=False)
     def page(request: Request):

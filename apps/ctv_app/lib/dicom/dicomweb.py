@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset
 
 from ..datastore import check_label
 from ..errors import CTVError, ImageNotFoundError, InvalidInputError
+from ..security import annotator_of
 from .seg import SEG_MANUFACTURER, read_seg_mask, write_seg
 from .series import read_ct_geometry
 
@@ -130,7 +131,7 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
         try:
             mask = check_label(label_filename, image_id, folder, self.label_values)
             info = dict(label_info or {})
-            info["annotator"] = str(info.get("annotator") or info.get("user") or "unknown")
+            info["annotator"] = annotator_of(info)
             if label_tag == DefaultLabelTag.FINAL:
                 geometry, headers = read_ct_geometry(folder)
                 fd, seg_path = tempfile.mkstemp(suffix=".dcm")

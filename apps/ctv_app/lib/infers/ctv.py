@@ -131,8 +131,9 @@ class CTVInfer(BasicInferTask):
         cached = self._loaded.get(str(device))
         if cached is None or cached[1] != mtime:
             try:
-                network, record = self._load(path, device)
+                network, record, qam = self._load(path, device)
                 self._loaded[str(device)] = (network, mtime, record)
+                self._qam_states = {record["sha256"]: qam}
                 logger.info(f"serving CTV model {record['sha256'][:12]} from {path}")
             except Exception as e:
                 if cached is None:
@@ -144,7 +145,11 @@ class CTVInfer(BasicInferTask):
             data["model_record"] = record
         return network
 
-    def _load(self, path: str, device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    def check_weights(self, path: str) -> dict[str, Any]:
+        """The provenance record of weights this task would serve; raises if it cannot load them."""
+        return self._load(path, "cpu")[1]
+
+    def _load(self, path: str, device) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
         with open(path, "rb") as f:
             blob = f.read()
         checkpoint = load_checkpoint(io.BytesIO(blob), map_location=str(device))
@@ -158,8 +163,7 @@ class CTVInfer(BasicInferTask):
         network.load_state_dict(checkpoint["model"], strict=True)
         network.eval()
         record = model_record(self.name, path, checkpoint, hashlib.sha256(blob).hexdigest())
-        self._qam_states = {record["sha256"]: checkpoint.get("meta", {}).get("qam")}
-        return network, record
+        return network, record, checkpoint.get("meta", {}).get("qam")
 
     def served_qam(self) -> tuple[dict[str, Any] | None, str]:
         """The QAM trained with the served model (None unless it was trained with quality weighting)

@@ -1,0 +1,48 @@
+"""Admission control for inference: a bounded number of requests wait, the rest are told when to retry.
+
+A CPU server runs one inference at a time well (torch already uses every core); letting requests
+pile up only makes every one of them late and grows memory. ``max_waiting`` requests may wait
+for the ``workers``; the next one gets a 503 with Retry-After, estimated from recent latency.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from .errors import ServerBusyError
+
+
+class InferenceGate:
+    def __init__(self, workers: int = 1, max_waiting: int = 8):
+        if workers < 1 or max_waiting < 0:
+            raise ValueError(f"workers must be >= 1 and max_waiting >= 0 (got {workers}, {max_waiting})")
+        self.workers, self.max_waiting = workers, max_waiting
+        self._slots = threading.Semaphore(workers)
+        self._lock = threading.Lock()
+        self._admitted = 0
+        self._mean_s = 5.0  # until measured
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Wait for a worker, or raise ServerBusyError at once if too many already wait."""
+        with self._lock:
+            if self._admitted >= self.workers + self.max_waiting:
+                waiting = self._admitted - self.workers
+                raise ServerBusyError(
+                    f"{waiting} inference requests are already waiting (limit {self.max_waiting}); retry later",
+                    retry_after_s=max(1, math.ceil(self._mean_s * self._admitted / self.workers)),
+                )
+            self._admitted += 1
+        try:
+            with self._slots:
+                start = time.monotonic()
+                yield
+                with self._lock:
+                    self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - start)
+        finally:
+            with self._lock:
+                self._admitted -= 1

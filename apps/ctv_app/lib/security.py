@@ -1,0 +1,355 @@
+"""Built-in access control, upload limit and audit trail: MONAI Label's own auth needs Keycloak.
+
+Users hold one role each; a role includes the ones before it:
+
+- ``annotator``: read images, run inference, save labels, use the contouring page and OHIF;
+- ``reviewer``: also delete labels and rescore the worklist;
+- ``admin``: also train, upload or delete models and images, read server logs and the audit log.
+
+Users come from a JSON file named by ``CTV_AUTH_FILE``::
+
+    {"users": [{"name": "dr_a", "role": "annotator", "token_sha256": "<sha256 of the token>"}]}
+
+(``python -m ctv_app.lib.security add-user NAME ROLE FILE`` makes a token and adds its hash), or
+from ``CTV_AUTH_TOKENS="name:role:token;name:role:token"``. With neither, access control is off:
+the local demo. Clients send ``Authorization: Bearer <token>``, or Basic ``name:token``, which is
+what browsers (OHIF, the /ctv/ page) and MONAI Label's ``/auth/token`` login use.
+
+Every route needs a role (unknown routes need ``admin``) except ``GET /auth/`` and
+``POST /auth/token``, which a client needs before it has a token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextvars
+import hashlib
+import json
+import os
+import re
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qs
+
+import anyio
+
+from .audit import AuditLog
+
+ROLES = ("annotator", "reviewer", "admin")
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"user '{self.name}': role must be one of {ROLES}, not {self.role!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", self.name):
+            raise ValueError(f"user name {self.name!r}: letters, digits and _ . @ - only")
+
+    def has(self, role: str) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+
+ANONYMOUS = User("anonymous", "admin")  # who everyone is when access control is off
+_current_user: contextvars.ContextVar[User | None] = contextvars.ContextVar("ctv_user", default=None)
+
+
+def current_user() -> User | None:
+    """The authenticated user of the request being served; None when access control is off."""
+    return _current_user.get()
+
+
+def annotator_of(label_info: dict[str, Any]) -> str:
+    """Who saved a label: the authenticated user when access control is on (a claimed name is not
+    trusted), else the ``annotator`` or ``user`` the client sent."""
+    user = current_user()
+    if user is not None:
+        return user.name
+    return str(label_info.get("annotator") or label_info.get("user") or "unknown")
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Users:
+    """Users by the sha256 of their token: tokens themselves are never stored."""
+
+    def __init__(self, by_token_sha256: dict[str, User]):
+        if not by_token_sha256:
+            raise ValueError("access control is configured but names no users")
+        self._by_sha = dict(by_token_sha256)
+
+    @classmethod
+    def from_file(cls, path: str) -> "Users":
+        with open(path) as f:
+            entries = json.load(f).get("users", [])
+        users = {}
+        for entry in entries:
+            sha = str(entry.get("token_sha256", "")).lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", sha):
+                raise ValueError(f"{path}: user '{entry.get('name')}' needs token_sha256 (64 hex digits)")
+            users[sha] = User(str(entry.get("name")), str(entry.get("role")))
+        return cls(users)
+
+    @classmethod
+    def from_env_value(cls, value: str) -> "Users":
+        users = {}
+        for item in filter(None, (part.strip() for part in value.split(";"))):
+            name, role, token = (item.split(":", 2) + ["", ""])[:3]
+            if len(token) < 16:
+                raise ValueError(f"CTV_AUTH_TOKENS: user '{name}' needs a token of at least 16 characters")
+            users[token_sha256(token)] = User(name, role)
+        return cls(users)
+
+    @classmethod
+    def configured(cls, env: dict[str, str] | None = None) -> "Users | None":
+        """From CTV_AUTH_FILE, else CTV_AUTH_TOKENS; None (access control off) when neither is set."""
+        env = os.environ if env is None else env
+        if env.get("CTV_AUTH_FILE"):
+            return cls.from_file(env["CTV_AUTH_FILE"])
+        if env.get("CTV_AUTH_TOKENS"):
+            return cls.from_env_value(env["CTV_AUTH_TOKENS"])
+        return None
+
+    @property
+    def count(self) -> int:
+        return len(self._by_sha)
+
+    def by_token(self, token: str) -> User | None:
+        return self._by_sha.get(token_sha256(token)) if token else None
+
+    def by_name_and_token(self, name: str, token: str) -> User | None:
+        user = self.by_token(token)
+        return user if user is not None and secrets.compare_digest(user.name, name) else None
+
+    def from_authorization(self, header: str) -> User | None:
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            return self.by_token(value.strip())
+        if scheme.lower() == "basic":
+            try:
+                name, _, token = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return None
+            return self.by_name_and_token(name, token)
+        return None
+
+
+@dataclass(frozen=True)
+class Rule:
+    methods: frozenset[str]
+    pattern: re.Pattern
+    role: str | None  # None: open to anyone
+    action: str | None = None  # recorded in the audit log when set
+
+
+def _rule(methods: str, pattern: str, role: str | None, action: str | None = None) -> Rule:
+    return Rule(frozenset(methods.split()), re.compile(f"(?:{pattern})\\Z"), role, action)
+
+
+# First match wins; a route no rule names needs admin.
+RULES: tuple[Rule, ...] = (
+    _rule("GET", r"/auth/", None),
+    _rule("POST", r"/auth/token", None),
+    _rule("GET", r"/(info/?)?|/auth/token/valid|/openapi\.json|/docs|/favicon\.ico|/static/.*", "annotator"),
+    _rule("POST", r"/infer/.*", "annotator", "infer"),
+    _rule("POST", r"/batch/infer/.*", "admin", "infer.batch"),
+    _rule("GET", r"/train/?", "annotator"),
+    _rule("POST", r"/train/.*", "admin", "train.start"),
+    _rule("DELETE", r"/train/?", "admin", "train.stop"),
+    _rule("PUT", r"/model/.*", "admin", "model.upload"),
+    _rule("DELETE", r"/model/.*", "admin", "model.delete"),
+    _rule("GET", r"/model/.*", "admin"),
+    _rule("POST", r"/activelearning/.*", "annotator"),
+    _rule("GET", r"/scoring/?", "annotator"),
+    _rule("POST", r"/scoring/.*", "reviewer", "scoring.run"),
+    _rule("DELETE", r"/scoring/?", "reviewer", "scoring.stop"),
+    _rule("GET", r"/datastore/dataset", "admin", "datastore.export"),
+    _rule("GET", r"/datastore/.*", "annotator"),
+    _rule("PUT", r"/datastore/label", "annotator", "label.save"),
+    _rule("PUT", r"/datastore/(label/info|updatelabelinfo)", "annotator", "label.info"),
+    _rule("DELETE", r"/datastore/label", "reviewer", "label.delete"),
+    _rule("PUT", r"/datastore/(image)?", "admin", "image.upload"),
+    _rule("PUT", r"/datastore/image/info", "admin", "image.info"),
+    _rule("DELETE", r"/datastore/(image)?", "admin", "image.delete"),
+    _rule("GET PUT DELETE", r"/session/.*", "annotator", None),
+    _rule("GET", r"/(ohif|proxy)/.*", "annotator"),
+    _rule("POST", r"/proxy/dicom/.*", "annotator", "dicom.store"),
+    _rule("GET", r"/audit/?", "admin"),
+    _rule("GET", r"/ctv(/.*)?", "annotator"),
+    _rule("POST", r"/ctv/api/cases", "annotator", "case.upload"),
+    _rule("POST", r"/ctv/api/cases/[^/]+/contour", "annotator", "case.contour"),
+    _rule("POST", r"/ctv/api/cases/[^/]+/annotation", "annotator", "case.annotate"),
+)
+ADMIN_ONLY = Rule(frozenset(), re.compile(""), "admin", "other")
+
+
+def rule_for(method: str, path: str) -> Rule:
+    method = "GET" if method == "HEAD" else method  # HEAD asks what GET would answer
+    for rule in RULES:
+        if method in rule.methods and rule.pattern.match(path):
+            return rule
+    return ADMIN_ONLY
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+Send = Callable[[dict], Awaitable[None]]
+_AUDITED_QUERY = ("image", "id", "tag", "label", "model")
+
+
+class AccessControl:
+    """ASGI middleware: authenticate, check the route's role, bound the body size, audit.
+
+    With ``users`` None (access control off) every request is served as ``anonymous``; the
+    upload limit and the audit log apply either way."""
+
+    def __init__(self, app, users: Users | None, audit: AuditLog, max_body_bytes: int):
+        self.app, self.users, self.audit, self.max_body_bytes = app, users, audit, max_body_bytes
+
+    async def __call__(self, scope: dict, receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        rule = rule_for(method, path)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        user = ANONYMOUS if self.users is None else self.users.from_authorization(headers.get("authorization", ""))
+        refusal = None
+        if self.users is not None and rule.role is not None:
+            if user is None:
+                refusal = (401, "a valid token is required (Authorization: Bearer <token>, or Basic name:token)")
+            elif not user.has(rule.role):
+                refusal = (403, f"{method} {path} needs the {rule.role} role; '{user.name}' is {user.role}")
+        if refusal is None and _declared_length(headers) > self.max_body_bytes:
+            refusal = (413, f"the upload is larger than this server's limit of {self.max_body_bytes:,} bytes")
+        if refusal is not None:
+            await _send_error(send, *refusal)
+            await self._record(scope, rule, user, refusal[0])
+            return
+
+        status = {"code": 500}
+        started = False
+
+        async def send_watching(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started, status["code"] = True, message["status"]
+            await send(message)
+
+        received = 0
+
+        async def receive_bounded() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise BodyTooLarge
+            return message
+
+        token = _current_user.set(None if self.users is None else user)
+        try:
+            await self.app(scope, receive_bounded, send_watching)
+        except BodyTooLarge:
+            if started:
+                raise
+            status["code"] = 413
+            await _send_error(send, 413, f"the upload is larger than this server's limit of {self.max_body_bytes:,} bytes")
+        finally:
+            _current_user.reset(token)
+            await self._record(scope, rule, user, status["code"])
+
+    async def _record(self, scope: dict, rule: Rule, user: User | None, status: int) -> None:
+        if rule.action is None and status not in (401, 403):
+            return
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        entry: dict[str, Any] = {
+            "user": user.name if user else None,
+            "role": user.role if user else None,
+            "action": rule.action or "refused",
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "client": (scope.get("client") or ("", 0))[0],
+        }
+        entry.update({k: query[k][0] for k in _AUDITED_QUERY if k in query})
+        await anyio.to_thread.run_sync(self.audit.record, entry)
+
+
+def _declared_length(headers: dict[str, str]) -> int:
+    try:
+        return int(headers.get("content-length", "0"))
+    except ValueError:
+        return 0
+
+
+async def _send_error(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Basic realm="CTV", charset="UTF-8"'))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def install(app, middleware: Callable[[Any], Any]) -> None:
+    """Put ``middleware`` around the routes of an app whose middleware stack is already built
+    (MONAI Label creates the app before ours is loaded): just inside its CORS layer."""
+    if app.middleware_stack is None:
+        app.middleware_stack = app.build_middleware_stack()
+    layer = app.middleware_stack
+    for _ in range(16):
+        if getattr(layer, "app", None) is app.router:
+            layer.app = middleware(layer.app)
+            return
+        layer = getattr(layer, "app", None)
+    raise RuntimeError("could not find the router in the server's middleware stack")
+
+
+def add_user(path: str, name: str, role: str) -> str:
+    """Add a user with a new random token to the users file (created if missing); returns the token."""
+    token = secrets.token_urlsafe(32)
+    user = User(name, role)
+    data = {"users": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    if any(u.get("name") == name for u in data["users"]):
+        raise ValueError(f"user '{name}' is already in {path}")
+    data["users"].append({"name": user.name, "role": user.role, "token_sha256": token_sha256(token),
+                          "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})  # fmt: skip
+    tmp = f"{path}.tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+    return token
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ctv_app.lib.security", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add-user", help="add a user with a new token; prints the token once")
+    add.add_argument("name")
+    add.add_argument("role", choices=ROLES)
+    add.add_argument("file", help="users file (CTV_AUTH_FILE)")
+    args = parser.parse_args(argv)
+    try:
+        print(add_user(args.file, args.name, args.role))
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
