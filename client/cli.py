@@ -89,7 +89,7 @@ class CTVClient:
         self.timeout_s = timeout_s
         self.monailabel = MONAILabelClient(self.server)
         if token:
-            self.monailabel.update_auth(token)
+            self.monailabel.update_auth({"token_type": "Bearer", "access_token": token})
 
     def _check(self, r: requests.Response) -> requests.Response:
         if r.status_code >= 400:

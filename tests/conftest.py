@@ -102,6 +102,11 @@ def uploaded(orthanc, tmp_path_factory) -> dict[str, str]:
             "phantom": series_uid(folder)}  # fmt: skip
 
 
+# The DICOMweb server runs with access control on, as in docker/: its clients (MONAILabelClient as
+# Slicer uses it, OHIF in Chromium with Basic credentials) log in as this annotator.
+DICOMWEB_ANNOTATOR = ("dr_dicomweb", "annotator-token-for-tests-only")
+
+
 @pytest.fixture(scope="session")
 def dicomweb_server(orthanc, uploaded, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("dicomweb_server")
@@ -109,6 +114,7 @@ def dicomweb_server(orthanc, uploaded, tmp_path_factory):
         "MONAI_LABEL_DICOMWEB_USERNAME": orthanc.user,
         "MONAI_LABEL_DICOMWEB_PASSWORD": orthanc.password,
         "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(workdir / "cache"),
+        "CTV_AUTH_TOKENS": "{}:annotator:{}".format(*DICOMWEB_ANNOTATOR),
     }
     with ServerProcess(orthanc.dicomweb_url, workdir, env=env) as server:
         yield server
@@ -116,4 +122,8 @@ def dicomweb_server(orthanc, uploaded, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def dw_client(dicomweb_server, tmp_path_factory) -> MONAILabelClient:
-    return MONAILabelClient(dicomweb_server.url, tmpdir=str(tmp_path_factory.mktemp("dw_client")))
+    """Logged in as the Slicer plugin does: /auth/ says auth is on, /auth/token gives the bearer token."""
+    client = MONAILabelClient(dicomweb_server.url, tmpdir=str(tmp_path_factory.mktemp("dw_client")))
+    assert client.auth_enabled()
+    client.update_auth(client.auth_token(*DICOMWEB_ANNOTATOR))
+    return client

@@ -20,6 +20,7 @@ from monailabel.client.client import MONAILabelClientException
 from ctv_app.lib.dicom.rtstruct import rasterise, read_rtstruct
 from ctv_app.lib.dicom.series import read_ct_geometry
 
+from .conftest import DICOMWEB_ANNOTATOR
 from .support import SHARED_DATA
 
 VH = SHARED_DATA / "dicom" / "visible_human_4slice_rt"
@@ -32,7 +33,9 @@ def test_orthanc_refuses_anonymous_requests(orthanc):
 
 
 def test_qido_lists_the_uploaded_series(dicomweb_server, uploaded):
-    listed = requests.get(f"{dicomweb_server.url}/datastore/?output=all", timeout=30).json()["objects"]
+    assert requests.get(f"{dicomweb_server.url}/datastore/?output=all", timeout=30).status_code == 401
+    listed = requests.get(f"{dicomweb_server.url}/datastore/?output=all", auth=DICOMWEB_ANNOTATOR, timeout=30)
+    listed = listed.json()["objects"]
     assert set(listed) == set(uploaded.values())  # the CT series; nothing else was uploaded yet
 
 
@@ -110,9 +113,9 @@ def test_saved_label_is_checked_then_stored_as_seg(dw_client, orthanc, uploaded,
     segs = orthanc.client().search_for_series(search_filters={"Modality": "SEG"})
     assert len(segs) == before + 1
     descriptions = {s.get("0008103E", {}).get("Value", [""])[0] for s in segs}
-    assert "CTV by dr_test" in descriptions
+    assert f"CTV by {DICOMWEB_ANNOTATOR[0]}" in descriptions  # who logged in, not the name the client sent
     # Training reads the label back from the PACS: the SEG, on the series' grid.
-    datalist = requests.get(f"{dw_client._server_url}/datastore/?output=train", timeout=120).json()
+    datalist = requests.get(f"{dw_client._server_url}/datastore/?output=train", auth=DICOMWEB_ANNOTATOR, timeout=120).json()
     item = next(d for d in datalist if phantom in d["image"])
     np.testing.assert_array_equal(np.asarray(nib.load(item["label"]).dataobj), edited)
 

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import requests
 
-from .conftest import VH
+from .conftest import DICOMWEB_ANNOTATOR, VH
+
+CREDENTIALS = {"username": DICOMWEB_ANNOTATOR[0], "password": DICOMWEB_ANNOTATOR[1]}  # Basic, as a browser logs in
 
 CHROMIUM = "/usr/bin/chromium"
 # Headless in a closed network: no GPU, no background fetches to Google's hosts.
@@ -71,7 +73,7 @@ def test_ohif_runs_ctv_and_saves_seg_to_orthanc(dicomweb_server, dw_client, orth
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport={"width": 1600, "height": 1000})
+            context = browser.new_context(viewport={"width": 1600, "height": 1000}, http_credentials=CREDENTIALS)
             # The panel reads its server URL from this cookie.
             context.add_cookies([{"name": "MONAILABEL_SERVER_URL", "value": server + "/", "url": server + "/"}])
             page = context.new_page()
@@ -151,7 +153,7 @@ def test_ohif_runs_ctv_and_saves_seg_to_orthanc(dicomweb_server, dw_client, orth
 
     # Training takes the server-written SEG (voxel for voxel what the viewer showed), not the viewer's
     # own SEG export (which this OHIF build writes with its frames in reverse slice order).
-    datalist = requests.get(f"{server}/datastore/?output=train", timeout=120).json()
+    datalist = requests.get(f"{server}/datastore/?output=train", auth=DICOMWEB_ANNOTATOR, timeout=120).json()
     label = next(d["label"] for d in datalist if series in d["image"])
     np.testing.assert_array_equal(np.asarray(nib.load(label).dataobj), np.asarray(nib.load(nifti_file).dataobj))
 
@@ -190,7 +192,7 @@ def test_ohif_reads_the_servers_dicom_seg(dicomweb_server, dw_client, orthanc, u
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_context(viewport={"width": 1600, "height": 1000}).new_page()
+            page = browser.new_context(viewport={"width": 1600, "height": 1000}, http_credentials=CREDENTIALS).new_page()
             page.set_default_timeout(180_000)
             page.goto(f"{dicomweb_server.url}/ohif/monai-label?StudyInstanceUIDs={study}")
             page.wait_for_function(VOLUMES_LOADED, timeout=180_000)

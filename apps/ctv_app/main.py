@@ -125,6 +125,7 @@ class CTVApp(MONAILabelApp):
             self.studies,
             label_values=label_values,
             rt_config=RTConfig.from_conf(self.conf),
+            recover="monailabel.app" in sys.modules,  # the server, not its training subprocess
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,

@@ -96,6 +96,40 @@ def test_image_over_the_voxel_limit_is_refused_from_its_header(tmp_path):
     studies = tmp_path / "studies"
     studies.mkdir()
     big = nifti(tmp_path / "big.nii.gz", ct_like((64, 64, 40)))  # 163,840 voxels
-    with ServerProcess(studies, tmp_path / "server", env={"CTV_MAX_VOXELS": "100000"}) as server:
+    env = {"CTV_MAX_VOXELS": "100000", "CTV_MAX_UPLOAD_MB": "1"}
+    with ServerProcess(studies, tmp_path / "server", env=env) as server:
         r = requests.post(f"{server.url}/infer/ctv?output=json", files={"file": (big.name, big.read_bytes())}, timeout=120)
         assert r.status_code == 422 and "163,840 voxels" in r.json()["detail"] and "100,000" in r.json()["detail"]
+
+        # Over the upload limit: 413 before the body is read, whichever route; nothing is written.
+        oversized = np.random.default_rng(2).bytes(3 << 20)
+        for method, path in (("POST", "/infer/ctv"), ("POST", "/ctv/api/cases"), ("PUT", "/datastore/label?image=x")):
+            r = requests.request(method, server.url + path, files={"file": ("big.nii", oversized)}, headers=OWNER, timeout=60)
+            assert r.status_code == 413 and "1,048,576 bytes" in r.json()["detail"], (path, r.status_code, r.text)
+        cases = tmp_path / "server" / "cases"
+        assert not cases.exists() or not any(cases.iterdir())
+        # Streamed without a length, the body is counted as it arrives.
+        chunks = (oversized[i : i + 65536] for i in range(0, len(oversized), 65536))
+        r = requests.post(f"{server.url}/infer/ctv", data=chunks, headers={"Content-Type": "application/octet-stream"}, timeout=60)
+        assert r.status_code == 413, r.text
+        assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
+
+
+def test_label_on_another_grid_is_refused_and_nothing_is_written(server, studies, tmp_path):
+    image_id = next(p.name.removesuffix(".nii.gz") for p in sorted(studies.glob("phantom_*.nii.gz")))
+    image = nib.load(studies / f"{image_id}.nii.gz")
+    shifted = image.affine.copy()
+    shifted[0, 3] += 5.0
+    cases = {
+        "shape": (nib.Nifti1Image(np.zeros(tuple(s + 1 for s in image.shape), np.uint8), image.affine), "does not match"),
+        "grid": (nib.Nifti1Image(np.zeros(image.shape, np.uint8), shifted), "not on its image's grid"),
+        "values": (nib.Nifti1Image(np.full(image.shape, 7, np.uint8), image.affine), "holds values [7]"),
+    }
+    for name, (label, words) in cases.items():
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(label, path)
+        r = requests.put(f"{server.url}/datastore/label", params={"image": image_id, "tag": "reliability"},
+                         files={"label": (path.name, path.read_bytes())}, timeout=60)  # fmt: skip
+        assert r.status_code == 422 and words in r.json()["detail"], (name, r.text)
+    assert not (studies / "labels" / "reliability").exists() or not any((studies / "labels" / "reliability").iterdir())
+    assert not (studies / ".label_history" / "reliability").exists()

@@ -9,6 +9,7 @@ the index are replaced by atomic rename after fsync.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from .dicom.results import RTConfig
 from .dicom.rtstruct import rasterise, read_rtstruct
 from .dicom.scan import VIEW_FOLDER, DicomScanner, link_view
 from .dicom.series import read_ct_geometry
-from .errors import ImageNotFoundError, InvalidInputError
+from .errors import ImageNotFoundError, InvalidInputError, StorageFullError
 from .security import annotator_of
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,12 @@ def atomic_write_text(text: str, dest: str) -> None:
         raise
 
 
+def _check_free_space(folder: str, needed: int) -> None:
+    stats = os.statvfs(folder)
+    if stats.f_bavail * stats.f_frsize < needed:
+        raise OSError(errno.ENOSPC, f"{needed:,} bytes needed in {folder}")
+
+
 def check_label(label_filename: str, image_id: str, image_path: str, label_values: set[int]) -> np.ndarray:
     """The label's data if it is a NIfTI of known integer values on its image's grid; a 422 otherwise.
 
@@ -126,8 +133,14 @@ class CTVDatastore(LocalDatastore):
     """
 
     def __init__(
-        self, datastore_path: str, label_values: Iterable[int], rt_config: RTConfig | None = None, **kwargs
+        self,
+        datastore_path: str,
+        label_values: Iterable[int],
+        rt_config: RTConfig | None = None,
+        recover: bool = False,
+        **kwargs,
     ):
+        """``recover``: finish or undo saves a crash interrupted (the serving process only, at start)."""
         self.label_values = {0, *(int(v) for v in label_values)}
         self.rt_config = rt_config or RTConfig()
         self._scanner = DicomScanner(datastore_path)
@@ -136,6 +149,8 @@ class CTVDatastore(LocalDatastore):
         super().__init__(datastore_path, **kwargs)
         if getattr(self, "_handler", None) is not None:
             self._handler.on_moved = self._on_moved_event  # the index is replaced by rename
+        if recover and not kwargs.get("read_only"):
+            self._recover_interrupted_saves()
 
     def _on_moved_event(self, event) -> None:
         if getattr(event, "dest_path", None) == self._datastore_config_path and not self._ignore_event_config:
@@ -228,11 +243,25 @@ class CTVDatastore(LocalDatastore):
         info = dict(label_info or {})
         info["annotator"] = annotator_of(info)
         info["sha256"] = file_sha256(label_filename)
+
+        self._init_from_datastore_file()  # pick up other processes' changes (it takes the lock itself)
+        try:
+            self._write_label(image_id, label_filename, label_tag, info, ext)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise StorageFullError(
+                f"label for '{image_id}' not saved: the datastore's disk is full; the previous version is unchanged"
+            ) from e
+        logger.info(f"label {label_tag}/{image_id} v{info['version']} saved by {info['annotator']}")
+        return image_id
+
+    def _write_label(self, image_id: str, label_filename: str, label_tag: str, info: dict[str, Any], ext: str) -> None:
+        """History record, then the label file, then the index: each replaced atomically, in this
+        order, so that ``_recover_interrupted_saves`` can finish or undo a save a crash stopped."""
         label_dir = self._datastore.label_path(label_tag)
         name = self._filename(image_id, ext)
         dest = os.path.join(label_dir, name)
-
-        self._init_from_datastore_file()  # pick up other processes' changes (it takes the lock itself)
         with FileLock(self._lock_file):
             obj = self._datastore.objects[image_id]
             previous = obj.labels.get(label_tag)
@@ -246,9 +275,17 @@ class CTVDatastore(LocalDatastore):
             os.makedirs(history, exist_ok=True)
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(info["ts"]))
             kept = os.path.join(history, f"v{info['version']:04d}_{stamp}{ext}")
-            atomic_copy(label_filename, kept)
-            atomic_write_text(json.dumps(info, indent=2), kept[: -len(ext)] + ".json")
-            atomic_copy(label_filename, dest)
+            record = kept[: -len(ext)] + ".json"
+            _check_free_space(label_dir, 2 * os.path.getsize(label_filename) + (1 << 20))
+            try:
+                atomic_copy(label_filename, kept)
+                atomic_write_text(json.dumps(info, indent=2), record)
+                atomic_copy(label_filename, dest)
+            except BaseException:  # the label file is unchanged: no trace of this save may remain
+                for path in (kept, record):
+                    if os.path.exists(path):
+                        os.unlink(path)
+                raise
             if previous and previous.ext != ext:  # the same image's label under the other extension
                 old = os.path.join(label_dir, self._filename(image_id, previous.ext))
                 if os.path.exists(old):
@@ -256,8 +293,6 @@ class CTVDatastore(LocalDatastore):
 
             obj.labels[label_tag] = DataModel(info=info, ext=ext)
             self._update_datastore_file(lock=False)
-        logger.info(f"label {label_tag}/{image_id} v{info['version']} saved by {info['annotator']}")
-        return image_id
 
     def label_history(self, image_id: str, label_tag: str) -> list[dict[str, Any]]:
         """Every saved version of a label, oldest first (the info recorded with each)."""
@@ -270,6 +305,49 @@ class CTVDatastore(LocalDatastore):
                 with open(os.path.join(folder, name)) as f:
                     versions.append(json.load(f))
         return versions
+
+    def _recover_interrupted_saves(self) -> None:
+        """Finish or undo saves that a crash (kill -9, power cut) stopped midway.
+
+        A save writes its history record, then replaces the label file, then the index. A label
+        file whose sha256 is not the index's but is in its history was fully replaced: the index
+        rolls forward to that record. History records newer than the index's version belong to
+        saves that never replaced the label: they and any temp files are removed."""
+        with FileLock(self._lock_file):  # another process of this server may be mid-save
+            for folder in (self._datastore_path, self._datastore.label_path(None), self.history_path):
+                for root, _, files in os.walk(folder):
+                    for name in files:
+                        if name.startswith(".tmp-"):
+                            logger.warning(f"removing {os.path.join(root, name)}, left by an interrupted save")
+                            os.unlink(os.path.join(root, name))
+                    if root == self._datastore_path:
+                        break  # the images themselves are not walked
+            changed = False
+            for image_id, obj in self._datastore.objects.items():
+                for tag, label in obj.labels.items():
+                    path = os.path.join(self._datastore.label_path(tag), self._filename(image_id, label.ext))
+                    if not os.path.exists(path) or not label.info.get("sha256"):
+                        continue
+                    sha = file_sha256(path)
+                    if sha != label.info["sha256"]:
+                        record = next((r for r in self.label_history(image_id, tag) if r.get("sha256") == sha), None)
+                        if record is not None:
+                            logger.warning(f"label {tag}/{image_id}: completing interrupted save of v{record['version']}")
+                            obj.labels[tag] = label = DataModel(info=record, ext=label.ext)
+                            changed = True
+                    self._remove_unfinished_history(image_id, tag, int(label.info.get("version", 0)))
+            if changed:
+                self._update_datastore_file(lock=False)
+
+    def _remove_unfinished_history(self, image_id: str, tag: str, version: int) -> None:
+        folder = os.path.join(self.history_path, tag, image_id)
+        if not os.path.isdir(folder):
+            return
+        recorded = {n[:5] for n in os.listdir(folder) if n.endswith(".json") and int(n[1:5]) <= version}
+        for name in os.listdir(folder):
+            if name[:5] not in recorded:
+                logger.warning(f"removing {os.path.join(folder, name)}: its save never completed")
+                os.unlink(os.path.join(folder, name))
 
     def _check_label(self, image_id: str, label_filename: str) -> None:
         check_label(label_filename, image_id, self.get_image_uri(image_id), self.label_values)

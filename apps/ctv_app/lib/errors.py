@@ -36,6 +36,12 @@ class NotAuthorisedError(CTVError):
     status_code = 401
 
 
+class StorageFullError(CTVError):
+    """The disk (or quota) the datastore writes to is full."""
+
+    status_code = 507
+
+
 class ServerBusyError(CTVError):
     """Too many requests waiting; the client should retry after ``retry_after_s``."""
 

@@ -1,0 +1,185 @@
+"""Access control through the real server with CTV_AUTH_FILE: every route of its own OpenAPI (and the
+pages and proxies outside it) answers 401 without a token or with a wrong one, 403 with too weak a
+role, and gets past access control with the role it needs; the clients log in; the audit log."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from ctv_app.lib.security import ROLES, add_user, rule_for
+from ctv_datastore.build import HELD_OUT_SEED_START, build
+
+from ..support import APP_DIR, ServerProcess
+from ..test_ohif import CHROMIUM, CHROMIUM_ARGS
+
+IMAGE = f"phantom_{HELD_OUT_SEED_START:05d}"
+NAMES = {"annotator": "dr_a", "reviewer": "rev_b", "admin": "boss_c"}
+# Path parameters name nothing that exists: an admin's DELETE /model/{model} must not delete the model.
+PATH_VALUES = {"model": "no_such_model", "strategy": "no_such_strategy", "method": "no_such_method",
+               "session_id": "no_such_session", "case_id": "no_such_case", "what": "image",
+               "result_id": "no_such_result", "fmt": "nifti"}  # fmt: skip
+OUTSIDE_SCHEMA = [("GET", "/"), ("GET", "/ctv/"), ("GET", "/ctv/static/app.js"), ("GET", "/ohif/"),
+                  ("GET", "/proxy/dicom/studies"), ("GET", "/favicon.ico"), ("GET", "/docs"), ("POST", "/reload")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("secured")
+    studies = folder / "studies"
+    build(str(studies), [HELD_OUT_SEED_START], labelled=set())
+    users_file = folder / "users.json"
+    tokens = {role: add_user(str(users_file), NAMES[role], role) for role in ROLES}
+    stored = users_file.read_text()
+    assert not any(token in stored for token in tokens.values())  # only hashes are kept
+    with ServerProcess(studies, folder / "server", env={"CTV_AUTH_FILE": str(users_file)}) as server:
+        server.tokens = tokens
+        yield server
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def operations(server) -> list[tuple[str, str]]:
+    spec = requests.get(f"{server.url}/openapi.json", headers=bearer(server.tokens["annotator"]), timeout=30).json()
+    found = [(m.upper(), p) for p, ops in spec["paths"].items() for m in ops if m in ("get", "put", "post", "delete", "head")]
+    assert len(found) >= 40, found  # MONAI Label's API and ours, not an empty schema
+    return found + OUTSIDE_SCHEMA
+
+
+def call(server, method: str, path: str, headers=None, auth=None) -> requests.Response:
+    url = server.url + re.sub(r"\{(\w+)\}", lambda m: PATH_VALUES[m.group(1)], path)
+    return requests.request(method, url, headers=headers, auth=auth, timeout=120, allow_redirects=False)
+
+
+def test_every_route_needs_a_token_and_the_right_role(secured):
+    server = secured
+    checked = []
+    for method, path in operations(server):
+        rule = rule_for(method, path)
+        if rule.role is None:
+            assert path in ("/auth/", "/auth/token"), (method, path)  # the login itself
+            continue
+        for headers, auth in ((None, None), (bearer("wrong-token-" + "x" * 20), None), (None, (NAMES["admin"], "wrong"))):
+            r = call(server, method, path, headers, auth)
+            assert r.status_code == 401, (method, path, r.status_code, r.text)
+            if method != "HEAD":
+                assert "token" in r.json()["detail"]
+        weaker = ROLES[: ROLES.index(rule.role)]
+        for role in weaker:
+            r = call(server, method, path, bearer(server.tokens[role]))
+            assert r.status_code == 403, (method, path, role, r.status_code, r.text)
+            if method != "HEAD":
+                assert f"needs the {rule.role} role" in r.json()["detail"]
+        for role in ROLES[ROLES.index(rule.role) :]:
+            r = call(server, method, path, bearer(server.tokens[role]))
+            assert r.status_code not in (401, 403) and r.status_code < 500, (method, path, role, r.status_code, r.text)
+        checked.append((method, path, rule.role))
+    print(f"{len(checked)} routes checked: " + ", ".join(f"{m} {p} ({r})" for m, p, r in checked))
+    assert {r for _, _, r in checked} == set(ROLES)
+    assert requests.get(f"{server.url}/info/", timeout=10).status_code == 401  # still up, still closed
+
+
+def test_annotator_contours_and_saves_but_cannot_train_or_replace(secured, tmp_path):
+    server = secured
+    annotator = bearer(server.tokens["annotator"])
+    r = requests.post(f"{server.url}/infer/ctv", params={"image": IMAGE, "output": "image"}, headers=annotator, timeout=300)
+    assert r.status_code == 200, r.text
+    result = tmp_path / "result.nii.gz"
+    result.write_bytes(r.content)
+    saved = requests.put(
+        f"{server.url}/datastore/label", params={"image": IMAGE, "tag": "final"}, headers=annotator,
+        files={"label": ("label.nii.gz", result.read_bytes()), "params": (None, json.dumps({"annotator": "someone_else"}))},
+        timeout=120,
+    )  # fmt: skip
+    assert saved.status_code == 200, saved.text
+    info = requests.get(f"{server.url}/datastore/label/info", params={"label": IMAGE, "tag": "final"}, headers=annotator, timeout=30)
+    assert info.json()["annotator"] == NAMES["annotator"]  # who logged in, not who the client claims to be
+
+    model = APP_DIR / "model" / "ctv.pt"
+    before = model.read_bytes()
+    for method, path in (("POST", "/train/ctv"), ("PUT", "/model/ctv"), ("DELETE", f"/datastore/image?id={IMAGE}")):
+        r = requests.request(method, server.url + path, headers=annotator, timeout=60, files={"file": ("m.pt", b"x")} if method == "PUT" else None)
+        assert r.status_code == 403, (method, path, r.text)
+    assert model.read_bytes() == before
+    listed = requests.get(f"{server.url}/datastore/", headers=annotator, timeout=30).json()
+    assert IMAGE in listed["objects"]
+
+    # The audit log: the save under the authenticated name, the refusals; admins only.
+    assert requests.get(f"{server.url}/audit/", headers=annotator, timeout=30).status_code == 403
+    entries = requests.get(f"{server.url}/audit/", headers=bearer(server.tokens["admin"]), timeout=30).json()
+    save = [e for e in entries if e["action"] == "label.save" and e["status"] == 200]
+    assert save[-1]["user"] == NAMES["annotator"] and save[-1]["image"] == IMAGE and save[-1]["tag"] == "final"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", save[-1]["time"])
+    refused = {(e["action"], e["status"]) for e in entries if e["user"] == NAMES["annotator"]}
+    assert {("train.start", 403), ("model.upload", 403), ("image.delete", 403)} <= refused
+    only_mine = requests.get(f"{server.url}/audit/", params={"user": NAMES["admin"]}, headers=bearer(server.tokens["admin"]), timeout=30)
+    assert all(e["user"] == NAMES["admin"] for e in only_mine.json())
+
+
+def test_audit_log_is_only_ever_appended(secured):
+    server = secured
+    path = server.workdir / "audit.jsonl"
+    before = path.read_bytes()
+    requests.delete(f"{server.url}/datastore/label", params={"id": IMAGE, "tag": "no_such_tag"}, headers=bearer(server.tokens["annotator"]), timeout=30)
+    after = path.read_bytes()
+    assert after.startswith(before) and len(after) > len(before)
+    last = json.loads(after.splitlines()[-1])
+    assert last["action"] == "label.delete" and last["status"] == 403 and last["user"] == NAMES["annotator"]
+
+
+def test_monailabel_client_logs_in_as_slicer_does(secured, tmp_path):
+    client = MONAILabelClient(secured.url, tmpdir=str(tmp_path))
+    assert client.auth_enabled()
+    with pytest.raises(MONAILabelClientException):
+        client.info()  # no token yet
+    with pytest.raises(Exception):
+        client.auth_token(NAMES["annotator"], "not-the-token")
+    client.update_auth(client.auth_token(NAMES["annotator"], secured.tokens["annotator"]))
+    assert client.auth_valid_token()
+    assert "ctv" in client.info()["models"]
+    result_file, result = client.infer("ctv", IMAGE, {})
+    assert nib.load(result_file).shape == nib.load(secured.studies / f"{IMAGE}.nii.gz").shape
+    with pytest.raises(MONAILabelClientException) as e:
+        client.train_start("ctv", {})
+    assert "403" in str(e.value.msg) or "403" in str(e.value)
+
+
+def test_cli_with_a_token(secured, tmp_path):
+    ctv = shutil.which("ctv", path=str(Path(sys.executable).parent))
+    args = [ctv, "--server", secured.url, "infer", IMAGE, "--out", str(tmp_path / "out"), "--quiet"]
+    refused = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "401" in refused.stdout + refused.stderr
+    run = subprocess.run(args[:3] + ["--token", secured.tokens["annotator"]] + args[3:], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "1 contoured" in run.stdout
+
+
+def test_browser_logs_in_with_basic_credentials(secured):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            anonymous = browser.new_context().new_page()
+            assert anonymous.goto(f"{secured.url}/ctv/").status == 401
+            credentials = {"username": NAMES["annotator"], "password": secured.tokens["annotator"]}
+            page = browser.new_context(http_credentials=credentials).new_page()
+            assert page.goto(f"{secured.url}/ctv/").status == 200
+            status = page.evaluate("async () => (await fetch('/ctv/api/cases')).status")
+            assert status == 200  # the page's own API calls carry the login
+        finally:
+            browser.close()
+

@@ -1,0 +1,259 @@
+"""Faults: kill -9 during a label save and during training, bad model files, a full disk."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+import torch
+from monailabel.client import MONAILabelClient
+
+from ctv_app.lib.checkpoint import file_sha256, load_checkpoint
+from ctv_app.lib.datastore import CTVDatastore
+from ctv_datastore.build import HELD_OUT_SEED_START, build
+from ctv_datastore.phantom import make_phantom
+
+from ..support import APP_DIR, ServerProcess
+from ..test_server_training import CONF, TRAIN_PARAMS, TRAIN_SEEDS, wait_for_training
+
+IMAGE = "big_phantom"
+
+# Saves labels in a loop, as fast as it can, until it is killed.
+SAVER = r"""
+import itertools, sys
+from ctv_app.lib.datastore import CTVDatastore
+store = CTVDatastore(sys.argv[1], label_values={1}, auto_reload=False)
+for n in itertools.count():
+    store.save_label(sys.argv[2], sys.argv[3 + n % (len(sys.argv) - 3)], "final", {"annotator": f"loop{n}"})
+    print(n, flush=True)
+"""
+
+
+def consistent(studies: Path) -> dict:
+    """Open the datastore as a restarted server does and check every promise about its labels."""
+    json.loads((studies / "datastore_v2.json").read_text())  # the index is whole
+    store = CTVDatastore(str(studies), label_values={1}, recover=True, auto_reload=False)
+    info = store.get_label_info(IMAGE, "final")
+    label = studies / "labels" / "final" / f"{IMAGE}.nii"
+    assert file_sha256(label) == info["sha256"]
+    assert np.asarray(nib.load(label).dataobj).shape == (256, 256, 96)  # whole, readable
+    history = studies / ".label_history" / "final" / IMAGE
+    records = sorted(history.glob("*.json"))
+    assert [json.loads(r.read_text())["version"] for r in records] == list(range(1, info["version"] + 1))
+    for record in records:  # every version ever saved is intact, the current one included
+        assert file_sha256(record.with_suffix(".nii")) == json.loads(record.read_text())["sha256"]
+    assert len(list(history.glob("*.nii"))) == len(records)
+    assert not [p for p in studies.rglob(".tmp-*")]
+    return info
+
+
+def test_kill_9_during_label_saves_leaves_the_datastore_consistent(tmp_path, caplog):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    phantom = make_phantom(HELD_OUT_SEED_START, shape=(256, 256, 96))
+    nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), phantom.affine), studies / f"{IMAGE}.nii.gz")
+    labels = []
+    for k in range(3):  # uncompressed and large, so that a save takes long enough to be hit
+        mask = np.zeros(phantom.image.shape, np.uint8)
+        mask[40 + 10 * k : 200, 50:210, 10 : 80 - 5 * k] = 1
+        labels.append(str(tmp_path / f"label{k}.nii"))
+        nib.save(nib.Nifti1Image(mask, phantom.affine), labels[-1])
+    env = {**os.environ, "PYTHONPATH": str(APP_DIR.parents[1])}
+    rng = np.random.default_rng(0)
+    versions, recoveries = [], 0
+    for round_ in range(8):
+        saver = subprocess.Popen([sys.executable, "-c", SAVER, str(studies), IMAGE, *labels],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)  # fmt: skip
+        try:
+            assert saver.stdout.readline().strip() == "0", "the saver did not save"
+            time.sleep(rng.uniform(0.0, 0.6))
+        finally:
+            saver.send_signal(signal.SIGKILL)
+            saver.wait()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ctv_app.lib.datastore"):
+            versions.append(consistent(studies)["version"])
+        recoveries += any("interrupted" in r.message or "never completed" in r.message for r in caplog.records)
+    print(f"versions after each kill: {versions}; kills that landed mid-save: {recoveries}/8")
+    assert versions == sorted(versions) and versions[-1] >= 8
+    assert recoveries >= 1  # the kills did land inside saves, and were recovered from
+
+
+def test_kill_9_of_the_server_during_training_resumes_after_restart(tmp_path):
+    studies = tmp_path / "studies"
+    build(str(studies), TRAIN_SEEDS[:8], labelled=set(TRAIN_SEEDS[:8]))
+    model = tmp_path / "model" / "ctv.pt"
+    conf = {**CONF, "ctv_model": str(model)}
+    params = {**TRAIN_PARAMS, "max_epochs": 4, "name": "killed", "pretrained": False}
+    resume = model.parent / "train" / "killed" / "resume.pt"
+    with ServerProcess(studies, tmp_path / "server", conf=conf) as server:
+        client = MONAILabelClient(server.url, tmpdir=str(tmp_path / "client"))
+        client.train_start("ctv", params)
+        wait_for_training(
+            client, timeout_s=600,
+            until=lambda s: (resume.exists() and load_checkpoint(str(resume))["meta"]["epoch"] >= 2)
+            or s["status"] not in ("SUBMITTED", "RUNNING"),
+        )  # fmt: skip
+        os.killpg(server.proc.pid, signal.SIGKILL)  # the server and its training process, mid-epoch
+        server.proc.wait()
+    epoch = load_checkpoint(str(resume))["meta"]["epoch"]
+    assert 2 <= epoch < 4
+
+    with ServerProcess(studies, tmp_path / "server2", conf=conf) as server:
+        client = MONAILabelClient(server.url, tmpdir=str(tmp_path / "client2"))
+        client.train_start("ctv", params)
+        assert wait_for_training(client, timeout_s=600)["status"] == "DONE", server.log_tail()
+        log = server.log_path.read_text(errors="replace")
+    assert f"resumed at epoch {epoch} from {resume}" in log
+    after = log[log.index(f"resumed at epoch {epoch}") :]
+    assert f"ctv epoch {epoch + 1}/4" in after and f"ctv epoch {epoch}/4" not in after
+    assert load_checkpoint(str(model))["meta"]["epoch"] >= 1
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A server on its own copy of the demo weights (uploads must not touch the repository's)."""
+    root = tmp_path_factory.mktemp("served")
+    build(str(root / "studies"), [HELD_OUT_SEED_START], labelled=set())
+    model = root / "model" / "ctv.pt"
+    model.parent.mkdir()
+    shutil.copy(APP_DIR / "model" / "ctv.pt", model)
+    with ServerProcess(root / "studies", root / "server", conf={"ctv_model": str(model)}) as server:
+        server.model = model
+        yield server
+
+
+def served_model_sha(server) -> str:
+    r = requests.post(f"{server.url}/infer/ctv", params={"image": f"phantom_{HELD_OUT_SEED_START:05d}", "output": "json"}, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()["params"]["provenance"]["model"]["sha256"]
+
+
+def checkpoint_bytes(edit) -> bytes:
+    checkpoint = load_checkpoint(str(APP_DIR / "model" / "ctv.pt"))
+    edit(checkpoint)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+def test_bad_model_uploads_are_refused_and_the_previous_model_keeps_serving(served):
+    original = file_sha256(served.model)
+    assert served_model_sha(served) == original
+
+    def drop_a_layer(c):
+        c["model"].pop(next(iter(c["model"])))
+
+    def other_architecture(c):
+        c["params"]["filters"] = [8, 16, 32, 64]
+
+    bad = {
+        "garbage": (b"\x80\x02 definitely not torch", "refused"),
+        "truncated": (checkpoint_bytes(lambda c: None)[:5000], "refused"),
+        "missing layer": (checkpoint_bytes(drop_a_layer), "Missing key"),
+        "other architecture": (checkpoint_bytes(other_architecture), "trained as"),
+    }
+    for name, (data, words) in bad.items():
+        r = requests.put(f"{served.url}/model/ctv", files={"file": ("ctv.pt", data)}, timeout=120)
+        assert r.status_code == 422 and words in r.json()["detail"], (name, r.status_code, r.text)
+        assert file_sha256(served.model) == original, name
+    assert served_model_sha(served) == original
+
+    # A good upload replaces the served model; the previous file is kept.
+    good = checkpoint_bytes(lambda c: c["meta"].update({"note": "re-uploaded"}))
+    r = requests.put(f"{served.url}/model/ctv", files={"file": ("ctv.pt", good)}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["sha256"] == file_sha256(served.model) != original
+    assert served_model_sha(served) == r.json()["sha256"]
+    assert [file_sha256(p) for p in served.model.parent.glob("ctv.pt.*.replaced")] == [original]
+
+    # A broken file put straight on disk (a half copy) is not served: the model in memory stays.
+    current = file_sha256(served.model)
+    served.model.write_bytes(good[:3000])
+    assert served_model_sha(served) == current
+    assert "refusing new CTV weights" in served.log_tail(200_000)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs: the datastore of the full-disk test. Needs root (CI runs as root)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(folder: Path, leave_bytes: int) -> Path:
+    filler = folder / "filler"
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - leave_bytes))
+    return filler
+
+
+def test_full_disk_during_label_save_is_a_clear_error_and_nothing_partial(small_disk, tmp_path):
+    studies = small_disk / "studies"
+    studies.mkdir()
+    phantom = make_phantom(HELD_OUT_SEED_START, shape=(128, 128, 64))
+    nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), phantom.affine), studies / "disk_phantom.nii.gz")
+    first, second = tmp_path / "v1.nii", tmp_path / "v2.nii"  # 1 MiB each, uncompressed
+    nib.save(nib.Nifti1Image(np.zeros(phantom.image.shape, np.uint8), phantom.affine), first)
+    nib.save(nib.Nifti1Image((phantom.label > 0).astype(np.uint8), phantom.affine), second)
+    with ServerProcess(studies, tmp_path / "server") as server:
+        def save(path: Path) -> requests.Response:
+            return requests.put(f"{server.url}/datastore/label", params={"image": "disk_phantom", "tag": "final"},
+                                files={"label": (path.name, path.read_bytes())}, timeout=120)  # fmt: skip
+
+        assert save(first).status_code == 200
+        index = (studies / "datastore_v2.json").read_bytes()
+        filler = fill(small_disk, leave_bytes=300_000)
+        r = save(second)
+        assert r.status_code == 507 and "disk is full" in r.json()["detail"], r.text
+        assert "previous version is unchanged" in r.json()["detail"]
+        label = studies / "labels" / "final" / "disk_phantom.nii"
+        assert file_sha256(label) == file_sha256(first)
+        assert (studies / "datastore_v2.json").read_bytes() == index
+        assert not list(small_disk.rglob(".tmp-*"))
+        assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
+
+        filler.unlink()  # space again: the same save now works
+        assert save(second).status_code == 200
+        assert file_sha256(label) == file_sha256(second)
+
+
+def test_disk_filling_up_mid_save_leaves_no_trace(small_disk, tmp_path, monkeypatch):
+    """The space check passes, then the disk fills while the files are written (another writer)."""
+    import ctv_app.lib.datastore as datastore
+
+    studies = small_disk / "studies"
+    studies.mkdir()
+    phantom = make_phantom(HELD_OUT_SEED_START, shape=(128, 128, 64))
+    nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), phantom.affine), studies / "disk_phantom.nii.gz")
+    label = tmp_path / "label.nii"
+    nib.save(nib.Nifti1Image((phantom.label > 0).astype(np.uint8), phantom.affine), label)
+    store = CTVDatastore(str(studies), label_values={1}, auto_reload=False)
+    monkeypatch.setattr(datastore, "_check_free_space", lambda folder, needed: None)
+    fill(small_disk, leave_bytes=1_500_000)  # room for the history copy, not for the label file too
+    with pytest.raises(datastore.StorageFullError, match="disk is full"):
+        store.save_label("disk_phantom", str(label), "final", {})
+    assert not (studies / "labels" / "final" / "disk_phantom.nii").exists()
+    assert not [p for p in (studies / ".label_history").rglob("*") if p.is_file()]
+    assert not list(small_disk.rglob(".tmp-*"))
+    assert store.get_label_info("disk_phantom", "final") in ({}, None)
