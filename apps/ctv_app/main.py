@@ -12,6 +12,7 @@ import tempfile
 from typing import Any
 
 import monailabel
+import torch
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX
@@ -187,6 +188,18 @@ class CTVApp(MONAILabelApp):
                 status_code=404, detail=f"strategy '{strategy}' does not exist; available: {sorted(self._strategies)}"
             )
         return super().next_sample(request)
+
+    def batch_infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
+        """MONAI Label's batch inference; an unknown model is a 404, and without CUDA it runs on the CPU
+        (MONAI Label's spreads the work over the GPUs it finds: none here)."""
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(
+                status_code=404, detail=f"model '{model}' is not served here; available: {sorted(self._infers)}"
+            )
+        if not torch.cuda.is_available():
+            request = {**request, "multi_gpu": False, "device": "cpu"}
+        return super().batch_infer(request, datastore)
 
     def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
         """MONAI Label's infer, with the caller's mistakes answered as 4xx instead of 500.

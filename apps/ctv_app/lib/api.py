@@ -6,6 +6,7 @@
 - ``POST /infer/{model}`` runs in a worker thread instead of on the event loop, so the server
   keeps answering while it computes and a full queue can say 503 (``admission.InferenceGate``);
   malformed ``params`` are a 422, not a 500.
+- ``POST /infer/wsi_v2/{model}`` (whole-slide pathology) is a 404.
 - ``PUT /model/{model}`` checks the uploaded weights load into the served network before they
   replace the served file (atomically; the previous file is kept), instead of copying any bytes.
 """
@@ -15,15 +16,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from typing import Any, Optional
 
-from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
+from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Query, Response, UploadFile
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import OAuth2PasswordRequestForm
+from monailabel.config import settings
+from monailabel.endpoints import datastore as monailabel_datastore
 from monailabel.endpoints import infer as monailabel_infer
 from monailabel.endpoints import model as monailabel_model
+from monailabel.endpoints import logs as monailabel_logs
+from monailabel.endpoints import session as monailabel_session
+from monailabel.endpoints import wsi_infer as monailabel_wsi_infer
+from monailabel.interfaces.exception import (
+    ImageNotFoundException,
+    LabelNotFoundException,
+    MONAILabelError,
+    MONAILabelException,
+)
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import file_checksum
 
@@ -35,7 +49,17 @@ from .security import AccessControl, Users, current_user, install
 
 
 def install_api(app, users: Users | None, audit: AuditLog, max_body_bytes: int) -> None:
+    install(app, ClientErrors)
     install(app, lambda inner: AccessControl(inner, users, audit, max_body_bytes))
+    for path, endpoint in (("/image", add_image), ("/image/info", put_image_info), ("/label", save_label),
+                           ("/label/info", put_label_info)):  # fmt: skip
+        _replace_route(monailabel_datastore.router, path, "PUT", endpoint)
+    _replace_route(monailabel_datastore.router, "/updatelabelinfo", "PUT", put_label_info)
+    _replace_route(monailabel_logs.router, "/", "GET", server_log)
+    _replace_route(monailabel_logs.router, "/gpu", "GET", gpu_info)
+    _replace_route(monailabel_session.router, "/{session_id}", "GET", get_session)
+    monailabel_wsi_infer.router.routes.clear()  # whole-slide pathology: not a CT server's business
+    monailabel_wsi_infer.router.add_api_route("/wsi_v2/{model}", _not_served, methods=["POST"], include_in_schema=False)
     _replace_route(monailabel_infer.router, "/{model}", "POST", infer)
     _replace_route(monailabel_model.router, "/{model}", "PUT", upload_model)
     app.add_api_route("/audit/", _audit_reader(audit), methods=["GET"], tags=["Audit"],
@@ -54,6 +78,110 @@ def _replace_route(router, path: str, method: str, endpoint) -> None:
     router.add_api_route(path, endpoint, methods=[method], summary=old[0].summary)
 
 
+class ClientErrors:
+    """ASGI middleware: MONAI Label's own exceptions for a caller's mistake become 4xx, not 500.
+
+    MONAI Label raises these from its endpoints for ids that do not exist and for input it
+    cannot use; anything else is still a 500 (a bug to fix, which the fuzz test looks for)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    @staticmethod
+    def status_of(e: Exception) -> int | None:
+        if isinstance(e, (ImageNotFoundException, LabelNotFoundException)):
+            return 404
+        if isinstance(e, MONAILabelException) and e.error == MONAILabelError.INVALID_INPUT:
+            return 422
+        if isinstance(e, (json.JSONDecodeError, shutil.ReadError)):  # a form field, an archive
+            return 422
+        return None
+
+    async def __call__(self, scope, receive, send) -> None:
+        started = False
+
+        async def send_watching(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_watching)
+        except Exception as e:
+            status = self.status_of(e) if scope["type"] == "http" else None
+            if status is None or started:
+                raise
+            detail = e.msg if isinstance(e, MONAILabelException) else str(e)
+            await JSONResponse({"detail": f"{type(e).__name__}: {detail}"}, status_code=status)(scope, receive, send)
+
+
+def server_log(
+    lines: int = Query(300, ge=0, le=1_000_000), html: bool = True, text: bool = False, refresh: int = Query(0, ge=0, le=3600)
+):
+    """MONAI Label's log view with its numbers bounded (a huge ``lines`` was a 500)."""
+    path = os.path.join(settings.MONAI_LABEL_APP_DIR, "logs", "app.log")
+    return monailabel_logs.get_logs(path, lines, html, text, refresh)
+
+
+def gpu_info() -> Response:
+    """nvidia-smi's report; a 404 on a machine without it (MONAI Label's answers 500 there)."""
+    if shutil.which("nvidia-smi") is None:
+        raise ImageNotFoundError("no GPU information: nvidia-smi is not installed on this server")
+    report = subprocess.run(["nvidia-smi"], stdout=subprocess.PIPE, timeout=30).stdout.decode()
+    return Response(content=report, media_type="text/plain")
+
+
+def get_session(session_id: str, update_ts: bool = False, image: bool = False):
+    """MONAI Label's, except that a session holding a folder of files is a 422 when its image is asked for."""
+    info = app_instance().sessions().get_session(session_id, update_ts=update_ts)
+    if info and image and not os.path.isfile(info.image):
+        raise InvalidInputError(f"session '{session_id}' holds a folder of {len(os.listdir(info.image))} files, not one image file")
+    return monailabel_session.get_session(session_id, update_ts, image)
+
+
+def _not_served(model: str) -> None:
+    raise ImageNotFoundError("whole-slide (pathology) inference is not served here: this server contours CT")
+
+
+def json_object(text: str, field: str) -> dict[str, Any]:
+    """A form field that must hold a JSON object (MONAI Label's ``params`` and ``info``); 422 otherwise."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError as e:
+        raise InvalidInputError(f"{field} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{field} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _user_name() -> str | None:
+    user = current_user()
+    return user.name if user else None
+
+
+# MONAI Label's datastore writes, with their JSON form fields checked first (a list or a number was a 500).
+def add_image(background_tasks: BackgroundTasks, image: Optional[str] = None, params: str = Form("{}"),
+              file: UploadFile = File(...)):  # fmt: skip
+    json_object(params, "params")
+    return monailabel_datastore.add_image(background_tasks, image, params, file, _user_name())
+
+
+def put_image_info(image: str, info: str = Form("{}")):
+    json_object(info, "info")
+    return monailabel_datastore.update_image_info(image, info, _user_name())
+
+
+def save_label(background_tasks: BackgroundTasks, image: str, params: str = Form("{}"), tag: str = "final",
+               label: UploadFile = File(...)):  # fmt: skip
+    json_object(params, "params")
+    return monailabel_datastore.save_label(background_tasks, image, params, tag, label, _user_name())
+
+
+def put_label_info(label: str, tag: str, info: str = Form("{}")):
+    json_object(info, "info")
+    return monailabel_datastore.update_label_info(label, tag, info, _user_name())
+
+
 def infer(
     background_tasks: BackgroundTasks,
     model: str,
@@ -65,12 +193,7 @@ def infer(
     output: Optional[monailabel_infer.ResultType] = None,
 ):
     """MONAI Label's inference, run in a worker thread (a plain ``def``) with its inputs checked."""
-    try:
-        parsed = json.loads(params) if params else {}
-    except ValueError as e:
-        raise InvalidInputError(f"params is not valid JSON: {e}") from e
-    if not isinstance(parsed, dict):
-        raise InvalidInputError("params must be a JSON object")
+    json_object(params, "params")
     if not (file or image or session_id):
         raise InvalidInputError("send an image id, an image file or a session id")
     if session_id and not image and not file and not app_instance().sessions().get_session(session_id):

@@ -31,6 +31,7 @@ from .dicom.scan import VIEW_FOLDER, DicomScanner, link_view
 from .dicom.series import read_ct_geometry
 from .errors import ImageNotFoundError, InvalidInputError, StorageFullError
 from .security import annotator_of
+from .transforms.validation import load_ct
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +228,12 @@ class CTVDatastore(LocalDatastore):
                 logger.warning(f"RTSTRUCT {found.path} not imported: {e}")
             finally:
                 os.unlink(tmp)
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        if not _SAFE_NAME.match(image_id or ""):
+            raise InvalidInputError(f"image id {image_id!r} is not a plain name (letters, digits, _ . -)")
+        load_ct(image_filename)  # a 422 naming the problem, before anything is stored
+        return super().add_image(image_id, image_filename, image_info)
 
     # --- labels --------------------------------------------------------------------------------
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:

@@ -24,7 +24,6 @@ import pydicom
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from monai.transforms import EnsureChannelFirstd
 
 from .cases import Case, CaseStore
 from .datastore import check_label
@@ -32,7 +31,7 @@ from .dicom.results import write_dicom_result
 from .errors import CTVError, ImageNotFoundError, InvalidInputError, NotAuthorisedError
 from .provenance import input_sha256
 from .security import current_user
-from .transforms.validation import LoadCTImaged, ValidateCTd
+from .transforms.validation import load_ct
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +39,6 @@ WEB_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "web")
 OWNER_COOKIE = "ctv_owner"
 OWNER_HEADER = "X-CTV-Owner"
 FILE_NAMES = {"nifti": "ctv.nii.gz", "rtstruct": "ctv_rtstruct.dcm", "dicom_seg": "ctv_seg.dcm"}
-
-
-def load_ct(path: str):
-    """The CT as the model reads it (NIfTI file or DICOM series folder), checked; 422 otherwise."""
-    data = {"image": path}
-    for transform in (LoadCTImaged(keys="image"), EnsureChannelFirstd(keys="image"), ValidateCTd(keys="image")):
-        data = transform(data)  # one by one: Compose would wrap the 422 in a RuntimeError
-    return data["image"]
 
 
 def display_volume(array: np.ndarray, affine: np.ndarray) -> np.ndarray:

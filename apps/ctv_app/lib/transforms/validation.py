@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import LoadImaged, MapTransform, Transform
+from monai.transforms import EnsureChannelFirstd, LoadImaged, MapTransform, Transform
 
 from ..dicom.reader import DicomSeriesReader
 from ..dicom.series import find_ct_series
@@ -143,3 +143,11 @@ class ValidateCTd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.validate(d[key])
         return d
+
+
+def load_ct(path: str):
+    """The CT as the model reads it (NIfTI file or DICOM series folder), checked; 422 otherwise."""
+    data = {"image": path}
+    for transform in (LoadCTImaged(keys="image"), EnsureChannelFirstd(keys="image"), ValidateCTd(keys="image")):
+        data = transform(data)  # one by one: Compose would wrap the 422 in a RuntimeError
+    return data["image"]
