@@ -89,7 +89,8 @@ class CTVApp(MONAILabelApp):
         max_upload_mb = float(conf.get("max_upload_mb") or os.environ.get("CTV_MAX_UPLOAD_MB") or 2048)
         users = Users.configured()
         logger.info(f"access control {'on: ' + str(users.count) + ' users' if users else 'OFF (local demo)'}")
-        install_api(server.app, users, AuditLog(audit_path), int(max_upload_mb * 2**20))
+        dicomweb = self.studies.startswith(("http://", "https://"))
+        install_api(server.app, users, AuditLog(audit_path), int(max_upload_mb * 2**20), dicomweb)
         config = self.models[model]
         store = CaseStore(conf.get("cases_path") or os.path.join(app_dir, "cases"))
         self.contouring = ContouringService(store, self, model, config.params.window, config.rt_config)

@@ -5,10 +5,13 @@ role, and gets past access control with the role it needs; the clients log in; t
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -21,7 +24,7 @@ from monailabel.client.client import MONAILabelClientException
 from ctv_app.lib.security import ROLES, add_user, rule_for
 from ctv_datastore.build import HELD_OUT_SEED_START, build
 
-from ..support import APP_DIR, ServerProcess
+from ..support import APP_DIR, REPO, ServerProcess, free_port
 from ..test_ohif import CHROMIUM, CHROMIUM_ARGS
 
 IMAGE = f"phantom_{HELD_OUT_SEED_START:05d}"
@@ -43,8 +46,12 @@ def secured(tmp_path_factory):
     tokens = {role: add_user(str(users_file), NAMES[role], role) for role in ROLES}
     stored = users_file.read_text()
     assert not any(token in stored for token in tokens.values())  # only hashes are kept
-    with ServerProcess(studies, folder / "server", env={"CTV_AUTH_FILE": str(users_file)}) as server:
-        server.tokens = tokens
+    model = folder / "model" / "ctv.pt"  # its own copy: admins may replace models here
+    model.parent.mkdir()
+    shutil.copy(APP_DIR / "model" / "ctv.pt", model)
+    env, conf = {"CTV_AUTH_FILE": str(users_file)}, {"ctv_model": str(model)}
+    with ServerProcess(studies, folder / "server", env=env, conf=conf) as server:
+        server.tokens, server.model = tokens, model
         yield server
 
 
@@ -108,13 +115,12 @@ def test_annotator_contours_and_saves_but_cannot_train_or_replace(secured, tmp_p
     info = requests.get(f"{server.url}/datastore/label/info", params={"label": IMAGE, "tag": "final"}, headers=annotator, timeout=30)
     assert info.json()["annotator"] == NAMES["annotator"]  # who logged in, not who the client claims to be
 
-    model = APP_DIR / "model" / "ctv.pt"
-    before = model.read_bytes()
+    before = server.model.read_bytes()
     for method, path in (("POST", "/train/ctv"), ("PUT", "/model/ctv"), ("DELETE", f"/datastore/image?id={IMAGE}")):
         r = requests.request(method, server.url + path, headers=annotator, timeout=60, files={"file": ("m.pt", b"x")} if method == "PUT" else None)
         assert r.status_code == 403, (method, path, r.text)
-    assert model.read_bytes() == before
-    listed = requests.get(f"{server.url}/datastore/", headers=annotator, timeout=30).json()
+    assert server.model.read_bytes() == before
+    listed = requests.get(f"{server.url}/datastore/?output=all", headers=annotator, timeout=30).json()
     assert IMAGE in listed["objects"]
 
     # The audit log: the save under the authenticated name, the refusals; admins only.
@@ -168,13 +174,15 @@ def test_cli_with_a_token(secured, tmp_path):
 
 
 def test_browser_logs_in_with_basic_credentials(secured):
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             anonymous = browser.new_context().new_page()
-            assert anonymous.goto(f"{secured.url}/ctv/").status == 401
+            with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):  # 401, and no login
+                anonymous.goto(f"{secured.url}/ctv/")
             credentials = {"username": NAMES["annotator"], "password": secured.tokens["annotator"]}
             page = browser.new_context(http_credentials=credentials).new_page()
             assert page.goto(f"{secured.url}/ctv/").status == 200
@@ -183,3 +191,36 @@ def test_browser_logs_in_with_basic_credentials(secured):
         finally:
             browser.close()
 
+
+
+def test_docker_entrypoint_turns_access_control_on(tmp_path):
+    """docker/entrypoint.sh as the container runs it (here on 127.0.0.1): first start makes an admin."""
+    studies = tmp_path / "studies"
+    build(str(studies), [HELD_OUT_SEED_START], labelled=set())
+    port = free_port()
+    env = {**os.environ, "CTV_DATA": str(tmp_path / "data"), "STUDIES": str(studies), "HOST": "127.0.0.1",
+           "PORT": str(port), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions")}  # fmt: skip
+    env.pop("CTV_AUTH_TOKENS", None), env.pop("CTV_AUTH_FILE", None)
+    log = tmp_path / "entrypoint.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["bash", str(REPO / "docker" / "entrypoint.sh")], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)  # fmt: skip
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if requests.get(f"{url}/info/", timeout=2).status_code == 401:
+                    break
+            except requests.ConnectionError:
+                time.sleep(1)
+        else:
+            raise AssertionError(log.read_text()[-3000:])
+        token = re.search(r"its token, shown only now: (\S+)", log.read_text()).group(1)
+        assert requests.get(f"{url}/info/", headers=bearer(token), timeout=10).status_code == 200
+        assert requests.get(f"{url}/audit/", headers=bearer(token), timeout=10).status_code == 200
+        assert (tmp_path / "data" / "audit.jsonl").exists() and (tmp_path / "data" / "model" / "ctv.pt").exists()
+        assert token not in (tmp_path / "data" / "users.json").read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

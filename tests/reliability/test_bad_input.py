@@ -109,8 +109,9 @@ def test_image_over_the_voxel_limit_is_refused_from_its_header(tmp_path):
         cases = tmp_path / "server" / "cases"
         assert not cases.exists() or not any(cases.iterdir())
         # Streamed without a length, the body is counted as it arrives.
-        chunks = (oversized[i : i + 65536] for i in range(0, len(oversized), 65536))
-        r = requests.post(f"{server.url}/infer/ctv", data=chunks, headers={"Content-Type": "application/octet-stream"}, timeout=60)
+        body, content_type = requests.models.RequestEncodingMixin._encode_files({"file": ("big.nii", oversized)}, {})
+        chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
+        r = requests.post(f"{server.url}/infer/ctv", data=chunks, headers={"Content-Type": content_type}, timeout=60)
         assert r.status_code == 413, r.text
         assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
 

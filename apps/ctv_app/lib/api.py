@@ -6,7 +6,10 @@
 - ``POST /infer/{model}`` runs in a worker thread instead of on the event loop, so the server
   keeps answering while it computes and a full queue can say 503 (``admission.InferenceGate``);
   malformed ``params`` are a 422, not a 500.
-- ``POST /infer/wsi_v2/{model}`` (whole-slide pathology) is a 404.
+- ``POST /infer/wsi_v2/{model}`` (whole-slide pathology) is a 404, and so is ``/proxy/dicom/``
+  on a folder datastore (it forwarded to the folder's path as if it were a URL: a 500).
+- MONAI Label's exceptions for a caller's mistake are 4xx (``ClientErrors``); JSON form fields
+  (``params``, ``info``) must be JSON objects; ``/logs/`` numbers are bounded.
 - ``PUT /model/{model}`` checks the uploaded weights load into the served network before they
   replace the served file (atomically; the previous file is kept), instead of copying any bytes.
 """
@@ -30,6 +33,7 @@ from monailabel.endpoints import datastore as monailabel_datastore
 from monailabel.endpoints import infer as monailabel_infer
 from monailabel.endpoints import model as monailabel_model
 from monailabel.endpoints import logs as monailabel_logs
+from monailabel.endpoints import proxy as monailabel_proxy
 from monailabel.endpoints import session as monailabel_session
 from monailabel.endpoints import wsi_infer as monailabel_wsi_infer
 from monailabel.interfaces.exception import (
@@ -48,7 +52,8 @@ from .errors import ImageNotFoundError, InvalidInputError, NotAuthorisedError
 from .security import AccessControl, Users, current_user, install
 
 
-def install_api(app, users: Users | None, audit: AuditLog, max_body_bytes: int) -> None:
+def install_api(app, users: Users | None, audit: AuditLog, max_body_bytes: int, dicomweb: bool) -> None:
+    """``dicomweb``: the datastore is a DICOMweb PACS (else OHIF's DICOM proxy has nothing to reach)."""
     install(app, ClientErrors)
     install(app, lambda inner: AccessControl(inner, users, audit, max_body_bytes))
     for path, endpoint in (("/image", add_image), ("/image/info", put_image_info), ("/label", save_label),
@@ -58,6 +63,9 @@ def install_api(app, users: Users | None, audit: AuditLog, max_body_bytes: int) 
     _replace_route(monailabel_logs.router, "/", "GET", server_log)
     _replace_route(monailabel_logs.router, "/gpu", "GET", gpu_info)
     _replace_route(monailabel_session.router, "/{session_id}", "GET", get_session)
+    if not dicomweb:
+        monailabel_proxy.router.routes.clear()
+        monailabel_proxy.router.add_api_route("/dicom/{path:path}", _no_pacs, methods=["GET", "POST"], include_in_schema=False)
     monailabel_wsi_infer.router.routes.clear()  # whole-slide pathology: not a CT server's business
     monailabel_wsi_infer.router.add_api_route("/wsi_v2/{model}", _not_served, methods=["POST"], include_in_schema=False)
     _replace_route(monailabel_infer.router, "/{model}", "POST", infer)
@@ -137,6 +145,10 @@ def get_session(session_id: str, update_ts: bool = False, image: bool = False):
     if info and image and not os.path.isfile(info.image):
         raise InvalidInputError(f"session '{session_id}' holds a folder of {len(os.listdir(info.image))} files, not one image file")
     return monailabel_session.get_session(session_id, update_ts, image)
+
+
+def _no_pacs(path: str) -> None:
+    raise ImageNotFoundError("no DICOM proxy: this server's datastore is a folder, not a DICOMweb PACS")
 
 
 def _not_served(model: str) -> None:

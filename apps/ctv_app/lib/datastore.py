@@ -235,6 +235,11 @@ class CTVDatastore(LocalDatastore):
         load_ct(image_filename)  # a 422 naming the problem, before anything is stored
         return super().add_image(image_id, image_filename, image_info)
 
+    def get_dataset_archive(self, limit_cases: int | None) -> str:
+        if not self.datalist():
+            raise ImageNotFoundError("no labelled images to export: the dataset archive holds image-label pairs")
+        return super().get_dataset_archive(limit_cases)
+
     # --- labels --------------------------------------------------------------------------------
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         if not _SAFE_NAME.match(label_tag or ""):
@@ -337,7 +342,11 @@ class CTVDatastore(LocalDatastore):
                         continue
                     sha = file_sha256(path)
                     if sha != label.info["sha256"]:
-                        record = next((r for r in self.label_history(image_id, tag) if r.get("sha256") == sha), None)
+                        newer = [
+                            r for r in self.label_history(image_id, tag)
+                            if r.get("sha256") == sha and r.get("version", 0) > label.info.get("version", 0)
+                        ]  # fmt: skip
+                        record = max(newer, key=lambda r: r["version"], default=None)
                         if record is not None:
                             logger.warning(f"label {tag}/{image_id}: completing interrupted save of v{record['version']}")
                             obj.labels[tag] = label = DataModel(info=record, ext=label.ext)

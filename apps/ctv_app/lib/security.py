@@ -200,10 +200,6 @@ def rule_for(method: str, path: str) -> Rule:
     return ADMIN_ONLY
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 Send = Callable[[dict], Awaitable[None]]
 _AUDITED_QUERY = ("image", "id", "tag", "label", "model")
 
@@ -234,40 +230,46 @@ class AccessControl:
         if refusal is None and _declared_length(headers) > self.max_body_bytes:
             refusal = (413, f"the upload is larger than this server's limit of {self.max_body_bytes:,} bytes")
         if refusal is not None:
-            await _send_error(send, *refusal)
             await self._record(scope, rule, user, refusal[0])
+            await _send_error(send, *refusal)
             return
 
-        status = {"code": 500}
-        started = False
-
-        async def send_watching(message: dict) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started, status["code"] = True, message["status"]
-            await send(message)
-
+        started = answered = False  # answered: this middleware sent a 413 while the body streamed in
         received = 0
 
+        async def send_recorded(message: dict) -> None:
+            nonlocal started
+            if answered:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+                await self._record(scope, rule, user, message["status"])  # recorded before it is answered
+            await send(message)
+
         async def receive_bounded() -> dict:
-            nonlocal received
+            nonlocal received, answered
+            if answered:
+                return {"type": "http.disconnect"}
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                raise BodyTooLarge
+            if received > self.max_body_bytes and not started:
+                await self._record(scope, rule, user, 413)
+                await _send_error(send, 413, f"the upload is larger than this server's limit of {self.max_body_bytes:,} bytes")
+                answered = True
+                return {"type": "http.disconnect"}
             return message
 
         token = _current_user.set(None if self.users is None else user)
         try:
-            await self.app(scope, receive_bounded, send_watching)
-        except BodyTooLarge:
-            if started:
-                raise
-            status["code"] = 413
-            await _send_error(send, 413, f"the upload is larger than this server's limit of {self.max_body_bytes:,} bytes")
+            await self.app(scope, receive_bounded, send_recorded)
+        except Exception:
+            if answered:  # after a 413 the app only complains that the client went away
+                return
+            if not started:
+                await self._record(scope, rule, user, 500)
+            raise
         finally:
             _current_user.reset(token)
-            await self._record(scope, rule, user, status["code"])
 
     async def _record(self, scope: dict, rule: Rule, user: User | None, status: int) -> None:
         if rule.action is None and status not in (401, 403):

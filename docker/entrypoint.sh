@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The container's server: access control ON (lib/security.py). Users come from $CTV_AUTH_FILE
+# (default $CTV_DATA/users.json) or $CTV_AUTH_TOKENS. On a first start with neither, a user
+# 'admin' is created and its token printed once: add the department's users with
+#   python -m ctv_app.lib.security add-user NAME annotator|reviewer|admin $CTV_AUTH_FILE
+# State (users, audit log, page cases, served model) lives under $CTV_DATA: mount a volume there.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+DATA="${CTV_DATA:-/data}"
+mkdir -p "$DATA/model"
+if [[ -z "${CTV_AUTH_TOKENS:-}" ]]; then
+  export CTV_AUTH_FILE="${CTV_AUTH_FILE:-$DATA/users.json}"
+  if [[ ! -s "$CTV_AUTH_FILE" ]]; then
+    token=$(python -m ctv_app.lib.security add-user admin admin "$CTV_AUTH_FILE")
+    echo "first start: user 'admin' (role admin) added to $CTV_AUTH_FILE; its token, shown only now: $token"
+  fi
+fi
+export CTV_AUDIT_LOG="${CTV_AUDIT_LOG:-$DATA/audit.jsonl}"
+[[ -f "$DATA/model/ctv.pt" ]] || cp apps/ctv_app/model/ctv.pt "$DATA/model/ctv.pt"
+# Inside a container the server listens on all interfaces of the container's own network.
+exec monailabel start_server --app apps/ctv_app --studies "${STUDIES:-/studies}" \
+  --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" \
+  --conf cases_path "$DATA/cases" --conf ctv_model "$DATA/model/ctv.pt" "$@"

@@ -1,0 +1,40 @@
+"""Load: 10 clients, 50 /infer/ctv uploads in total, against a server whose queue holds 3. Every
+request succeeds or is told 503 + Retry-After (and then succeeds on retry); every result names
+the input its client sent; memory stays bounded. Figures are printed (bench/load.py measures)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import requests
+
+from ..support import REPO, ServerProcess
+
+spec = importlib.util.spec_from_file_location("bench_load", REPO / "bench" / "load.py")
+bench_load = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_load)
+
+MAX_WAITING = 3
+PEAK_RSS_LIMIT_MB = 3000  # issue 7's memory goal for the server
+
+
+def test_ten_clients_fifty_requests(tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    with ServerProcess(studies, tmp_path / "server", conf={"infer_max_waiting": str(MAX_WAITING)}) as server:
+        warm = bench_load.distinct_inputs(1, seed=1)[0]
+        for _ in range(2):  # first requests allocate the network's buffers
+            r = requests.post(f"{server.url}/infer/ctv", params={"output": "json"}, files={"file": ("w.nii", warm)}, timeout=300)
+            assert r.status_code == 200, r.text
+        figures = bench_load.run_load(server.url, server.proc.pid, clients=10, total=50, time_limit_s=900)
+        assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
+    outcomes = figures.pop("outcomes")
+    print("load:", json.dumps(figures))
+    assert figures["succeeded"] == 50, [o for o in outcomes if o.get("status") != 200]
+    assert figures["mismatched"] == 0  # each result is of the bytes its own client sent
+    assert figures["busy_503"] > 0  # the queue limit was reached ...
+    assert figures["busy_without_retry_after"] == 0  # ... and every 503 said when to come back
+    assert figures["vmhwm_mb"] < PEAK_RSS_LIMIT_MB
+    # No growth with the number of requests served: memory after 50 is within 15% of before.
+    assert figures["rss_after_mb"] < 1.15 * figures["rss_before_mb"], figures
