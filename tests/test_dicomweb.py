@@ -14,7 +14,6 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from ctv_app.lib.dicom.rtstruct import rasterise, read_rtstruct

@@ -13,10 +13,10 @@ from typing import Any
 
 import monailabel
 import torch
+from dicomweb_client.session_utils import create_session_from_user_pass
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX
-from dicomweb_client.session_utils import create_session_from_user_pass
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.datastore import Datastore
@@ -32,16 +32,16 @@ from ctv_app.lib import web
 from ctv_app.lib.admission import InferenceGate
 from ctv_app.lib.api import install_api
 from ctv_app.lib.audit import AuditLog
-from ctv_app.lib.configs.ctv import CTVConfig
 from ctv_app.lib.cases import CaseStore
+from ctv_app.lib.configs.ctv import CTVConfig
 from ctv_app.lib.datastore import CTVDatastore
 from ctv_app.lib.dicom.dicomweb import CTVDicomWebDatastore
 from ctv_app.lib.dicom.results import RTConfig
-from ctv_app.lib.provenance import software_versions
-from ctv_app.lib.web import ContouringService
 from ctv_app.lib.errors import CTVError, ImageNotFoundError, InvalidInputError
 from ctv_app.lib.params import as_bool
+from ctv_app.lib.provenance import software_versions
 from ctv_app.lib.security import Users
+from ctv_app.lib.web import ContouringService
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ class CTVApp(MONAILabelApp):
         server = sys.modules.get("monailabel.app")
         if server is None:  # a training or scoring subprocess: no web server here
             return
-        audit_path = conf.get("audit_log") or os.environ.get("CTV_AUDIT_LOG") or os.path.join(app_dir, "logs", "audit.jsonl")
+        audit_path = conf.get("audit_log") or os.environ.get("CTV_AUDIT_LOG")
+        audit_path = audit_path or os.path.join(app_dir, "logs", "audit.jsonl")
         max_upload_mb = float(conf.get("max_upload_mb") or os.environ.get("CTV_MAX_UPLOAD_MB") or 2048)
         users = Users.configured()
         logger.info(f"access control {'on: ' + str(users.count) + ' users' if users else 'OFF (local demo)'}")

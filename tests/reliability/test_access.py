@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import pytest
 import requests
 from monailabel.client import MONAILabelClient
@@ -61,7 +60,9 @@ def bearer(token: str) -> dict[str, str]:
 
 def operations(server) -> list[tuple[str, str]]:
     spec = requests.get(f"{server.url}/openapi.json", headers=bearer(server.tokens["annotator"]), timeout=30).json()
-    found = [(m.upper(), p) for p, ops in spec["paths"].items() for m in ops if m in ("get", "put", "post", "delete", "head")]
+    found = [
+        (m.upper(), p) for p, ops in spec["paths"].items() for m in ops if m in ("get", "put", "post", "delete", "head")
+    ]
     assert len(found) >= 40, found  # MONAI Label's API and ours, not an empty schema
     return found + OUTSIDE_SCHEMA
 
@@ -79,7 +80,11 @@ def test_every_route_needs_a_token_and_the_right_role(secured):
         if rule.role is None:
             assert path in ("/auth/", "/auth/token"), (method, path)  # the login itself
             continue
-        for headers, auth in ((None, None), (bearer("wrong-token-" + "x" * 20), None), (None, (NAMES["admin"], "wrong"))):
+        for headers, auth in (
+            (None, None),
+            (bearer("wrong-token-" + "x" * 20), None),
+            (None, (NAMES["admin"], "wrong")),
+        ):
             r = call(server, method, path, headers, auth)
             assert r.status_code == 401, (method, path, r.status_code, r.text)
             if method != "HEAD":
@@ -102,7 +107,9 @@ def test_every_route_needs_a_token_and_the_right_role(secured):
 def test_annotator_contours_and_saves_but_cannot_train_or_replace(secured, tmp_path):
     server = secured
     annotator = bearer(server.tokens["annotator"])
-    r = requests.post(f"{server.url}/infer/ctv", params={"image": IMAGE, "output": "image"}, headers=annotator, timeout=300)
+    r = requests.post(
+        f"{server.url}/infer/ctv", params={"image": IMAGE, "output": "image"}, headers=annotator, timeout=300
+    )
     assert r.status_code == 200, r.text
     result = tmp_path / "result.nii.gz"
     result.write_bytes(r.content)
@@ -112,12 +119,20 @@ def test_annotator_contours_and_saves_but_cannot_train_or_replace(secured, tmp_p
         timeout=120,
     )  # fmt: skip
     assert saved.status_code == 200, saved.text
-    info = requests.get(f"{server.url}/datastore/label/info", params={"label": IMAGE, "tag": "final"}, headers=annotator, timeout=30)
+    info = requests.get(
+        f"{server.url}/datastore/label/info", params={"label": IMAGE, "tag": "final"}, headers=annotator, timeout=30
+    )
     assert info.json()["annotator"] == NAMES["annotator"]  # who logged in, not who the client claims to be
 
     before = server.model.read_bytes()
     for method, path in (("POST", "/train/ctv"), ("PUT", "/model/ctv"), ("DELETE", f"/datastore/image?id={IMAGE}")):
-        r = requests.request(method, server.url + path, headers=annotator, timeout=60, files={"file": ("m.pt", b"x")} if method == "PUT" else None)
+        r = requests.request(
+            method,
+            server.url + path,
+            headers=annotator,
+            timeout=60,
+            files={"file": ("m.pt", b"x")} if method == "PUT" else None,
+        )
         assert r.status_code == 403, (method, path, r.text)
     assert server.model.read_bytes() == before
     listed = requests.get(f"{server.url}/datastore/?output=all", headers=annotator, timeout=30).json()
@@ -131,7 +146,9 @@ def test_annotator_contours_and_saves_but_cannot_train_or_replace(secured, tmp_p
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", save[-1]["time"])
     refused = {(e["action"], e["status"]) for e in entries if e["user"] == NAMES["annotator"]}
     assert {("train.start", 403), ("model.upload", 403), ("image.delete", 403)} <= refused
-    only_mine = requests.get(f"{server.url}/audit/", params={"user": NAMES["admin"]}, headers=bearer(server.tokens["admin"]), timeout=30)
+    only_mine = requests.get(
+        f"{server.url}/audit/", params={"user": NAMES["admin"]}, headers=bearer(server.tokens["admin"]), timeout=30
+    )
     assert all(e["user"] == NAMES["admin"] for e in only_mine.json())
 
 
@@ -139,7 +156,12 @@ def test_audit_log_is_only_ever_appended(secured):
     server = secured
     path = server.workdir / "audit.jsonl"
     before = path.read_bytes()
-    requests.delete(f"{server.url}/datastore/label", params={"id": IMAGE, "tag": "no_such_tag"}, headers=bearer(server.tokens["annotator"]), timeout=30)
+    requests.delete(
+        f"{server.url}/datastore/label",
+        params={"id": IMAGE, "tag": "no_such_tag"},
+        headers=bearer(server.tokens["annotator"]),
+        timeout=30,
+    )
     after = path.read_bytes()
     assert after.startswith(before) and len(after) > len(before)
     last = json.loads(after.splitlines()[-1])
@@ -168,7 +190,9 @@ def test_cli_with_a_token(secured, tmp_path):
     args = [ctv, "--server", secured.url, "infer", IMAGE, "--out", str(tmp_path / "out"), "--quiet"]
     refused = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "401" in refused.stdout + refused.stderr
-    run = subprocess.run(args[:3] + ["--token", secured.tokens["annotator"]] + args[3:], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        args[:3] + ["--token", secured.tokens["annotator"]] + args[3:], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "1 contoured" in run.stdout
 
@@ -190,7 +214,6 @@ def test_browser_logs_in_with_basic_credentials(secured):
             assert status == 200  # the page's own API calls carry the login
         finally:
             browser.close()
-
 
 
 def test_docker_entrypoint_turns_access_control_on(tmp_path):

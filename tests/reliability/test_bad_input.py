@@ -58,7 +58,9 @@ def bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
 def test_bad_uploads_are_4xx_and_the_server_stays_up(server, tmp_path):
     cases_before = sorted((server.workdir / "cases").glob("*")) if (server.workdir / "cases").exists() else []
     for name, (path, words) in bad_files(tmp_path).items():
-        r = requests.post(f"{server.url}/infer/ctv?output=json", files={"file": (path.name, path.read_bytes())}, timeout=120)
+        r = requests.post(
+            f"{server.url}/infer/ctv?output=json", files={"file": (path.name, path.read_bytes())}, timeout=120
+        )
         assert r.status_code == 422, (name, r.status_code, r.text)
         assert words in r.json()["detail"], (name, r.json()["detail"])
         assert str(tmp_path) not in r.text and "/tmp" not in r.json()["detail"]  # no server paths in messages
@@ -98,13 +100,17 @@ def test_image_over_the_voxel_limit_is_refused_from_its_header(tmp_path):
     big = nifti(tmp_path / "big.nii.gz", ct_like((64, 64, 40)))  # 163,840 voxels
     env = {"CTV_MAX_VOXELS": "100000", "CTV_MAX_UPLOAD_MB": "1"}
     with ServerProcess(studies, tmp_path / "server", env=env) as server:
-        r = requests.post(f"{server.url}/infer/ctv?output=json", files={"file": (big.name, big.read_bytes())}, timeout=120)
+        r = requests.post(
+            f"{server.url}/infer/ctv?output=json", files={"file": (big.name, big.read_bytes())}, timeout=120
+        )
         assert r.status_code == 422 and "163,840 voxels" in r.json()["detail"] and "100,000" in r.json()["detail"]
 
         # Over the upload limit: 413 before the body is read, whichever route; nothing is written.
         oversized = np.random.default_rng(2).bytes(3 << 20)
         for method, path in (("POST", "/infer/ctv"), ("POST", "/ctv/api/cases"), ("PUT", "/datastore/label?image=x")):
-            r = requests.request(method, server.url + path, files={"file": ("big.nii", oversized)}, headers=OWNER, timeout=60)
+            r = requests.request(
+                method, server.url + path, files={"file": ("big.nii", oversized)}, headers=OWNER, timeout=60
+            )
             assert r.status_code == 413 and "1,048,576 bytes" in r.json()["detail"], (path, r.status_code, r.text)
         cases = tmp_path / "server" / "cases"
         assert not cases.exists() or not any(cases.iterdir())
@@ -122,7 +128,10 @@ def test_label_on_another_grid_is_refused_and_nothing_is_written(server, studies
     shifted = image.affine.copy()
     shifted[0, 3] += 5.0
     cases = {
-        "shape": (nib.Nifti1Image(np.zeros(tuple(s + 1 for s in image.shape), np.uint8), image.affine), "does not match"),
+        "shape": (
+            nib.Nifti1Image(np.zeros(tuple(s + 1 for s in image.shape), np.uint8), image.affine),
+            "does not match",
+        ),
         "grid": (nib.Nifti1Image(np.zeros(image.shape, np.uint8), shifted), "not on its image's grid"),
         "values": (nib.Nifti1Image(np.full(image.shape, 7, np.uint8), image.affine), "holds values [7]"),
     }

@@ -160,7 +160,9 @@ def served(tmp_path_factory):
 
 
 def served_model_sha(server) -> str:
-    r = requests.post(f"{server.url}/infer/ctv", params={"image": f"phantom_{HELD_OUT_SEED_START:05d}", "output": "json"}, timeout=300)
+    r = requests.post(
+        f"{server.url}/infer/ctv", params={"image": f"phantom_{HELD_OUT_SEED_START:05d}", "output": "json"}, timeout=300
+    )
     assert r.status_code == 200, r.text
     return r.json()["provenance"]["model"]["sha256"]
 
@@ -241,6 +243,7 @@ def test_full_disk_during_label_save_is_a_clear_error_and_nothing_partial(small_
     nib.save(nib.Nifti1Image(np.zeros(phantom.image.shape, np.uint8), phantom.affine), first)
     nib.save(nib.Nifti1Image((phantom.label > 0).astype(np.uint8), phantom.affine), second)
     with ServerProcess(studies, tmp_path / "server") as server:
+
         def save(path: Path) -> requests.Response:
             return requests.put(f"{server.url}/datastore/label", params={"image": "disk_phantom", "tag": "final"},
                                 files={"label": (path.name, path.read_bytes())}, timeout=120)  # fmt: skip

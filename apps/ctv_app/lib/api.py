@@ -6,8 +6,9 @@
 - ``POST /infer/{model}`` runs in a worker thread instead of on the event loop, so the server
   keeps answering while it computes and a full queue can say 503 (``admission.InferenceGate``);
   malformed ``params`` are a 422, not a 500.
-- ``POST /infer/wsi_v2/{model}`` (whole-slide pathology) is a 404, and so is ``/proxy/dicom/``
-  on a folder datastore (it forwarded to the folder's path as if it were a URL: a 500).
+- ``POST /reload`` (rebuild the app at run time) and ``POST /infer/wsi_v2/{model}`` (whole-slide
+  pathology) are 404s, and so is ``/proxy/dicom/`` on a folder datastore (it forwarded to the
+  folder's path as if it were a URL: a 500).
 - MONAI Label's exceptions for a caller's mistake are 4xx (``ClientErrors``); JSON form fields
   (``params``, ``info``) must be JSON objects; ``/logs/`` numbers are bounded.
 - ``PUT /model/{model}`` checks the uploaded weights load into the served network before they
@@ -31,8 +32,8 @@ from fastapi.security import OAuth2PasswordRequestForm
 from monailabel.config import settings
 from monailabel.endpoints import datastore as monailabel_datastore
 from monailabel.endpoints import infer as monailabel_infer
-from monailabel.endpoints import model as monailabel_model
 from monailabel.endpoints import logs as monailabel_logs
+from monailabel.endpoints import model as monailabel_model
 from monailabel.endpoints import proxy as monailabel_proxy
 from monailabel.endpoints import session as monailabel_session
 from monailabel.endpoints import wsi_infer as monailabel_wsi_infer
@@ -54,6 +55,8 @@ from .security import AccessControl, Users, current_user, install
 
 def install_api(app, users: Users | None, audit: AuditLog, max_body_bytes: int, dicomweb: bool) -> None:
     """``dicomweb``: the datastore is a DICOMweb PACS (else OHIF's DICOM proxy has nothing to reach)."""
+    # POST /reload rebuilt the app in a running server (and would install all of this twice): not served.
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/reload"]
     install(app, ClientErrors)
     install(app, lambda inner: AccessControl(inner, users, audit, max_body_bytes))
     for path, endpoint in (("/image", add_image), ("/image/info", put_image_info), ("/label", save_label),
@@ -65,7 +68,9 @@ def install_api(app, users: Users | None, audit: AuditLog, max_body_bytes: int, 
     _replace_route(monailabel_session.router, "/{session_id}", "GET", get_session)
     if not dicomweb:
         monailabel_proxy.router.routes.clear()
-        monailabel_proxy.router.add_api_route("/dicom/{path:path}", _no_pacs, methods=["GET", "POST"], include_in_schema=False)
+        monailabel_proxy.router.add_api_route(
+            "/dicom/{path:path}", _no_pacs, methods=["GET", "POST"], include_in_schema=False
+        )
     monailabel_wsi_infer.router.routes.clear()  # whole-slide pathology: not a CT server's business
     monailabel_wsi_infer.router.add_api_route("/wsi_v2/{model}", _not_served, methods=["POST"], include_in_schema=False)
     _replace_route(monailabel_infer.router, "/{model}", "POST", infer)
@@ -124,7 +129,10 @@ class ClientErrors:
 
 
 def server_log(
-    lines: int = Query(300, ge=0, le=1_000_000), html: bool = True, text: bool = False, refresh: int = Query(0, ge=0, le=3600)
+    lines: int = Query(300, ge=0, le=1_000_000),
+    html: bool = True,
+    text: bool = False,
+    refresh: int = Query(0, ge=0, le=3600),
 ):
     """MONAI Label's log view with its numbers bounded (a huge ``lines`` was a 500)."""
     path = os.path.join(settings.MONAI_LABEL_APP_DIR, "logs", "app.log")
@@ -143,7 +151,8 @@ def get_session(session_id: str, update_ts: bool = False, image: bool = False):
     """MONAI Label's, except that a session holding a folder of files is a 422 when its image is asked for."""
     info = app_instance().sessions().get_session(session_id, update_ts=update_ts)
     if info and image and not os.path.isfile(info.image):
-        raise InvalidInputError(f"session '{session_id}' holds a folder of {len(os.listdir(info.image))} files, not one image file")
+        count = len(os.listdir(info.image))
+        raise InvalidInputError(f"session '{session_id}' holds a folder of {count} files, not one image file")
     return monailabel_session.get_session(session_id, update_ts, image)
 
 
@@ -270,4 +279,3 @@ def _add_login_routes(app, users: Users) -> None:
     app.add_api_route("/auth/token", token, methods=["POST"], tags=["Auth"],
                       summary="Log in: user name and token (as password) -> bearer token")  # fmt: skip
     app.add_api_route("/auth/token/valid", token_valid, methods=["GET"], tags=["Auth"], summary="Who am I")
-

@@ -348,7 +348,8 @@ class CTVDatastore(LocalDatastore):
                         ]  # fmt: skip
                         record = max(newer, key=lambda r: r["version"], default=None)
                         if record is not None:
-                            logger.warning(f"label {tag}/{image_id}: completing interrupted save of v{record['version']}")
+                            version = record["version"]
+                            logger.warning(f"label {tag}/{image_id}: completing interrupted save of v{version}")
                             obj.labels[tag] = label = DataModel(info=record, ext=label.ext)
                             changed = True
                     self._remove_unfinished_history(image_id, tag, int(label.info.get("version", 0)))

@@ -228,7 +228,7 @@ class AccessControl:
             elif not user.has(rule.role):
                 refusal = (403, f"{method} {path} needs the {rule.role} role; '{user.name}' is {user.role}")
         if refusal is None and _declared_length(headers) > self.max_body_bytes:
-            refusal = (413, f"the upload is larger than this server's limit of {self.max_body_bytes:,} bytes")
+            refusal = (413, self._too_large())
         if refusal is not None:
             await self._record(scope, rule, user, refusal[0])
             await _send_error(send, *refusal)
@@ -254,7 +254,7 @@ class AccessControl:
             received += len(message.get("body", b""))
             if received > self.max_body_bytes and not started:
                 await self._record(scope, rule, user, 413)
-                await _send_error(send, 413, f"the upload is larger than this server's limit of {self.max_body_bytes:,} bytes")
+                await _send_error(send, 413, self._too_large())
                 answered = True
                 return {"type": "http.disconnect"}
             return message
@@ -270,6 +270,9 @@ class AccessControl:
             raise
         finally:
             _current_user.reset(token)
+
+    def _too_large(self) -> str:
+        return f"the upload is larger than this server's limit of {self.max_body_bytes:,} bytes"
 
     async def _record(self, scope: dict, rule: Rule, user: User | None, status: int) -> None:
         if rule.action is None and status not in (401, 403):
