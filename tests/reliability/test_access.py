@@ -72,10 +72,30 @@ def call(server, method: str, path: str, headers=None, auth=None) -> requests.Re
     return requests.request(method, url, headers=headers, auth=auth, timeout=120, allow_redirects=False)
 
 
+# What the issue asks of each role, on the routes that do it (the walk below checks all routes).
+EXPECTED_ROLES = {
+    ("POST", "/infer/{model}"): "annotator",
+    ("PUT", "/datastore/label"): "annotator",
+    ("POST", "/ctv/api/cases"): "annotator",
+    ("PUT", "/ctv/api/cases/{case_id}/annotation"): "annotator",
+    ("POST", "/activelearning/{strategy}"): "annotator",
+    ("DELETE", "/datastore/label"): "reviewer",
+    ("POST", "/train/{model}"): "admin",
+    ("PUT", "/model/{model}"): "admin",
+    ("DELETE", "/model/{model}"): "admin",
+    ("PUT", "/datastore/image"): "admin",
+    ("DELETE", "/datastore/image"): "admin",
+    ("GET", "/audit/"): "admin",
+}
+
+
 def test_every_route_needs_a_token_and_the_right_role(secured):
     server = secured
+    found = operations(server)
+    assert set(EXPECTED_ROLES) <= set(found)
+    assert {key: rule_for(*key).role for key in EXPECTED_ROLES} == EXPECTED_ROLES
     checked = []
-    for method, path in operations(server):
+    for method, path in found:
         rule = rule_for(method, path)
         if rule.role is None:
             assert path in ("/auth/", "/auth/token"), (method, path)  # the login itself
@@ -123,6 +143,20 @@ def test_annotator_contours_and_saves_but_cannot_train_or_replace(secured, tmp_p
         f"{server.url}/datastore/label/info", params={"label": IMAGE, "tag": "final"}, headers=annotator, timeout=30
     )
     assert info.json()["annotator"] == NAMES["annotator"]  # who logged in, not who the client claims to be
+
+    # The page as this annotator: a case of a datastore study, annotated; the owner is the login.
+    case = requests.post(f"{server.url}/ctv/api/cases", data={"image": IMAGE}, headers=annotator, timeout=300)
+    assert case.status_code == 201, case.text
+    case_id = case.json()["case"]["id"]
+    annotated = requests.put(
+        f"{server.url}/ctv/api/cases/{case_id}/annotation",
+        files={"file": ("mine.nii.gz", result.read_bytes())},
+        headers=annotator,
+        timeout=120,
+    )
+    assert annotated.status_code == 200, annotated.text
+    other = requests.get(f"{server.url}/ctv/api/cases/{case_id}", headers=bearer(server.tokens["admin"]), timeout=30)
+    assert other.status_code == 404  # another user's case, even for an admin
 
     before = server.model.read_bytes()
     for method, path in (("POST", "/train/ctv"), ("PUT", "/model/ctv"), ("DELETE", f"/datastore/image?id={IMAGE}")):

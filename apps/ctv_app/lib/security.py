@@ -187,7 +187,7 @@ RULES: tuple[Rule, ...] = (
     _rule("GET", r"/ctv(/.*)?", "annotator"),
     _rule("POST", r"/ctv/api/cases", "annotator", "case.upload"),
     _rule("POST", r"/ctv/api/cases/[^/]+/contour", "annotator", "case.contour"),
-    _rule("POST", r"/ctv/api/cases/[^/]+/annotation", "annotator", "case.annotate"),
+    _rule("PUT", r"/ctv/api/cases/[^/]+/annotation", "annotator", "case.annotate"),
 )
 ADMIN_ONLY = Rule(frozenset(), re.compile(""), "admin", "other")
 
