@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
+import time
 
+import pytest
 import requests
+
+from ctv_app.lib.admission import InferenceGate, when_admitted
+from ctv_app.lib.errors import ServerBusyError
 
 from ..support import REPO, ServerProcess
 
@@ -39,3 +45,38 @@ def test_ten_clients_fifty_requests(tmp_path):
     # No leak per request: 50 requests later, resident memory is less than 150 MB (3 MB a request)
     # above what it was after the warm-up.
     assert figures["rss_after_mb"] < figures["rss_before_mb"] + 150, figures
+
+
+def test_gate_refuses_past_its_queue_and_the_page_worker_waits_its_turn():
+    gate = InferenceGate(workers=1, max_waiting=1, expected_s=0.5)
+    release = threading.Event()
+
+    def hold() -> None:
+        with gate.slot():
+            release.wait(30)
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]  # one runs, one waits
+    for t in holders:
+        t.start()
+    deadline = time.monotonic() + 10
+    while gate._admitted < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(ServerBusyError) as refused:
+        with gate.slot():
+            pass
+    assert refused.value.status_code == 503 and int(refused.value.headers["Retry-After"]) >= 1
+
+    def run_once() -> str:
+        with gate.slot():
+            return "contoured"
+
+    done: list[str] = []
+    page = threading.Thread(target=lambda: done.append(when_admitted(run_once, patience_s=60)))
+    page.start()
+    time.sleep(0.3)
+    assert not done  # still refused: it waits instead of failing
+    release.set()
+    page.join(30)
+    for t in holders:
+        t.join(30)
+    assert done == ["contoured"]

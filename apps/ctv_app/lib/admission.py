@@ -11,20 +11,23 @@ import math
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
+
+from fastapi import HTTPException
 
 from .errors import ServerBusyError
 
 
 class InferenceGate:
-    def __init__(self, workers: int = 1, max_waiting: int = 8):
+    def __init__(self, workers: int = 1, max_waiting: int = 8, expected_s: float = 5.0):
+        """``expected_s``: the latency assumed until one is measured (for Retry-After)."""
         if workers < 1 or max_waiting < 0:
             raise ValueError(f"workers must be >= 1 and max_waiting >= 0 (got {workers}, {max_waiting})")
         self.workers, self.max_waiting = workers, max_waiting
         self._slots = threading.Semaphore(workers)
         self._lock = threading.Lock()
         self._admitted = 0
-        self._mean_s = 5.0  # until measured
+        self._mean_s = expected_s
 
     @contextmanager
     def slot(self) -> Iterator[None]:
@@ -46,3 +49,17 @@ class InferenceGate:
         finally:
             with self._lock:
                 self._admitted -= 1
+
+
+def when_admitted(call: Callable[[], Any], patience_s: float = 1800) -> Any:
+    """``call()``, waited for and retried while it is refused with 503 + Retry-After: for work
+    that is already queued elsewhere (the contouring page's worker), not for HTTP clients."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return call()
+        except HTTPException as e:
+            retry_after = (e.headers or {}).get("Retry-After")
+            if e.status_code != 503 or retry_after is None or time.monotonic() + float(retry_after) > deadline:
+                raise
+            time.sleep(float(retry_after))

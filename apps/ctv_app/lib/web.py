@@ -21,10 +21,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pydicom
-from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
+from .admission import when_admitted
 from .cases import Case, CaseStore
 from .datastore import check_label
 from .dicom.results import write_dicom_result
@@ -69,7 +70,8 @@ class ContouringService:
         work = tempfile.mkdtemp(prefix="ctv-result-")
         try:
             self.store.set_result(case, result_id, status="running", stage="contouring")
-            out = self.app.infer({"model": self.model, "image": case.input_path, "result_format": "nifti"})
+            request = {"model": self.model, "image": case.input_path, "result_format": "nifti"}
+            out = when_admitted(lambda: self.app.infer(request))  # a full queue: wait for a turn
             params = out["params"]
             provenance = params["provenance"]
             if provenance["input"]["sha256"] != case.record["input"]["contoured_sha256"]:
@@ -91,7 +93,7 @@ class ContouringService:
             )  # fmt: skip
         except Exception as e:  # the page shows it; the server and the other cases carry on
             logger.exception(f"contouring case {case.id} failed")
-            message = e.detail if isinstance(e, CTVError) else str(e)
+            message = e.detail if isinstance(e, HTTPException) else str(e)
             self.store.set_result(case, result_id, status="failed", stage="failed", error=str(message))
         finally:
             shutil.rmtree(work, ignore_errors=True)
