@@ -3,11 +3,15 @@
 # (default $CTV_DATA/users.json) or $CTV_AUTH_TOKENS. On a first start with neither, a user
 # 'admin' is created and its token printed once: add the department's users with
 #   python -m ctv_app.lib.security add-user NAME annotator|reviewer|admin $CTV_AUTH_FILE
-# State (users, audit log, page cases, served model) lives under $CTV_DATA: mount a volume there.
+# State (users, audit log, page cases, served model) lives under $CTV_DATA: mount a volume there;
+# replicas behind nginx share it (docker/compose.yml). STUDIES: a folder or a DICOMweb URL.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DATA="${CTV_DATA:-/data}"
 mkdir -p "$DATA/model"
+# Replicas share $DATA: the first to start creates the users file and the served model, once.
+exec 9>"$DATA/.first-start.lock"
+flock 9
 if [[ -z "${CTV_AUTH_TOKENS:-}" ]]; then
   export CTV_AUTH_FILE="${CTV_AUTH_FILE:-$DATA/users.json}"
   if [[ ! -s "$CTV_AUTH_FILE" ]]; then
@@ -15,8 +19,12 @@ if [[ -z "${CTV_AUTH_TOKENS:-}" ]]; then
     echo "first start: user 'admin' (role admin) added to $CTV_AUTH_FILE; its token, shown only now: $token"
   fi
 fi
+if [[ ! -f "$DATA/model/ctv.pt" ]]; then
+  cp apps/ctv_app/model/ctv.pt "$DATA/model/.ctv.pt.tmp" && mv "$DATA/model/.ctv.pt.tmp" "$DATA/model/ctv.pt"
+fi
+flock -u 9
+exec 9>&-
 export CTV_AUDIT_LOG="${CTV_AUDIT_LOG:-$DATA/audit.jsonl}"
-[[ -f "$DATA/model/ctv.pt" ]] || cp apps/ctv_app/model/ctv.pt "$DATA/model/ctv.pt"
 # Two malloc arenas: inference threads otherwise each grow their own (peak RSS under 10 clients
 # 1205 -> 893 MB, same latency; docs/reliability.md).
 export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}"

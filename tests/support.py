@@ -197,3 +197,72 @@ class OrthancProcess:
             buffer.seek(0)
             datasets.append(pydicom.dcmread(buffer))
         self.client().store_instances(datasets)
+
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+NGINX_TEMPLATE = REPO / "docker" / "nginx" / "ctv.conf.template"
+
+
+def render_nginx_site(replicas: list[str], trainer: str, listen: str) -> str:
+    """docker/nginx/ctv.conf.template with its ${CTV_*} filled, as the nginx image's envsubst does."""
+    values = {
+        "CTV_REPLICAS": " ".join(f"server {r} max_fails=1 fail_timeout=10s;" for r in replicas),
+        "CTV_TRAINER": f"server {trainer};",
+        "CTV_LISTEN": listen,
+    }
+    text = NGINX_TEMPLATE.read_text()
+    for name, value in values.items():
+        text = text.replace("${" + name + "}", value)
+    return text
+
+
+class NginxProcess:
+    """Debian's nginx in the foreground with the project's site config, on 127.0.0.1; its own
+    prefix, logs and temp folders in ``workdir``; stopped by pid."""
+
+    def __init__(self, workdir: Path, replicas: list[str], trainer: str, startup_timeout_s: float = 30):
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.site = render_nginx_site(replicas, trainer, f"127.0.0.1:{self.port}")
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def config(self) -> str:
+        temp = " ".join(f"{kind}_temp_path {kind}_temp;" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        return (
+            "daemon off; master_process on; worker_processes 1; pid nginx.pid; error_log error.log info;\n"
+            "events { worker_connections 256; }\n"
+            f"http {{ access_log access.log; {temp}\n{self.site}\n}}\n"
+        )
+
+    def __enter__(self) -> "NginxProcess":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "nginx.conf").write_text(self.config())
+        cmd = [NGINX, "-p", str(self.workdir), "-c", str(self.workdir / "nginx.conf"), "-e", str(self.workdir / "error.log")]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nginx exited with {self.proc.returncode}:\n{self.error_log()}")
+            try:
+                requests.get(f"{self.url}/", timeout=2)
+                return self
+            except requests.ConnectionError:
+                if time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError(f"nginx not up after {self.startup_timeout_s}s:\n{self.error_log()}")
+                time.sleep(0.2)
+
+    def error_log(self) -> str:
+        path = self.workdir / "error.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful: finish the requests in flight
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -278,6 +278,8 @@ def test_docker_entrypoint_turns_access_control_on(tmp_path):
         assert requests.get(f"{url}/audit/", headers=bearer(token), timeout=10).status_code == 200
         assert (tmp_path / "data" / "audit.jsonl").exists() and (tmp_path / "data" / "model" / "ctv.pt").exists()
         assert token not in (tmp_path / "data" / "users.json").read_text()
+        health = subprocess.run([sys.executable, str(REPO / "docker" / "healthcheck.py")], env={**os.environ, "PORT": str(port)})
+        assert health.returncode == 0  # the container's HEALTHCHECK: up, and asking for a token
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
