@@ -120,7 +120,7 @@ def test_torchrun_two_cpu_ranks_hold_identical_weights(tmp_path):
     import torch
 
     from ctv_app.lib.networks import network_for
-    from ctv_train.train import weights_digest
+    from ctv_app.lib.checkpoint import weights_digest
 
     torch.manual_seed(0)
     assert weights_digest(network_for(CTVParams.from_dict(ckpt["params"]))) != digests["0"]
@@ -140,3 +140,38 @@ def test_quality_weighted_training_keeps_its_qam_and_needs_a_real_batch(tmp_path
     assert ckpt["meta"]["train_config"]["quality_weighting"] is True
     assert any(k.startswith("qam.features") for k in ckpt["meta"]["qam"])
     assert 0.0 <= result["best_val_dice"] <= 1.0
+
+
+def test_server_trainer_under_torchrun_two_cpu_ranks(tmp_path):
+    """The server's `ctv` training task under torchrun (gloo): the ranks split the cases, end with
+    bit-identical weights, and rank 0 alone publishes weights the server can serve."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ctv_app.lib.configs.ctv import CTVConfig
+
+    studies = tmp_path / "studies"
+    build(str(studies), list(range(3000, 3006)), labelled=set(range(3000, 3006)))
+    model = tmp_path / "model" / "ctv.pt"
+    conf = {"ctv_target_spacing": "[6,6,6]", "ctv_patch_size": "[32,32,32]", "ctv_filters": "[8,16,32,64]"}
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+           "-m", "ctv_train.server_train", "--studies", str(studies), "--model", str(model)]  # fmt: skip
+    for key, value in conf.items():
+        cmd += ["--conf", key, value]
+    for param in ("max_epochs=2", "pretrained=false", "val_split=0.34", "patches_per_volume=2"):
+        cmd += ["--param", param]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert sorted(re.findall(r"(\d) - Records for Training: (\d+)", log)) == [("0", "2"), ("1", "2")]  # 4 split
+    digests = dict(re.findall(r"rank (\d)/2 weights sha256 ([0-9a-f]{64})", log))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    publishers = {line.split("]")[0] for line in log.splitlines() if "; published " in line}
+    assert publishers == {"[rank 0"}
+    ckpt = load_checkpoint(str(model))
+    assert ckpt["meta"]["train_config"]["world_size"] == 2
+    config = CTVConfig()
+    config.init("ctv", str(model.parent), {"ctv_model": str(model), **conf}, None)
+    assert config.infer().check_weights(str(model))["sha256"]  # what the server would serve

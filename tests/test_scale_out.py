@@ -50,7 +50,8 @@ def cluster(tmp_path_factory):
         with replica("trainer") as trainer, replica("replica") as other:
             backends = [f"127.0.0.1:{trainer.port}", f"127.0.0.1:{other.port}"]
             with NginxProcess(root / "nginx", backends, trainer=backends[0]) as nginx:
-                yield SimpleNamespace(nginx=nginx, trainer=trainer, replica=other, series=series, model=model)
+                yield SimpleNamespace(nginx=nginx, trainer=trainer, replica=other, series=series, model=model,
+                                      orthanc=orthanc)  # fmt: skip
 
 
 def infers_served(server: ServerProcess) -> int:
@@ -106,6 +107,28 @@ def test_training_on_the_trainer_is_served_by_both_replicas(cluster, tmp_path):
     for server in (cluster.trainer, cluster.replica):  # each asked directly, not through nginx
         result, _ = infer(server.url, cluster.series[2])
         assert result["provenance"]["model"]["sha256"] == published, server.url
+
+
+def test_ohif_shows_a_study_through_nginx(cluster):
+    """The bundled OHIF, served by the replicas through nginx, reads DICOM through their proxies."""
+    from playwright.sync_api import sync_playwright
+
+    from .test_ohif import CHROMIUM, CHROMIUM_ARGS, VOLUMES_LOADED
+
+    found = cluster.orthanc.client().search_for_series(search_filters={"SeriesInstanceUID": cluster.series[0]})
+    study = found[0]["0020000D"]["Value"][0]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+            page.set_default_timeout(180_000)
+            page.goto(f"{cluster.nginx.url}/ohif/viewer?StudyInstanceUIDs={study}")
+            page.wait_for_function(VOLUMES_LOADED, timeout=180_000)
+        finally:
+            browser.close()
+    access = (cluster.nginx.workdir / "access.log").read_text().splitlines()
+    proxied = [line.split('"')[2].split()[0] for line in access if "/proxy/dicom/" in line]
+    assert proxied and all(status.startswith(("2", "3")) for status in proxied), proxied[-20:]
 
 
 def test_a_replica_killed_mid_load_loses_no_request(cluster):

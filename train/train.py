@@ -12,7 +12,6 @@ own share of the training volumes, rank 0 validates and writes the checkpoints.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -26,7 +25,7 @@ from monai.data import CacheDataset, DataLoader, list_data_collate
 from monai.transforms import Compose
 from torch.utils.data import DistributedSampler
 
-from ctv_app.lib.checkpoint import load_checkpoint, save_checkpoint
+from ctv_app.lib.checkpoint import load_checkpoint, save_checkpoint, weights_digest
 from ctv_app.lib.inferers import build_inferer
 from ctv_app.lib.losses import DeepSupervisionLoss
 from ctv_app.lib.networks import network_for
@@ -85,15 +84,6 @@ def validate(net: torch.nn.Module, val_ds, params: CTVParams, device: str) -> fl
         scores.append(dice(pred[0], item["label"].cpu()))
     net.train()
     return float(np.mean(scores))
-
-
-def weights_digest(net: torch.nn.Module) -> str:
-    """sha256 over the parameters and buffers: equal digests mean bit-identical weights."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(net.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _init_distributed(cfg: "TrainConfig") -> tuple[int, int]:

@@ -57,3 +57,12 @@ def read_params(path: str) -> CTVParams | None:
         return None
     ckpt = load_checkpoint(path)
     return CTVParams.from_dict(ckpt["params"]) if "params" in ckpt else None
+
+
+def weights_digest(net: torch.nn.Module) -> str:
+    """sha256 over the parameters and buffers: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

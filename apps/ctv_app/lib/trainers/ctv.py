@@ -23,7 +23,7 @@ from monai.transforms import Activationsd, AsDiscreted, Lambdad
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint, weights_digest
 from ..inferers import build_inferer
 from ..losses import DeepSupervisionLoss
 from ..networks import network_for
@@ -145,6 +145,8 @@ class CTVTrain(BasicTrainTask):
             handlers.append(context.quality_loss)  # binds the trainer, whose state holds the batch's images
         if context.local_rank == 0:
             handlers.append(PublishBestModel(self, context))
+        if context.multi_gpu:
+            handlers.append(ReportRankWeights(context))
         return handlers
 
     def load_path(self, output_dir, pretrained=True):
@@ -167,6 +169,26 @@ class CTVTrain(BasicTrainTask):
         )
         logger.info(f"training on {len(train)} labelled images, validating on {len(val)}")
         return train, val
+
+    def _device(self, context: Context) -> torch.device:
+        """Under torchrun: this process's own GPU (LOCAL_RANK, right on several nodes too), or the
+        CPU for gloo ranks. MONAI Label's own multi-GPU path assumes one node of GPUs."""
+        if not context.multi_gpu:
+            return super()._device(context)
+        if torch.cuda.is_available():
+            device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', context.local_rank))}")
+            torch.cuda.set_device(device)
+            return device
+        return torch.device("cpu")
+
+    def _create_network_and_optimizer(self, context: Context):
+        if not (context.multi_gpu and context.device.type == "cpu"):
+            return super()._create_network_and_optimizer(context)
+        network = self.network(context)
+        context.network = network
+        optimizer = self.optimizer(context)
+        ddp = torch.nn.parallel.DistributedDataParallel(network, find_unused_parameters=self._find_unused_parameters)
+        return ddp, optimizer
 
     def pre_process(self, request: dict, datastore: Datastore) -> list[dict[str, Any]]:
         return datastore.datalist()
@@ -204,6 +226,21 @@ class BatchQualityLoss(torch.nn.Module):
     def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         image = self.engine.state.output["image"]
         return self.weighting(self.per_sample_loss(pred, label), image, label)
+
+
+class ReportRankWeights:
+    """Trainer handler under torchrun: each rank logs the digest of its weights at the end
+    (DDP keeps them bit-identical; the tests check that it did)."""
+
+    def __init__(self, context: Context):
+        self.context = context
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def completed(self, engine: Engine) -> None:
+        rank, world = self.context.local_rank, self.context.world_size
+        logger.info(f"rank {rank}/{world} weights sha256 {weights_digest(self.context.network)}")
 
 
 class PublishBestModel:
