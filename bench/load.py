@@ -32,7 +32,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ctv_datastore.phantom import make_phantom  # noqa: E402
-from tests.support import ServerProcess  # noqa: E402
+from tests.support import ServerProcess, memory_mb  # noqa: E402
 
 SHAPE = (56, 48, 12)  # the phantom's whole axial field of view at 7 x 7 mm, 12 slices of 10 mm
 SPACING = (7.0, 7.0, 10.0)
@@ -46,13 +46,6 @@ def distinct_inputs(count: int, seed: int = 7000) -> list[bytes]:
         image = nib.Nifti1Image(phantom.image.astype(np.int16), phantom.affine)
         files.append(image.to_bytes())
     return files
-
-
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_load(
@@ -71,7 +64,7 @@ def run_load(
 
     def sample_rss() -> None:
         while not done.wait(0.2):
-            samples.append(rss_mb(pid))
+            samples.append(memory_mb(pid))
 
     deadline = time.monotonic() + time_limit_s
 
@@ -108,7 +101,7 @@ def run_load(
         return outcome
 
     sampler = threading.Thread(target=sample_rss, daemon=True)
-    rss_before = rss_mb(pid)
+    rss_before = memory_mb(pid)
     sampler.start()
     start = time.monotonic()
     with ThreadPoolExecutor(clients) as pool:
@@ -130,8 +123,8 @@ def run_load(
         "wall_s": round(wall, 1),
         "rss_before_mb": round(rss_before, 1),
         "rss_peak_sampled_mb": round(max(samples, default=rss_before), 1),
-        "rss_after_mb": round(rss_mb(pid), 1),
-        "vmhwm_mb": round(rss_mb(pid, "VmHWM"), 1),
+        "rss_after_mb": round(memory_mb(pid), 1),
+        "vmhwm_mb": round(memory_mb(pid, "VmHWM"), 1),
         "outcomes": outcomes,
     }
 

@@ -44,7 +44,7 @@ from ctv_app.lib.networks import network_for  # noqa: E402
 from ctv_app.lib.params import CTVParams  # noqa: E402
 from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss  # noqa: E402
 from ctv_datastore.phantom import FULL_SHAPE, FULL_SPACING, make_phantom, save_nifti  # noqa: E402
-from tests.support import APP_DIR, REAL_CT, ServerProcess  # noqa: E402
+from tests.support import APP_DIR, REAL_CT, ServerProcess, memory_mb  # noqa: E402
 
 STAGES = ("pre", "infer", "post", "write")
 NOTES_MARKER = "<!-- Written by hand below; bench/run.py keeps it when it rewrites the table above. -->"
@@ -55,14 +55,6 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def peak_rss_mb(pid: int) -> float:
-    """High-water mark of resident memory of a process (VmHWM), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def server_pid(server: ServerProcess) -> int:
@@ -278,7 +270,7 @@ def main() -> None:
         with ServerProcess(studies, Path(tmp) / "server") as server:
             client = MONAILabelClient(server.url, tmpdir=str(Path(tmp) / "client"))
             figures["e2e"] = {name: end_to_end(client, image_id, repeats) for name, image_id in cases.items()}
-            figures["peak_rss_mb"] = peak_rss_mb(server_pid(server))
+            figures["peak_rss_mb"] = memory_mb(server_pid(server), "VmHWM")
         for name, row in figures["e2e"].items():
             print(f"/infer/ctv {name}: {row['seconds']:.2f} s  " + ", ".join(f"{k} {v:.2f}" for k, v in row["stages"].items()))
         print(f"peak RSS of the server: {figures['peak_rss_mb']:.0f} MB")

@@ -21,6 +21,14 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 REAL_CT = SHARED_DATA / "ct" / "abdomen_pelvis_3mm.nii.gz"
 
 
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of a process from /proc/<pid>/status, in MB (VmRSS now, VmHWM its peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

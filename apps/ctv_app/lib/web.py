@@ -148,9 +148,6 @@ def owner_of(request: Request) -> str:
 
 def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
     router = APIRouter(prefix="/ctv", tags=["CTV page"])
-    def owner(request: Request) -> str:
-        return owner_of(request)
-
     @router.get("/", include_in_schema=False)
     def page(request: Request):
         response = FileResponse(os.path.join(WEB_DIR, "index.html"), media_type="text/html")
@@ -160,7 +157,7 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
 
     @router.post("/api/cases")
     def upload(
-        file: UploadFile | None = File(None), image: str | None = Form(None), owner: str = Depends(owner)
+        file: UploadFile | None = File(None), image: str | None = Form(None), owner: str = Depends(owner_of)
     ) -> JSONResponse:
         """Store and check an upload (NIfTI, or a zip of one DICOM series) or a datastore study
         (``image``: its id), then contour it."""
@@ -189,20 +186,20 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
         return JSONResponse({"case": case.public(), "result": result}, status_code=201)
 
     @router.get("/api/cases")
-    def history(owner: str = Depends(owner)) -> list[dict[str, Any]]:
+    def history(owner: str = Depends(owner_of)) -> list[dict[str, Any]]:
         return [c.public() for c in service.store.list(owner)]
 
     @router.get("/api/cases/{case_id}")
-    def case(case_id: str, owner: str = Depends(owner)) -> dict[str, Any]:
+    def case(case_id: str, owner: str = Depends(owner_of)) -> dict[str, Any]:
         return service.store.get(owner, case_id).public()
 
     @router.post("/api/cases/{case_id}/contour")
-    def recontour(case_id: str, owner: str = Depends(owner)) -> dict[str, Any]:
+    def recontour(case_id: str, owner: str = Depends(owner_of)) -> dict[str, Any]:
         """Contour again with the model served now; earlier results are kept."""
         return service.contour(service.store.get(owner, case_id))
 
     @router.put("/api/cases/{case_id}/annotation")
-    def annotate(case_id: str, file: UploadFile = File(...), owner: str = Depends(owner)) -> dict[str, Any]:
+    def annotate(case_id: str, file: UploadFile = File(...), owner: str = Depends(owner_of)) -> dict[str, Any]:
         case = service.store.get(owner, case_id)
         fd, tmp = tempfile.mkstemp(suffix=".nii.gz", dir=case.folder)
         try:
@@ -220,11 +217,11 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
         return case.public()
 
     @router.get("/api/cases/{case_id}/view")
-    def view(case_id: str, owner: str = Depends(owner)) -> dict[str, Any]:
+    def view(case_id: str, owner: str = Depends(owner_of)) -> dict[str, Any]:
         return service.view_meta(service.store.get(owner, case_id))
 
     @router.get("/api/cases/{case_id}/view/{what}")
-    def view_bytes(case_id: str, what: str, result: str | None = None, owner: str = Depends(owner)) -> FileResponse:
+    def view_bytes(case_id: str, what: str, result: str | None = None, owner: str = Depends(owner_of)) -> FileResponse:
         case = service.store.get(owner, case_id)
         if what not in ("image", "mask", "annotation"):
             raise ImageNotFoundError(f"no view '{what}'")
@@ -235,7 +232,7 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
         return FileResponse(service.view_bytes(case, what, result), media_type="application/octet-stream")
 
     @router.get("/api/cases/{case_id}/results/{result_id}/{fmt}")
-    def download(case_id: str, result_id: str, fmt: str, owner: str = Depends(owner)) -> FileResponse:
+    def download(case_id: str, result_id: str, fmt: str, owner: str = Depends(owner_of)) -> FileResponse:
         case = service.store.get(owner, case_id)
         result = case.result(result_id)
         name = result.get("files", {}).get(fmt)
