@@ -35,6 +35,8 @@ if [[ ! -f "$stamp" ]]; then
   "${pip[@]}" -c constraints.txt -r requirements.txt
   # Without its declared deps: they include sam2 (builds against a CUDA torch) and torchvision.
   "${pip[@]}" --no-deps -c constraints.txt monailabel
+  # Without its declared opencv-python (GUI build, needs libGL): requirements.txt has the headless one.
+  "${pip[@]}" --no-deps -c constraints.txt rt-utils
   "${pip[@]}" --no-deps -e .
   rm -f .venv/.ctv-deps-*
   touch "$stamp"

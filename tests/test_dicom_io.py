@@ -180,11 +180,10 @@ def test_rtstruct_of_real_masks_rasterised_by_plastimatch(tmp_path):
     vh_ct = ct_only(VH, tmp_path / "vh_ct")
     geometry, headers = read_ct_geometry(str(vh_ct))
     mask = np.asarray(nib.load(VH / "Mask.nii.gz").dataobj)  # 1 SpinalCord, 2 BODY without the cord
-    labels = (mask == 2).astype(np.uint8) + 2 * (mask == 1)  # BODY 1, SpinalCord 2
-    holes = _shapes_with_holes(geometry.shape)
+    body, cord = mask == 2, mask == 1  # BODY drawn without the cord
     cases = {
-        "vh": (vh_ct, [ROI("BODY", 1, (0, 255, 0), "EXTERNAL"), ROI("SpinalCord", 2, (255, 0, 0), "ORGAN")], labels),
-        "holes": (vh_ct, [ROI("CTV", 1)], holes),
+        "vh": (vh_ct, [ROI("BODY", body, (0, 255, 0), "EXTERNAL"), ROI("SpinalCord", cord, (255, 0, 0), "ORGAN")]),
+        "holes": (vh_ct, [ROI("CTV", _shapes_with_holes(geometry.shape) > 0)]),
     }
     liver_ct = ct_only(LIVER, tmp_path / "liver_ct")
     seg = hd.seg.segread(str(LIVER / "liver_SEG.dcm"))
@@ -193,15 +192,16 @@ def test_rtstruct_of_real_masks_rasterised_by_plastimatch(tmp_path):
     liver = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=uids, segment_numbers=[1], ignore_spatial_locations=True
     )[..., 0]
-    cases["liver"] = (liver_ct, [ROI("Liver", 1, (150, 80, 60), "ORGAN")], np.moveaxis(liver, 0, 2).transpose(1, 0, 2))
-    for name, (ct_dir, rois, truth) in cases.items():
+    liver = np.moveaxis(liver, 0, 2).transpose(1, 0, 2)
+    cases["liver"] = (liver_ct, [ROI("Liver", liver > 0, (150, 80, 60), "ORGAN")])
+    for name, (ct_dir, rois) in cases.items():
         g, h = read_ct_geometry(str(ct_dir))
         rs = tmp_path / f"RS_{name}.dcm"
-        write_rtstruct(truth.astype(np.uint8), g, h, rois, str(rs))
+        write_rtstruct(rois, g, h, str(rs))
         theirs = plastimatch_masks(rs, ct_dir, tmp_path / f"plastimatch_{name}")
         for roi in rois:
-            assert (truth == roi.value).sum() > 0
-            results[f"{name}/{roi.name}"] = dice(theirs[roi.name], truth == roi.value)
+            assert roi.mask.sum() > 0
+            results[f"{name}/{roi.name}"] = dice(theirs[roi.name], roi.mask)
     print("RTSTRUCT -> plastimatch Dice:", {k: round(v, 4) for k, v in results.items()})
     assert min(results.values()) >= 0.95, results
     assert results["holes/CTV"] >= 0.99  # holes and islands survive (even-odd rule)
@@ -211,7 +211,7 @@ def test_our_rtstruct_round_trip_is_exact_with_holes_and_islands(tmp_path):
     vh_ct = ct_only(VH, tmp_path / "vh_ct")
     geometry, headers = read_ct_geometry(str(vh_ct))
     truth = _shapes_with_holes(geometry.shape)
-    write_rtstruct(truth, geometry, headers, [ROI("CTV", 1)], str(tmp_path / "rs.dcm"))
+    write_rtstruct([ROI("CTV", truth == 1)], geometry, headers, str(tmp_path / "rs.dcm"))
     back, used = rasterise(read_rtstruct(str(tmp_path / "rs.dcm")), geometry, headers, {"CTV": 1})
     np.testing.assert_array_equal(back, truth)
     assert used == {"rois": {"CTV": 1}, "ignored": []}
@@ -223,7 +223,7 @@ def test_rtstruct_references_and_labels(tmp_path):
     path = tmp_path / "rs.dcm"
     config = RTConfig()
     write_rtstruct(
-        label, geometry, headers, [ROI(config.roi_name, 1, config.roi_colour, "CTV")], str(path),
+        [ROI(config.roi_name, label == 1, config.roi_colour, "CTV")], geometry, headers, str(path),
         description="model sha256 abc", series_description="AUTO CTV model abc123 UNAPPROVED",
     )  # fmt: skip
     ds = pydicom.dcmread(path)
@@ -333,7 +333,7 @@ def test_folder_datastore_finds_series_and_imports_clinical_rtstruct(tmp_path):
     c, _, c_label = phantom_series(root / "export", seed=3)  # a study export: two CT series and an RTSTRUCT
     phantom_series(root / "export", seed=4)
     g, h = read_ct_geometry(str(c))
-    write_rtstruct(c_label, g, h, [ROI("CTV_High", 1)], str(root / "export" / "RS_clinical.dcm"))
+    write_rtstruct([ROI("CTV_High", c_label == 1)], g, h, str(root / "export" / "RS_clinical.dcm"))
     uid = {folder: str(pydicom.dcmread(next(folder.glob("*.dcm"))).SeriesInstanceUID) for folder in (a, b, c)}
 
     store = CTVDatastore(str(root), label_values=[1], rt_config=RTConfig(), auto_reload=False)

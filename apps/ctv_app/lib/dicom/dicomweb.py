@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from ..datastore import check_label
 from ..errors import CTVError, ImageNotFoundError, InvalidInputError
 from ..security import annotator_of
-from .seg import SEG_MANUFACTURER, read_seg_mask, write_seg
+from .seg import MANUFACTURER, read_seg_mask, write_seg
 from .series import read_ct_geometry
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
             refs = meta.get("ReferencedSeriesSequence")
             if not types or "AUTOMATIC" in types or not refs:
                 continue
-            if str(meta.get("Manufacturer", "")) != SEG_MANUFACTURER:
+            if str(meta.get("Manufacturer", "")) != MANUFACTURER:
                 logger.info(f"SEG {series.SeriesInstanceUID} by '{meta.get('Manufacturer', '')}' not used as a label")
                 continue
             image = str(refs[0].SeriesInstanceUID)

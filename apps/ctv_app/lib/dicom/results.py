@@ -98,10 +98,9 @@ def write_dicom_result(
     )
     if fmt == "rtstruct":
         ds = write_rtstruct(
-            mask,
+            [ROI(config.roi_name, mask == labels[config.roi_name], config.roi_colour, "CTV")],
             geometry,
             headers,
-            [ROI(config.roi_name, 1, config.roi_colour, "CTV")],
             path,
             structure_set_label=config.structure_set_label,
             description=description,

@@ -29,6 +29,7 @@ from skimage.draw import polygon as fill_polygon
 from skimage.measure import approximate_polygon, find_contours
 
 from ..errors import InvalidInputError
+from .seg import MANUFACTURER, MANUFACTURER_MODEL_NAME
 from .series import LPS_TO_RAS, CTGeometry
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -42,10 +43,12 @@ PATIENT_STUDY_KEYWORDS = (
 
 @dataclass
 class ROI:
-    """One structure: what a label value is called and how it is drawn."""
+    """One structure to write: its name, its voxels and how it is drawn.
+
+    ``mask`` is boolean (i, j, k) on the CT series' grid; structures may overlap (a PTV holds its CTV)."""
 
     name: str
-    value: int
+    mask: np.ndarray
     colour: tuple[int, int, int] = (255, 128, 0)
     interpreted_type: str = "CTV"
 
@@ -91,19 +94,19 @@ def slice_contours(mask2d: np.ndarray) -> list[np.ndarray]:
 
 
 def write_rtstruct(
-    mask: np.ndarray,
+    rois: Sequence[ROI],
     geometry: CTGeometry,
     headers: Sequence[Dataset],
-    rois: Sequence[ROI],
     path: str,
     structure_set_label: str = "CTV_AUTO",
     description: str = "",
     software_versions: Sequence[str] = (),
     series_description: str = "",
 ) -> Dataset:
-    """Write ``mask`` (label values, indexed i, j, k on ``geometry``) as an UNAPPROVED RTSTRUCT."""
-    if tuple(mask.shape) != tuple(geometry.shape):
-        raise InvalidInputError(f"mask shape {mask.shape} is not the CT series shape {geometry.shape}")
+    """Write ``rois`` (each its own mask on ``geometry``) as an UNAPPROVED, AUTOMATIC RTSTRUCT."""
+    for roi in rois:
+        if tuple(roi.mask.shape) != tuple(geometry.shape):
+            raise InvalidInputError(f"{roi.name}: mask shape {roi.mask.shape} is not the series shape {geometry.shape}")
     ct = headers[0]
     lps = _lps_affine(geometry)
     now = datetime.now()
@@ -123,12 +126,14 @@ def write_rtstruct(
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber, ds.InstanceNumber = 901, 1
     ds.SeriesDescription = (series_description or f"AUTO-GENERATED {', '.join(r.name for r in rois)} UNAPPROVED")[:64]
-    ds.Manufacturer = "ctv-label"
-    ds.ManufacturerModelName = "CTV auto-contouring (MONAI Label)"
+    ds.Manufacturer, ds.ManufacturerModelName = MANUFACTURER, MANUFACTURER_MODEL_NAME
     ds.SoftwareVersions = list(software_versions) or ["unknown"]
     ds.InstanceCreationDate = ds.StructureSetDate = ds.SeriesDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = ds.StructureSetTime = ds.SeriesTime = now.strftime("%H%M%S")
     ds.OperatorsName = ""
+    # Frame of Reference module (the RT Structure Set IOD requires it): the CT's own frame.
+    ds.FrameOfReferenceUID = ct.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", "")
     ds.StructureSetLabel = structure_set_label[:16]
     ds.StructureSetName = "CTV auto-contour"
     ds.StructureSetDescription = description[:1024]
@@ -172,8 +177,8 @@ def write_rtstruct(
         roi_contour.ReferencedROINumber = number
         roi_contour.ROIDisplayColor = list(roi.colour)
         contours = []
-        for k in range(mask.shape[2]):
-            for c in slice_contours(mask[:, :, k] == roi.value):
+        for k in range(roi.mask.shape[2]):
+            for c in slice_contours(roi.mask[:, :, k]):
                 voxels = np.column_stack([c[:, 0], c[:, 1], np.full(len(c), k), np.ones(len(c))])
                 points = (lps @ voxels.T).T[:, :3]
                 contour = Dataset()

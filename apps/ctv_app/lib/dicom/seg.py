@@ -16,7 +16,9 @@ from .series import CTGeometry
 RT_TARGET = Code("130041", "DCM", "RT Target")
 CTV = Code("228792002", "SCT", "Clinical Target Volume")
 AI_FAMILY = Code("113037", "DCM", "Pattern recognition")  # CID 7162 Artificial Intelligence
-SEG_MANUFACTURER = "ctv-label"
+# Every DICOM object this server writes (SEG, RTSTRUCT) names it so: how its own output is recognised.
+MANUFACTURER = "ctv-label"
+MANUFACTURER_MODEL_NAME = "CTV auto-contouring (MONAI Label)"
 
 
 def dicom_lab(rgb: Sequence[int]) -> list[int]:
@@ -77,8 +79,8 @@ def write_seg(
         series_number=902,
         sop_instance_uid=hd.UID(),
         instance_number=1,
-        manufacturer=SEG_MANUFACTURER,
-        manufacturer_model_name="CTV auto-contouring (MONAI Label)",
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER_MODEL_NAME,
         software_versions=software_version,
         device_serial_number=(model_version or "manual")[:16],
         series_description=series_description,

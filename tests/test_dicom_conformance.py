@@ -1,0 +1,151 @@
+"""Every DICOM object the server writes passes the standard's validator, and other readers read it alike.
+
+``dciodvfy`` (Debian dicom3tools, David Clunie's IOD validator) checks each object against the
+modules its IOD requires; a line starting ``Error`` is a violation, ``Warning`` lines are printed.
+Our RTSTRUCT is also read back by two independent readers, ``rt-utils`` (OpenCV fillPoly) and
+``dicompyler-core`` (its own parser, matplotlib point-in-polygon as in its DVH code), and each
+must agree with the masks we wrote and with the other. (plastimatch is tests/test_dicom_io.py.)
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicompylercore import dicomparser, dvhcalc
+from rt_utils import RTStructBuilder
+from scipy import ndimage
+
+from ctv_app.lib.dicom.rtstruct import ROI, write_rtstruct
+from ctv_app.lib.dicom.seg import write_seg
+from ctv_app.lib.dicom.series import read_ct_geometry
+from ctv_datastore.dicom_export import write_ct_series
+from ctv_datastore.phantom import make_phantom
+
+from .conftest import DICOM_PHANTOM_SEED
+
+DICOM_ID = f"dicom_phantom_{DICOM_PHANTOM_SEED:05d}"
+
+
+def dciodvfy(path: str | Path) -> tuple[list[str], list[str]]:
+    """The validator's error and warning lines for one file."""
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    lines = (run.stdout + run.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    warnings = [line for line in lines if line.startswith("Warning")]
+    print(f"dciodvfy {Path(path).name}: {len(errors)} errors, {len(warnings)} warnings", *errors, *warnings, sep="\n  ")
+    return errors, warnings
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
+def two_overlapping_structures(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A SYNTHETIC phantom series, its CTV and a PTV (the CTV grown by 2 mm in-plane): they overlap.
+
+    Square slices at 1 mm, as planning CTs are: rt-utils indexes its masks (Columns, Rows), which is
+    only right for square images, and its fillPoly adds about half a voxel all round (rtstruct.py)."""
+    p = make_phantom(11, shape=(384, 384, 20), spacing=(1.0, 1.0, 5.0))
+    folder = tmp_path / "ct"
+    write_ct_series(p.image, p.affine, str(folder))
+    ctv = p.label > 0
+    ptv = ndimage.binary_dilation(ctv, structure=np.ones((5, 5, 1), bool))  # 2 voxels each way
+    assert ctv.any() and (ptv & ctv).sum() == ctv.sum() < ptv.sum()
+    return folder, {"CTV": ctv, "PTV": ptv}
+
+
+def write_two_structure_rtstruct(tmp_path: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    folder, masks = two_overlapping_structures(tmp_path)
+    geometry, headers = read_ct_geometry(str(folder))
+    rois = [ROI("CTV", masks["CTV"], (255, 128, 0), "CTV"), ROI("PTV", masks["PTV"], (255, 0, 0), "PTV")]
+    path = tmp_path / "rs_two.dcm"
+    write_rtstruct(rois, geometry, headers, str(path))
+    return folder, path, masks
+
+
+# --- what the real server writes ---------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["rtstruct", "dicom_seg"])
+def test_server_dicom_results_pass_dciodvfy(client, fmt):
+    result_file, _ = client.infer("ctv", DICOM_ID, {"result_format": fmt})
+    assert pydicom.dcmread(result_file).Modality == {"rtstruct": "RTSTRUCT", "dicom_seg": "SEG"}[fmt]
+    errors, _ = dciodvfy(result_file)
+    assert errors == []
+
+
+# --- the writers, with more than one structure --------------------------------------------------------
+def test_rtstruct_with_two_overlapping_structures_passes_dciodvfy(tmp_path):
+    _, path, _ = write_two_structure_rtstruct(tmp_path)
+    assert [r.ROIName for r in pydicom.dcmread(path).StructureSetROISequence] == ["CTV", "PTV"]
+    errors, _ = dciodvfy(path)
+    assert errors == []
+
+
+@pytest.mark.parametrize("model_version", ["f" * 64, None], ids=["automatic", "manual"])
+def test_seg_with_two_segments_passes_dciodvfy(tmp_path, model_version):
+    """The SEG of a model result (AUTOMATIC) and of a saved final label sent to the PACS (MANUAL)."""
+    folder, masks = two_overlapping_structures(tmp_path)
+    geometry, headers = read_ct_geometry(str(folder))
+    label_map = masks["PTV"].astype(np.uint8) + masks["CTV"]  # 1 PTV ring, 2 CTV
+    path = tmp_path / "seg.dcm"
+    write_seg(label_map, geometry, headers, str(path), {"PTV": 1, "CTV": 2}, model_version, "0.1.0")
+    assert len(pydicom.dcmread(path).SegmentSequence) == 2
+    errors, _ = dciodvfy(path)
+    assert errors == []
+
+
+# --- two independent readers ---------------------------------------------------------------------------
+def rt_utils_masks(ct_folder: Path, rtstruct: Path, headers) -> dict[str, np.ndarray]:
+    """rt-utils' masks, [row, column, its slice order], moved onto our (i, j, k) grid by SOPInstanceUID."""
+    rt = RTStructBuilder.create_from(str(ct_folder), str(rtstruct))
+    order = [[str(h.SOPInstanceUID) for h in headers].index(str(s.SOPInstanceUID)) for s in rt.series_data]
+    masks = {}
+    for name in rt.get_roi_names():
+        theirs = rt.get_roi_mask_by_name(name)
+        ours = np.zeros((theirs.shape[1], theirs.shape[0], theirs.shape[2]), bool)
+        ours[:, :, order] = theirs.transpose(1, 0, 2)
+        masks[name] = ours
+    return masks
+
+
+def dicompyler_masks(rtstruct: Path, headers) -> dict[str, np.ndarray]:
+    """dicompyler-core's structures filled at each slice's pixel centres (its LUT), holes by XOR as in its DVH."""
+    rs = dicomparser.DicomParser(str(rtstruct))
+    slices = [dicomparser.DicomParser(h) for h in headers]
+    x_lut, y_lut = slices[0].GetPatientToPixelLUT()
+    grid = {"lut": (x_lut, y_lut), "rows": len(y_lut), "columns": len(x_lut), "x_lut_index": 0}
+    xx, yy = np.meshgrid(x_lut, y_lut)
+    points = np.column_stack([xx.ravel(), yy.ravel()])
+    z_to_k = {round(float(h.ImagePositionPatient[2]), 2): k for k, h in enumerate(headers)}
+    masks = {}
+    for number, structure in rs.GetStructures().items():
+        mask = np.zeros((len(x_lut), len(y_lut), len(headers)), bool)
+        for z, plane in rs.GetStructureCoordinates(number).items():
+            k = z_to_k[round(float(z), 2)]
+            filled = np.zeros((len(y_lut), len(x_lut)), bool)
+            for contour in plane:
+                inside = dvhcalc.get_contour_mask(grid, number, points, [p[:2] for p in contour["data"]])
+                filled ^= inside
+            mask[:, :, k] = filled.T  # (rows, cols) -> (i, j)
+        masks[structure["name"]] = mask
+    return masks
+
+
+def test_rtstruct_read_back_by_rt_utils_and_dicompyler_core(tmp_path):
+    folder, path, written = write_two_structure_rtstruct(tmp_path)
+    _, headers = read_ct_geometry(str(folder))
+    readers = {"rt-utils": rt_utils_masks(folder, path, headers), "dicompyler-core": dicompyler_masks(path, headers)}
+    scores = {}
+    for reader, masks in readers.items():
+        assert set(masks) == set(written), reader
+        for name, truth in written.items():
+            scores[f"{reader} vs written {name}"] = dice(masks[name], truth)
+    for name in written:
+        both = [readers["rt-utils"][name], readers["dicompyler-core"][name]]
+        scores[f"rt-utils vs dicompyler-core {name}"] = dice(*both)
+    print("RTSTRUCT read back, Dice:", {k: round(v, 4) for k, v in scores.items()})
+    assert min(scores.values()) >= 0.95, scores
