@@ -219,3 +219,69 @@ def test_two_users_uploading_at_once_stay_apart(server, studies):
     assert sessions["bob"].get(f"{server.url}/ctv/api/cases/{alice}", timeout=30).status_code == 404
     assert sessions["alice"].get(f"{server.url}/ctv/api/cases/{bob}/view/image", timeout=30).status_code == 404
     assert requests.get(f"{server.url}/ctv/api/cases", timeout=30).status_code == 401  # no owner at all
+
+
+def owner_session(name: str) -> requests.Session:
+    s = requests.Session()
+    s.headers["X-CTV-Owner"] = f"{name}-" + "o" * 32
+    return s
+
+
+def test_sagittal_series_is_shown_with_the_spacing_of_its_displayed_axes(server, tmp_path):
+    """A sagittal-acquired DICOM series (columns along A-P, rows along S-I, slices along R-L) with
+    three different spacings: the view reports each spacing for the axis it is drawn along."""
+    from ctv_datastore.dicom_export import write_ct_series
+    from ctv_datastore.phantom import make_phantom
+
+    spacing = (1.5, 2.5, 4.0)  # x (R-L), y (A-P), z (S-I)
+    phantom = make_phantom(HELD_OUT_SEEDS[1], shape=(48, 40, 24), spacing=spacing)
+    sagittal = np.transpose(phantom.image, (1, 2, 0))  # index (y, z, x): a cycle, not a swap
+    affine = phantom.affine[:, [1, 2, 0, 3]]
+    write_ct_series(sagittal, affine, str(tmp_path / "series"))
+    archive = tmp_path / "sagittal.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in sorted((tmp_path / "series").iterdir()):
+            z.write(f, f.name)
+    s = owner_session("sagittal")
+    r = s.post(f"{server.url}/ctv/api/cases", files={"file": (archive.name, archive.read_bytes())}, timeout=120)
+    assert r.status_code == 201, r.text
+    view = s.get(f"{server.url}/ctv/api/cases/{r.json()['case']['id']}/view", timeout=60).json()
+    # Display: axial slices (S-I), rows A-P, columns R-L, whatever the acquisition order.
+    assert (view["slices"], view["rows"], view["cols"]) == (24, 40, 48)
+    assert view["spacing_mm"] == pytest.approx({"col": spacing[0], "row": spacing[1], "slice": spacing[2]})
+
+
+def test_page_api_refuses_unknown_results_and_duplicate_contours_and_shows_no_paths(server, studies, tmp_path):
+    s = owner_session("checks")
+    image = studies / f"phantom_{HELD_OUT_SEEDS[2]:05d}.nii.gz"
+    r = s.post(f"{server.url}/ctv/api/cases", files={"file": (image.name, image.read_bytes())}, timeout=120)
+    assert r.status_code == 201, r.text
+    case_id, result_id = r.json()["case"]["id"], r.json()["result"]["id"]
+    # One pending contour per case: asking again while the first is queued or running is a conflict.
+    again = s.post(f"{server.url}/ctv/api/cases/{case_id}/contour", timeout=60)
+    assert again.status_code == 409 and "already" in again.json()["detail"], again.text
+    wait_done(s, server.url, case_id, result_id)
+
+    # view?result= names a result of this case or nothing: never a new cache file, never a path.
+    view_dir = server.workdir / "cases" / case_id / "view"
+    assert s.get(f"{server.url}/ctv/api/cases/{case_id}/view/image", timeout=60).status_code == 200
+    cached = sorted(view_dir.iterdir())
+    for value in ("../../x", "/etc/passwd", "abc", "0" * 32, "..%2F..%2Fx"):
+        for what in ("image", "mask"):
+            got = s.get(f"{server.url}/ctv/api/cases/{case_id}/view/{what}", params={"result": value}, timeout=60)
+            assert got.status_code in (404, 422), (what, value, got.status_code, got.text)
+    assert sorted(view_dir.iterdir()) == cached
+    mask = s.get(f"{server.url}/ctv/api/cases/{case_id}/view/mask", params={"result": result_id}, timeout=60)
+    assert mask.status_code == 200
+
+    # After it finished, a new contour is welcome again.
+    second = s.post(f"{server.url}/ctv/api/cases/{case_id}/contour", timeout=60)
+    assert second.status_code == 200, second.text
+    wait_done(s, server.url, case_id, second.json()["id"])
+
+    # An unreadable annotation: the message names the upload, not the server's file.
+    broken = s.put(f"{server.url}/ctv/api/cases/{case_id}/annotation",
+                   files={"file": ("my_contour.nii.gz", b"not a NIfTI file")}, timeout=60)  # fmt: skip
+    assert broken.status_code == 422, broken.text
+    detail = broken.json()["detail"]
+    assert "my_contour.nii.gz" in detail and "/tmp" not in detail and str(server.workdir) not in detail, detail

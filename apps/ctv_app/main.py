@@ -38,7 +38,7 @@ from ctv_app.lib.datastore import CTVDatastore
 from ctv_app.lib.dicom.dicomweb import CTVDicomWebDatastore
 from ctv_app.lib.dicom.results import RTConfig
 from ctv_app.lib.errors import CTVError, ImageNotFoundError, InvalidInputError
-from ctv_app.lib.params import as_bool
+from ctv_app.lib.params import as_bool, check_infer_request
 from ctv_app.lib.provenance import software_versions
 from ctv_app.lib.security import Users
 from ctv_app.lib.web import ContouringService
@@ -81,7 +81,8 @@ class CTVApp(MONAILabelApp):
 
         ``--conf cases_path DIR`` keeps the page's uploads (default <app>/cases); ``--conf audit_log
         FILE`` (or CTV_AUDIT_LOG) the audit trail (default <app>/logs/audit.jsonl); CTV_MAX_UPLOAD_MB
-        (or ``--conf max_upload_mb``) bounds request bodies (default 2048)."""
+        (or ``--conf max_upload_mb``) bounds request bodies (default 2048); ``--conf contour_max_pending N``
+        the page's contours queued or running (default 16)."""
         server = sys.modules.get("monailabel.app")
         if server is None:  # a training or scoring subprocess: no web server here
             return
@@ -94,7 +95,8 @@ class CTVApp(MONAILabelApp):
         install_api(server.app, users, AuditLog(audit_path), int(max_upload_mb * 2**20), dicomweb)
         config = self.models[model]
         store = CaseStore(conf.get("cases_path") or os.path.join(app_dir, "cases"))
-        self.contouring = ContouringService(store, self, model, config.params.window, config.rt_config)
+        self.contouring = ContouringService(store, self, model, config.params.window, config.rt_config,
+                                            max_pending=int(conf.get("contour_max_pending", 16)))  # fmt: skip
         web.mount(server.app, self.contouring, {0, *config.labels.values()})
 
     def init_infers(self) -> dict[str, InferTask]:
@@ -214,6 +216,7 @@ class CTVApp(MONAILabelApp):
                 status_code=404, detail=f"model '{model}' is not served here; available: {sorted(self._infers)}"
             )
         try:
+            check_infer_request(request)
             store = datastore or self.datastore()
             image = request.get("image")
             if isinstance(image, str) and not self._readable_path(image):

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
+import socket
+import tarfile
+import tempfile
+import time
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -12,6 +18,7 @@ import numpy as np
 import pytest
 import requests
 
+from ..conftest import HELD_OUT_SEEDS
 from ..support import REAL_CT, ServerProcess
 
 OWNER = {"X-CTV-Owner": "reliability-" + "r" * 32}
@@ -143,3 +150,126 @@ def test_label_on_another_grid_is_refused_and_nothing_is_written(server, studies
         assert r.status_code == 422 and words in r.json()["detail"], (name, r.text)
     assert not (studies / "labels" / "reliability").exists() or not any((studies / "labels" / "reliability").iterdir())
     assert not (studies / ".label_history" / "reliability").exists()
+
+
+def zip_of(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buffer.getvalue()
+
+
+def claiming_size(archive: bytes, size: int) -> bytes:
+    """The zip with its (one) member's uncompressed size in both headers replaced: headers can lie."""
+    data = bytearray(archive)
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        at = data.index(signature)
+        data[at + offset : at + offset + 4] = size.to_bytes(4, "little")
+    return bytes(data)
+
+
+def case_folders(server) -> list[Path]:
+    cases = server.workdir / "cases"
+    return sorted(cases.iterdir()) if cases.exists() else []
+
+
+def test_zip_bombs_and_broken_zips_are_refused_and_nothing_is_kept(server):
+    slice_bytes = b"\x00" * 128 + b"DICM" + bytes(range(256)) * 8
+    stored = zip_of({"series/CT_1.dcm": slice_bytes}, zipfile.ZIP_STORED)
+    bad_crc = stored.replace(bytes(range(256)), bytes(range(1, 256)) + b"\x00", 1)
+    uploads = {
+        # 64 MiB of zeros in 64 KiB: no CT series compresses like that.
+        "bomb.zip": (zip_of({"series/CT_1.dcm": bytes(64 << 20)}), 422, "compress"),
+        "claims_3gib.zip": (claiming_size(zip_of({"series/CT_1.dcm": slice_bytes}), 3 << 30), 413, "unpacks to"),
+        "bad_crc.zip": (bad_crc, 422, "CRC"),
+        "claims_less.zip": (claiming_size(stored, len(slice_bytes) // 2), 422, "CRC"),
+    }
+    before = case_folders(server)
+    for name, (data, status, words) in uploads.items():
+        r = requests.post(f"{server.url}/ctv/api/cases", files={"file": (name, data)}, headers=OWNER, timeout=120)
+        assert r.status_code == status and words in r.json()["detail"], (name, r.status_code, r.text)
+        assert "/tmp" not in r.json()["detail"], r.text
+    assert case_folders(server) == before  # nothing kept, not even a staging folder
+    assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
+
+
+def test_params_of_the_wrong_type_are_422_naming_the_param(server, studies):
+    image_id = next(p.name.removesuffix(".nii.gz") for p in sorted(studies.glob("phantom_*.nii.gz")))
+    for params, words in (({"threshold": "abc"}, "threshold"), ({"threshold": 2}, "threshold"),
+                          ({"threshold": None}, "threshold"), ({"flip_tta": "maybe"}, "flip_tta")):  # fmt: skip
+        r = requests.post(f"{server.url}/infer/ctv", params={"image": image_id, "output": "json"},
+                          data={"params": json.dumps(params)}, timeout=120)  # fmt: skip
+        assert r.status_code == 422 and words in r.json()["detail"], (params, r.status_code, r.text)
+
+
+def test_an_unreadable_label_is_422_without_a_server_path(server, studies):
+    image_id = next(p.name.removesuffix(".nii.gz") for p in sorted(studies.glob("phantom_*.nii.gz")))
+    for data in (b"", b"not a NIfTI file"):
+        r = requests.put(f"{server.url}/datastore/label", params={"image": image_id, "tag": "reliability"},
+                         files={"label": ("mine.nii.gz", data)}, timeout=60)  # fmt: skip
+        assert r.status_code == 422 and "not a readable NIfTI" in r.json()["detail"], r.text
+        assert "/tmp" not in r.json()["detail"] and "tmp" not in r.json()["detail"], r.text
+
+
+@pytest.fixture(scope="module")
+def strict_server(tmp_path_factory):
+    """A server with short limits: body timeout 2 s, 1 MiB unzipped, one pending contour in all."""
+    studies = tmp_path_factory.mktemp("strict_studies")
+    env = {"CTV_BODY_TIMEOUT_S": "2", "CTV_MAX_UNZIPPED_MB": "1"}
+    with ServerProcess(studies, tmp_path_factory.mktemp("strict"), env=env, conf={"contour_max_pending": "1"}) as s:
+        yield s
+
+
+def test_a_stalled_body_is_answered_408_and_closed(strict_server):
+    with socket.create_connection(("127.0.0.1", strict_server.port), timeout=15) as sock:
+        sock.sendall(b"POST /infer/ctv?output=json HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+                     b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.nii\"\r\n\r\n" + bytes(100))
+        started = time.monotonic()
+        reply = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408"), reply
+        assert b"2 s" in reply and time.monotonic() - started < 12
+    assert requests.get(f"{strict_server.url}/info/", timeout=10).status_code == 200
+
+
+def test_the_unzipped_size_and_the_contour_queue_are_bounded(strict_server, studies):
+    honest = zip_of({f"series/CT_{i}.dcm": np.random.default_rng(i).bytes(400_000) for i in range(3)})
+    r = requests.post(f"{strict_server.url}/ctv/api/cases", files={"file": ("big.zip", honest)}, headers=OWNER,
+                      timeout=60)  # fmt: skip
+    assert r.status_code == 413 and "CTV_MAX_UNZIPPED_MB" in r.json()["detail"], r.text
+    assert case_folders(strict_server) == []
+
+    first, second = (studies / f"phantom_{seed:05d}.nii.gz" for seed in HELD_OUT_SEEDS[:2])
+    a = requests.post(f"{strict_server.url}/ctv/api/cases", files={"file": (first.name, first.read_bytes())},
+                      headers=OWNER, timeout=120)  # fmt: skip
+    assert a.status_code == 201, a.text
+    b = requests.post(f"{strict_server.url}/ctv/api/cases", files={"file": (second.name, second.read_bytes())},
+                      headers=OWNER, timeout=120)  # fmt: skip
+    assert b.status_code == 503 and int(b.headers["Retry-After"]) >= 1, b.text
+    assert case_folders(strict_server) == [strict_server.workdir / "cases" / a.json()["case"]["id"]]
+
+
+def test_session_archives_are_unpacked_with_the_same_bounds(server, tmp_path):
+    """PUT /session/?uncompress=true unpacked any archive without bounds: a tar could write outside
+    its folder and a zip bomb fill the disk. Only a zip is unpacked, with the page's checks."""
+    escaped = Path(tempfile.gettempdir()) / f"escaped_{uuid.uuid4().hex}.txt"
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as t:
+        info = tarfile.TarInfo(f"../{escaped.name}")
+        info.size = 5
+        t.addfile(info, io.BytesIO(b"owned"))
+    bomb = zip_of({"CT_1.dcm": bytes(64 << 20)})
+    for name, data, status, words in (("slip.tar", tar.getvalue(), 422, "zip"), ("bomb.zip", bomb, 422, "compress")):
+        r = requests.put(f"{server.url}/session/", params={"uncompress": "true"}, files={"files": (name, data)},
+                         timeout=120)  # fmt: skip
+        assert r.status_code == status and words in r.json()["detail"], (name, r.status_code, r.text)
+    assert not escaped.exists()
+    series = zip_of({f"CT_{i}.dcm": np.random.default_rng(i).bytes(1000) for i in range(3)})
+    r = requests.put(f"{server.url}/session/", params={"uncompress": "true"}, files={"files": ("ok.zip", series)},
+                     timeout=120)  # fmt: skip
+    assert r.status_code == 200, r.text
+    session = requests.get(f"{server.url}/session/{r.json()['session_id']}", timeout=30).json()
+    assert sorted(p.name for p in Path(session["image"]).iterdir()) == ["CT_0.dcm", "CT_1.dcm", "CT_2.dcm"]

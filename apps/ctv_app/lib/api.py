@@ -13,6 +13,7 @@
   (``params``, ``info``) must be JSON objects; ``/logs/`` numbers are bounded.
 - ``PUT /model/{model}`` checks the uploaded weights load into the served network before they
   replace the served file (atomically; the previous file is kept), instead of copying any bytes.
+- ``PUT /session/?uncompress=true`` unpacks only a zip, bounded like the page's (``cases.safe_extract``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import file_checksum
 
 from .audit import AuditLog
+from .cases import safe_extract
 from .checkpoint import file_sha256
 from .datastore import atomic_copy
 from .errors import ImageNotFoundError, InvalidInputError, NotAuthorisedError
@@ -66,6 +68,7 @@ def install_api(app, users: Users | None, audit: AuditLog, max_body_bytes: int, 
     _replace_route(monailabel_logs.router, "/", "GET", server_log)
     _replace_route(monailabel_logs.router, "/gpu", "GET", gpu_info)
     _replace_route(monailabel_session.router, "/{session_id}", "GET", get_session)
+    _replace_route(monailabel_session.router, "/", "PUT", create_session)
     if not dicomweb:
         monailabel_proxy.router.routes.clear()
         monailabel_proxy.router.add_api_route(
@@ -145,6 +148,31 @@ def gpu_info() -> Response:
         raise ImageNotFoundError("no GPU information: nvidia-smi is not installed on this server")
     report = subprocess.run(["nvidia-smi"], stdout=subprocess.PIPE, timeout=30).stdout.decode()
     return Response(content=report, media_type="text/plain")
+
+
+def create_session(background_tasks: BackgroundTasks, uncompress: bool = False, expiry: int = 0,
+                   files: list[UploadFile] = File(...)) -> dict[str, Any]:  # fmt: skip
+    """MONAI Label's, except that ``uncompress`` unpacks only a zip, with the page's checks (no path
+    outside the folder, bounded size and compression ratio): MONAI Label's unpacked any archive, a tar
+    too, with no bound and writing wherever its member names pointed."""
+    if not uncompress:
+        return monailabel_session.create_session(background_tasks, uncompress, expiry, files)
+    sessions = app_instance().sessions()
+    if sessions is None:
+        raise HTTPException(status_code=406, detail="Session Feature is Not Enabled")
+    if len(files) != 1 or not (files[0].filename or "").lower().endswith(".zip"):
+        raise InvalidInputError("uncompress takes one zip file (of one DICOM series)")
+    folder = tempfile.mkdtemp(prefix="ctv-session-")
+    try:
+        with tempfile.NamedTemporaryFile(suffix=".zip") as archive:
+            shutil.copyfileobj(files[0].file, archive)
+            archive.flush()
+            safe_extract(archive.name, folder)
+        session_id, info = sessions.add_session(folder, expiry)  # moves the folder into the session store
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return {"session_id": session_id, "session_info": info.to_json()}
 
 
 def get_session(session_id: str, update_ts: bool = False, image: bool = False):

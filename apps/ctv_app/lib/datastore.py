@@ -88,15 +88,20 @@ def _check_free_space(folder: str, needed: int) -> None:
         raise OSError(errno.ENOSPC, f"{needed:,} bytes needed in {folder}")
 
 
-def check_label(label_filename: str, image_id: str, image_path: str, label_values: set[int]) -> np.ndarray:
+def check_label(
+    label_filename: str, image_id: str, image_path: str, label_values: set[int], name: str | None = None
+) -> np.ndarray:
     """The label's data if it is a NIfTI of known integer values on its image's grid; a 422 otherwise.
 
-    ``image_path`` is a NIfTI file or a DICOM series folder (skipped if it does not exist)."""
+    ``image_path`` is a NIfTI file or a DICOM series folder (skipped if it does not exist); ``name``:
+    what the client called the file, shown in messages instead of the server's (temporary) path."""
     try:
         label = nib.load(label_filename)
         data = np.asanyarray(label.dataobj)
     except Exception as e:
-        raise InvalidInputError(f"label for '{image_id}' is not a readable NIfTI file: {e}") from e
+        why = str(e).replace(label_filename, name or "the upload")
+        named = f" {name!r}" if name else ""
+        raise InvalidInputError(f"label{named} for '{image_id}' is not a readable NIfTI file: {why}") from e
     if os.path.isdir(image_path):
         geometry = read_ct_geometry(image_path)[0]
         shape, affine = geometry.shape, geometry.affine

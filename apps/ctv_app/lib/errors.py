@@ -24,6 +24,18 @@ class ImageNotFoundError(InvalidInputError):
     status_code = 404
 
 
+class PayloadTooLargeError(InvalidInputError):
+    """The input is over a size limit (the message names the limit and how to change it)."""
+
+    status_code = 413
+
+
+class ConflictError(CTVError):
+    """The request collides with work already under way on the same thing."""
+
+    status_code = 409
+
+
 class ModelUnavailableError(CTVError):
     """No usable weights yet (not trained, or the file on disk is unreadable)."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,32 @@ def as_bool(value: Any) -> bool:
             raise InvalidInputError(f"expected true or false, got {value!r}")
         return value.strip().lower() in ("true", "1", "yes")
     return bool(value)
+
+
+REQUEST_FLAGS = ("flip_tta", "store_result", "result_compress")
+
+
+def check_infer_request(request: dict[str, Any]) -> None:
+    """Refuse inference params of the wrong type or range with a 422 naming the param, before any
+    model time is spent; the valid ones are normalised in place (a form's "0.4" becomes 0.4)."""
+    if "threshold" in request:
+        value = request["threshold"]
+        try:
+            threshold = math.nan if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            threshold = math.nan
+        if not 0.0 < threshold < 1.0:  # NaN fails too
+            raise InvalidInputError(f"threshold must be a number between 0 and 1 (exclusive), got {value!r}")
+        request["threshold"] = threshold
+    for key in REQUEST_FLAGS:
+        if key in request:
+            value = request[key]
+            if not isinstance(value, (bool, int, str)):
+                raise InvalidInputError(f"{key} must be true or false, got {value!r}")
+            try:
+                request[key] = as_bool(value)
+            except InvalidInputError as e:
+                raise InvalidInputError(f"{key}: {e}") from e
 
 
 @dataclass

@@ -40,6 +40,9 @@ import anyio
 from .audit import AuditLog
 
 ROLES = ("annotator", "reviewer", "admin")
+# A request body that stops arriving for this long is answered 408 and its connection closed: a
+# stalled upload would otherwise hold its connection and worker forever (CTV_BODY_TIMEOUT_S to change).
+BODY_TIMEOUT_S = float(os.environ.get("CTV_BODY_TIMEOUT_S", 60))
 
 
 @dataclass(frozen=True)
@@ -205,13 +208,15 @@ _AUDITED_QUERY = ("image", "id", "tag", "label", "model")
 
 
 class AccessControl:
-    """ASGI middleware: authenticate, check the route's role, bound the body size, audit.
+    """ASGI middleware: authenticate, check the route's role, bound the body's size and its stalls, audit.
 
     With ``users`` None (access control off) every request is served as ``anonymous``; the
-    upload limit and the audit log apply either way."""
+    upload limits and the audit log apply either way."""
 
-    def __init__(self, app, users: Users | None, audit: AuditLog, max_body_bytes: int):
+    def __init__(self, app, users: Users | None, audit: AuditLog, max_body_bytes: int,
+                 body_timeout_s: float = BODY_TIMEOUT_S):  # fmt: skip
         self.app, self.users, self.audit, self.max_body_bytes = app, users, audit, max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: dict, receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -234,7 +239,8 @@ class AccessControl:
             await _send_error(send, *refusal)
             return
 
-        started = answered = False  # answered: this middleware sent a 413 while the body streamed in
+        started = answered = False  # answered: this middleware sent a 413 or 408 while the body streamed in
+        body_done = False
         received = 0
 
         async def send_recorded(message: dict) -> None:
@@ -247,10 +253,20 @@ class AccessControl:
             await send(message)
 
         async def receive_bounded() -> dict:
-            nonlocal received, answered
+            nonlocal received, answered, body_done
             if answered:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            if body_done or started:  # later calls only wait for a disconnect: no time limit
+                return await receive()
+            try:
+                with anyio.fail_after(self.body_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                await self._record(scope, rule, user, 408)
+                await _send_error(send, 408, f"the request body stalled: nothing arrived for {self.body_timeout_s:g} s")
+                answered = True
+                return {"type": "http.disconnect"}
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > self.max_body_bytes and not started:
                 await self._record(scope, rule, user, 413)
@@ -303,6 +319,8 @@ async def _send_error(send: Send, status: int, detail: str) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b'Basic realm="CTV", charset="UTF-8"'))
+    if status == 408:  # the rest of the body may never come: the connection cannot be reused
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

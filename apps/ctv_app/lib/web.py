@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
 import tempfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,7 +32,7 @@ from .admission import when_admitted
 from .cases import Case, CaseStore
 from .datastore import check_label
 from .dicom.results import write_dicom_result
-from .errors import CTVError, ImageNotFoundError, InvalidInputError, NotAuthorisedError
+from .errors import CTVError, ConflictError, ImageNotFoundError, InvalidInputError, NotAuthorisedError, ServerBusyError
 from .provenance import input_sha256
 from .security import current_user
 from .transforms.validation import load_ct
@@ -50,24 +53,69 @@ def display_volume(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(ras[::-1, ::-1, :], (2, 1, 0)))  # [k][j flipped][i flipped]
 
 
+def display_spacing(affine: np.ndarray) -> dict[str, float]:
+    """Voxel spacing along the axes ``display_volume`` draws: columns R-L, rows A-P, slices S-I."""
+    ornt = nib.orientations.io_orientation(affine)
+    ras = np.empty(3)
+    ras[ornt[:, 0].astype(int)] = nib.affines.voxel_sizes(affine)  # input axis i lies along RAS axis ornt[i, 0]
+    return {"col": float(ras[0]), "row": float(ras[1]), "slice": float(ras[2])}
+
+
 class ContouringService:
-    def __init__(self, store: CaseStore, app: Any, model: str, window: tuple[float, float], rt_config: Any):
+    def __init__(self, store: CaseStore, app: Any, model: str, window: tuple[float, float], rt_config: Any,
+                 max_pending: int = 16):  # fmt: skip
+        """``max_pending``: contours queued or running, all cases together (one per case at most)."""
         self.store, self.app, self.model = store, app, model
         self.window, self.rt_config = window, rt_config
+        self.max_pending = max_pending
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctv-contour")
+        self._pending: set[str] = set()  # ids of the cases with a contour queued or running
+        self._pending_lock = threading.Lock()
+        self._mean_s = 30.0  # seconds a contour takes, for Retry-After (updated as they finish)
+
 
     def create_case(self, owner: str, filename: str, upload: str) -> Case:
         case = self.store.create(owner, filename, upload, validate=load_ct)
         self.store.update(case, lambda r: r["input"].update({"contoured_sha256": input_sha256(case.input_path)}))
         return case
 
+    def check_capacity(self) -> None:
+        """503 + Retry-After while ``max_pending`` contours are queued or running."""
+        with self._pending_lock:
+            if len(self._pending) >= self.max_pending:
+                raise self._busy()
+
+    def _busy(self) -> ServerBusyError:
+        return ServerBusyError(
+            f"{len(self._pending)} contours are already queued or running (limit {self.max_pending}); retry later",
+            retry_after_s=max(1, math.ceil(self._mean_s * len(self._pending))),
+        )
+
     def contour(self, case: Case) -> dict[str, Any]:
-        result = self.store.new_result(case)
-        self._worker.submit(self._run, case, result["id"])
+        """Queue a contour of ``case``: 409 while the case has one queued or running, 503 when the queue is full."""
+        with self._pending_lock:
+            if case.id in self._pending:
+                raise ConflictError(f"case {case.id} is already being contoured; wait for that result")
+            if len(self._pending) >= self.max_pending:
+                raise self._busy()
+            self._pending.add(case.id)
+        try:
+            result = self.store.new_result(case)
+            self._worker.submit(self._run, case, result["id"])
+        except Exception:
+            self._done(case.id, None)
+            raise
         return result
+
+    def _done(self, case_id: str, seconds: float | None) -> None:
+        with self._pending_lock:
+            self._pending.discard(case_id)
+            if seconds is not None:
+                self._mean_s = 0.8 * self._mean_s + 0.2 * seconds
 
     def _run(self, case: Case, result_id: str) -> None:
         work = tempfile.mkdtemp(prefix="ctv-result-")
+        started = time.monotonic()
         try:
             self.store.set_result(case, result_id, status="running", stage="contouring")
             request = {"model": self.model, "image": case.input_path, "result_format": "nifti"}
@@ -97,13 +145,15 @@ class ContouringService:
             self.store.set_result(case, result_id, status="failed", stage="failed", error=str(message))
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            self._done(case.id, time.monotonic() - started)
 
     # --- what the viewer draws -------------------------------------------------------------------
     def view_bytes(self, case: Case, what: str, result_id: str | None = None) -> str:
-        """Path of a cached uint8 display volume: the windowed CT, a result's mask, or the annotation."""
+        """Path of a cached uint8 display volume: the windowed CT, a result's mask, or the annotation.
+        One file each, named only by ids of the case's own record (``result_id`` for a mask)."""
         cache = os.path.join(case.folder, "view")
         os.makedirs(cache, exist_ok=True)
-        name = f"{what}{'_' + result_id if result_id else ''}.u8"
+        name = f"mask_{case.result(result_id)['id']}.u8" if what == "mask" else f"{what}.u8"
         path = os.path.join(cache, name)
         if not os.path.exists(path):
             image = load_ct(case.input_path)
@@ -125,12 +175,10 @@ class ContouringService:
         image = load_ct(case.input_path)
         affine = np.asarray(image.meta["original_affine"])
         shape = display_volume(np.zeros(image.shape[1:], np.uint8), affine).shape
-        ornt = nib.orientations.io_orientation(affine)
-        spacing = np.linalg.norm(affine[:3, :3], axis=0)[ornt[:, 0].astype(int)]  # RAS axis order
         lo, hi = self.window
         return {
             "slices": shape[0], "rows": shape[1], "cols": shape[2],
-            "spacing_mm": {"col": float(spacing[0]), "row": float(spacing[1]), "slice": float(spacing[2])},
+            "spacing_mm": display_spacing(affine),
             "window": {"name": "soft tissue (the model's window)", "level": (lo + hi) / 2, "width": hi - lo},
         }  # fmt: skip
 
@@ -161,6 +209,7 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
     ) -> JSONResponse:
         """Store and check an upload (NIfTI, or a zip of one DICOM series) or a datastore study
         (``image``: its id), then contour it."""
+        service.check_capacity()  # before anything is stored: a full queue would not contour it
         if image:
             path = service.app.datastore().get_image_uri(image)
             if not path:
@@ -182,7 +231,11 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
                 os.unlink(tmp)
         else:
             raise InvalidInputError("send a file (NIfTI or a zip of a DICOM series) or image=<datastore id>")
-        result = service.contour(case)
+        try:
+            result = service.contour(case)
+        except ServerBusyError:  # the queue filled while this upload was checked: keep no case without a result
+            shutil.rmtree(case.folder, ignore_errors=True)
+            raise
         return JSONResponse({"case": case.public(), "result": result}, status_code=201)
 
     @router.get("/api/cases")
@@ -205,7 +258,7 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
         try:
             with os.fdopen(fd, "wb") as out:
                 shutil.copyfileobj(file.file, out)
-            check_label(tmp, case.id, case.input_path, labels)
+            check_label(tmp, case.id, case.input_path, labels, name=file.filename)
             os.replace(tmp, os.path.join(case.folder, "annotation.nii.gz"))
         finally:
             if os.path.exists(tmp):
@@ -225,6 +278,10 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
         case = service.store.get(owner, case_id)
         if what not in ("image", "mask", "annotation"):
             raise ImageNotFoundError(f"no view '{what}'")
+        if result is not None:
+            case.result(result)  # 404 unless it is one of this case's results
+            if what != "mask":
+                raise InvalidInputError(f"the {what} view has no result: only view/mask takes ?result=<id>")
         if what == "mask" and (not result or case.result(result).get("status") != "done"):
             raise InvalidInputError("name a finished result: ?result=<id>")
         if what == "annotation" and not case.record.get("annotation"):
