@@ -73,7 +73,6 @@ class ContouringService:
         self._pending_lock = threading.Lock()
         self._mean_s = 30.0  # seconds a contour takes, for Retry-After (updated as they finish)
 
-
     def create_case(self, owner: str, filename: str, upload: str) -> Case:
         case = self.store.create(owner, filename, upload, validate=load_ct)
         self.store.update(case, lambda r: r["input"].update({"contoured_sha256": input_sha256(case.input_path)}))
