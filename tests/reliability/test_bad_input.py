@@ -101,6 +101,38 @@ def test_path_traversal_ids_are_not_files(server, image_id):
     assert label.status_code in (404, 422), label.text
 
 
+def nrrd_header(*fields: str) -> bytes:
+    lines = ["NRRD0004", "type: uint8", "dimension: 3", *fields, "encoding: raw", "endian: little",
+             "space: left-posterior-superior", "space directions: (1,0,0) (0,1,0) (0,0,3)"]  # fmt: skip
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def metaimage_header(dim_size: str, data_file: str) -> bytes:
+    lines = ["ObjectType = Image", "NDims = 3", dim_size, "ElementType = MET_UCHAR", f"ElementDataFile = {data_file}"]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_headers_naming_another_file_as_their_data_are_refused_unread(server):
+    """An NRRD or MetaImage header can name any file on the server as its voxels: it was read (contoured
+    under the header's sha256) or its size leaked in the error. Refused from the header, before any read."""
+    target = Path("/etc/passwd")
+    size = target.stat().st_size
+    fits = f"sizes: 1 1 {size}"  # exactly the file's size: read whole before
+    uploads = {
+        "detached.nhdr": nrrd_header(fits, f"data file: {target}"),
+        "detached.nrrd": nrrd_header("sizes: 64 64 64", f"datafile: {target}"),  # wrong size: the error told it
+        "relative.nhdr": nrrd_header(fits, "data file: ../../../../../../etc/passwd"),
+        "detached.mha": metaimage_header(f"DimSize = 1 1 {size}", str(target)),
+        "detached.mhd": metaimage_header("DimSize = 64 64 64", str(target)),
+    }
+    for name, header in uploads.items():
+        r = requests.post(f"{server.url}/infer/ctv?output=json", files={"file": (name, header)}, timeout=120)
+        assert r.status_code == 422, (name, r.status_code, r.text)
+        assert "detached" in r.json()["detail"] and "attached data" in r.json()["detail"], (name, r.text)
+        assert str(size) not in r.text, (name, r.text)  # nor its size
+    assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
+
+
 def test_image_over_the_voxel_limit_is_refused_from_its_header(tmp_path):
     studies = tmp_path / "studies"
     studies.mkdir()
@@ -111,6 +143,13 @@ def test_image_over_the_voxel_limit_is_refused_from_its_header(tmp_path):
             f"{server.url}/infer/ctv?output=json", files={"file": (big.name, big.read_bytes())}, timeout=120
         )
         assert r.status_code == 422 and "163,840 voxels" in r.json()["detail"] and "100,000" in r.json()["detail"]
+        # NRRD and MetaImage say their size in a text header: a few bytes can claim 10^9 voxels.
+        for name, header in (("big.nrrd", nrrd_header("sizes: 1000 1000 1000")),
+                             ("big.mha", metaimage_header("DimSize = 1000 1000 1000", "LOCAL"))):  # fmt: skip
+            r = requests.post(f"{server.url}/infer/ctv?output=json", files={"file": (name, header + bytes(64))},
+                              timeout=120)  # fmt: skip
+            detail = r.json()["detail"]
+            assert r.status_code == 422 and "1,000,000,000 voxels" in detail and "CTV_MAX_VOXELS" in detail, r.text
 
         # Over the upload limit: 413 before the body is read, whichever route; nothing is written.
         oversized = np.random.default_rng(2).bytes(3 << 20)

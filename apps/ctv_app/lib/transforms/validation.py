@@ -57,7 +57,9 @@ class LoadCTImaged(LoadImaged):
 
 
 def check_size(path: str, limit: int | None = None) -> None:
-    """Refuse an image over ``limit`` voxels from its header alone (NIfTI, or a DICOM series folder)."""
+    """Refuse an image over ``limit`` voxels from its header alone, before any voxel is read: NIfTI,
+    NRRD, MetaImage or a DICOM series folder; any other format, and a header whose voxels are in
+    another file (which could be any file on the server), are refused."""
     limit = MAX_VOXELS if limit is None else limit
     name = os.path.basename(os.path.normpath(path))
     if os.path.isfile(path) and os.path.getsize(path) == 0:
@@ -72,13 +74,56 @@ def check_size(path: str, limit: int | None = None) -> None:
             return  # unreadable: the loader says so, with its reason
         shape = tuple(int(s) for s in header.get_data_shape())
         _check_nifti_geometry(header, name)
+    elif path.endswith(_TEXT_HEADER_FORMATS):
+        shape = _text_header_shape(path, name)
     else:
-        return
+        raise InvalidInputError(
+            f"image '{name}' is not in a format this server reads: send NIfTI (.nii, .nii.gz), NRRD (.nrrd), "
+            "MetaImage (.mha) or a DICOM series"
+        )
     voxels = int(np.prod(shape, dtype=np.int64))
     if voxels > limit:
         raise InvalidInputError(
             f"image '{name}' has {voxels:,} voxels {shape}; the limit is {limit:,} (CTV_MAX_VOXELS)"
         )
+
+
+# Formats with a text header: (field that gives the size, fields that name a data file, its in-file value);
+# field names compared in lower case with single spaces, whatever a reader would tolerate.
+_TEXT_HEADER_FORMATS = (".nrrd", ".nhdr", ".mha", ".mhd")
+_NRRD_FIELDS = ("sizes", ("data file", "datafile"), None)
+_METAIMAGE_FIELDS = ("dimsize", ("elementdatafile",), "LOCAL")
+_MAX_HEADER_BYTES = 1 << 16
+
+
+def _text_header_shape(path: str, name: str) -> tuple[int, ...]:
+    """The shape an NRRD or MetaImage header states; refused if its data lies in another file."""
+    with open(path, "rb") as f:
+        head = f.read(_MAX_HEADER_BYTES)
+    nrrd = head.startswith(b"NRRD")
+    size_field, file_fields, attached = _NRRD_FIELDS if nrrd else _METAIMAGE_FIELDS
+    fields: dict[str, str] = {}
+    for raw in head.split(b"\n"):
+        line = raw.decode("latin-1").strip()
+        if nrrd and not line:
+            break  # the blank line that ends an NRRD header
+        key, sep, value = line.partition(":" if nrrd else "=")
+        key = " ".join(key.lower().split())
+        if sep and not line.startswith("#") and not value.startswith("="):  # NRRD "key:=value" pairs are free text
+            fields[key] = value.strip()
+        if not nrrd and key == "elementdatafile":
+            break  # the last MetaImage field: the voxels follow
+    if any(k in fields and fields[k] != attached for k in file_fields):
+        kind = "NRRD" if nrrd else "MetaImage"
+        raise InvalidInputError(
+            f"image '{name}': detached {kind} data files are not accepted; send a "
+            f"{'.nrrd' if nrrd else '.mha'} with attached data"
+        )
+    try:
+        return tuple(int(s) for s in fields[size_field].split())
+    except (KeyError, ValueError) as e:
+        why = f"no valid '{size_field}' header field"
+        raise InvalidInputError(f"image '{name}' is not a readable 3D image: {why}") from e
 
 
 def _check_nifti_geometry(header, name: str) -> None:
