@@ -12,6 +12,8 @@ import pydicom
 import pytest
 from monailabel.client import MONAILabelClient
 
+from ctv_app.lib.dicom.rtstruct import ROI, write_rtstruct
+from ctv_app.lib.dicom.series import read_ct_geometry
 from ctv_datastore.build import HELD_OUT_SEED_START, build
 from ctv_datastore.dicom_export import write_ct_series
 from ctv_datastore.phantom import make_phantom
@@ -24,10 +26,17 @@ HELD_OUT_SEEDS = list(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + 4))
 DICOM_PHANTOM_SEED = HELD_OUT_SEEDS[0]
 
 
+OWN_RTSTRUCT = "structure_sets/RS_auto.dcm"
+
+
 def write_dicom_studies(folder: Path) -> None:
     """A held-out phantom also as a DICOM series folder (SYNTHETIC), and a gantry-tilted series."""
     phantom = make_phantom(DICOM_PHANTOM_SEED)
-    write_ct_series(phantom.image, phantom.affine, str(folder / f"dicom_phantom_{DICOM_PHANTOM_SEED:05d}"))
+    series = folder / f"dicom_phantom_{DICOM_PHANTOM_SEED:05d}"
+    write_ct_series(phantom.image, phantom.affine, str(series))
+    # This server's own auto-contour of it, saved in the datastore: never a training label (issue 16 item 4).
+    (folder / "structure_sets").mkdir()
+    write_rtstruct([ROI("CTV", phantom.label > 0)], *read_ct_geometry(str(series)), str(folder / OWN_RTSTRUCT))
     tilted = make_phantom(DICOM_PHANTOM_SEED + 100, shape=(48, 48, 24))
     shear = tilted.affine.copy()
     shear[1, 2] = 0.2 * shear[2, 2]  # each slice 0.2 slice-spacings further along y: a tilted gantry

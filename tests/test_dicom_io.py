@@ -27,6 +27,7 @@ from ctv_app.lib.errors import InvalidInputError
 from ctv_datastore.dicom_export import write_ct_series
 from ctv_datastore.phantom import make_phantom
 
+from .conftest import series_uid
 from .support import SHARED_DATA
 
 DICOM = SHARED_DATA / "dicom"
@@ -214,7 +215,7 @@ def test_our_rtstruct_round_trip_is_exact_with_holes_and_islands(tmp_path):
     write_rtstruct([ROI("CTV", truth == 1)], geometry, headers, str(tmp_path / "rs.dcm"))
     back, used = rasterise(read_rtstruct(str(tmp_path / "rs.dcm")), geometry, headers, {"CTV": 1})
     np.testing.assert_array_equal(back, truth)
-    assert used == {"rois": {"CTV": 1}, "ignored": []}
+    assert used == {"rois": {"CTV": 1}, "ignored": [], "voxels": {"CTV": int(truth.sum())}, "off_series": {}}
 
 
 def test_rtstruct_references_and_labels(tmp_path):
@@ -334,6 +335,7 @@ def test_folder_datastore_finds_series_and_imports_clinical_rtstruct(tmp_path):
     phantom_series(root / "export", seed=4)
     g, h = read_ct_geometry(str(c))
     write_rtstruct([ROI("CTV_High", c_label == 1)], g, h, str(root / "export" / "RS_clinical.dcm"))
+    clinician_approved(root / "export" / "RS_clinical.dcm")
     uid = {folder: str(pydicom.dcmread(next(folder.glob("*.dcm"))).SeriesInstanceUID) for folder in (a, b, c)}
 
     store = CTVDatastore(str(root), label_values=[1], rt_config=RTConfig(), auto_reload=False)
@@ -351,3 +353,109 @@ def test_folder_datastore_finds_series_and_imports_clinical_rtstruct(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), wrong)
     with pytest.raises(InvalidInputError, match="does not match image"):
         store.save_label(uid[a], str(wrong), "final", {})
+
+
+# --- which structure sets may become training labels (issue 16 item 4) ----------------------------------
+VARIAN_RS = VH / "RS_Body_SpinalCord.dcm"
+CORD_ONLY = RTConfig(roi_labels={"SpinalCord": 1})  # the Varian set's cord stands in for a clinical CTV
+
+
+def _set_all(ds: pydicom.Dataset, sequence: str, keyword: str, value) -> None:
+    for item in ds[sequence].value:
+        setattr(item, keyword, value)
+
+
+def clinician_approved(path: Path) -> None:
+    """Our RTSTRUCT as a planning system exports it once a clinician has edited and approved it."""
+    ds = pydicom.dcmread(path)
+    ds.Manufacturer, ds.ApprovalStatus = "a planning system", "APPROVED"
+    _set_all(ds, "StructureSetROISequence", "ROIGenerationAlgorithm", "MANUAL")
+    ds.save_as(path)
+
+
+def _without_frame_of_reference(ds: pydicom.Dataset) -> None:
+    for item in ds.ReferencedFrameOfReferenceSequence:
+        del item.FrameOfReferenceUID
+    for item in ds.StructureSetROISequence:
+        del item.ReferencedFrameOfReferenceUID
+    if "FrameOfReferenceUID" in ds:
+        del ds.FrameOfReferenceUID
+
+
+def _cord_contours(ds: pydicom.Dataset) -> pydicom.Dataset:
+    number = next(r.ROINumber for r in ds.StructureSetROISequence if r.ROIName == "SpinalCord")
+    return next(c for c in ds.ROIContourSequence if c.ReferencedROINumber == number)
+
+
+def _cord_moved_off_the_series(ds: pydicom.Dataset) -> None:
+    for contour in _cord_contours(ds).ContourSequence:  # 50 mm above the 4 slices (1 mm apart)
+        points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3) + [0.0, 0.0, 50.0]
+        contour.ContourData = [f"{v:.3f}" for v in points.ravel()]
+
+
+def _cord_without_contours(ds: pydicom.Dataset) -> None:  # as a planning template leaves an ROI
+    del _cord_contours(ds).ContourSequence
+
+
+REFUSED_STRUCTURE_SETS = {  # case: (change to the real Varian RTSTRUCT, words the reason must contain)
+    "automatic": (lambda ds: _set_all(ds, "StructureSetROISequence", "ROIGenerationAlgorithm", "AUTOMATIC"),
+                  "AUTOMATIC"),
+    "rejected": (lambda ds: setattr(ds, "ApprovalStatus", "REJECTED"), "REJECTED"),
+    "no_frame_of_reference": (_without_frame_of_reference, "no frame of reference"),
+    "roi_without_contours": (_cord_without_contours, "'SpinalCord' has no contours"),
+    "contours_off_the_series": (_cord_moved_off_the_series, "lie on no slice"),
+}  # fmt: skip
+
+
+def _series_with(tmp_path: Path, rtstruct: pydicom.Dataset | None = None) -> Path:
+    """A datastore holding the Visible Human CT series (and ``rtstruct`` beside it)."""
+    root = tmp_path / "studies"
+    ct_only(VH, root / "visible_human")
+    if rtstruct is not None:
+        rtstruct.save_as(root / "visible_human" / "RS.dcm")
+    return root
+
+
+def _skipped(store: CTVDatastore) -> list[dict]:
+    return store.json()["skipped_structure_sets"]
+
+
+@pytest.mark.parametrize("case", REFUSED_STRUCTURE_SETS)
+def test_structure_set_that_is_not_a_clinical_label_is_skipped_with_its_reason(tmp_path, caplog, case):
+    change, reason = REFUSED_STRUCTURE_SETS[case]
+    ds = pydicom.dcmread(VARIAN_RS)
+    change(ds)
+    store = CTVDatastore(str(_series_with(tmp_path, ds)), label_values=[1], rt_config=CORD_ONLY, auto_reload=False)
+    assert not store.get_label_by_image_id("visible_human", "final")
+    [skipped] = _skipped(store)
+    assert skipped["file"] == "visible_human/RS.dcm" and reason in skipped["reason"], skipped
+    assert skipped["referenced_series"] == series_uid(VH)
+    assert any(reason in r.getMessage() and "RS.dcm" in r.getMessage() for r in caplog.records)  # the server log
+
+
+def test_our_own_auto_contour_is_not_imported_as_a_clinical_label(tmp_path):
+    """The server's RTSTRUCT saved beside its CT (AUTOMATIC, UNAPPROVED, Manufacturer ctv-label)."""
+    root = _series_with(tmp_path)
+    geometry, headers = read_ct_geometry(str(root / "visible_human"))
+    cord = np.asarray(nib.load(VH / "Mask.nii.gz").dataobj) == 1
+    write_rtstruct([ROI("CTV", cord)], geometry, headers, str(root / "visible_human" / "RS_auto.dcm"))
+    store = CTVDatastore(str(root), label_values=[1], rt_config=RTConfig(), auto_reload=False)
+    assert not store.get_label_by_image_id("visible_human", "final")
+    [skipped] = _skipped(store)
+    assert skipped["file"] == "visible_human/RS_auto.dcm" and "written by this server" in skipped["reason"]
+
+
+@pytest.mark.parametrize("approved", [False, True], ids=["clinician_made", "approved_automatic"])
+def test_clinical_structure_set_is_still_imported(tmp_path, approved):
+    """The real Varian set (MANUAL ROIs, UNAPPROVED): a clinician's contours. An AUTOMATIC set is imported
+    once a clinician has APPROVED it."""
+    ds = pydicom.dcmread(VARIAN_RS)
+    if approved:
+        _set_all(ds, "StructureSetROISequence", "ROIGenerationAlgorithm", "AUTOMATIC")
+        ds.ApprovalStatus, ds.ReviewDate, ds.ReviewTime, ds.ReviewerName = "APPROVED", "20260101", "120000", "Dr^A"
+    store = CTVDatastore(str(_series_with(tmp_path, ds)), label_values=[1], rt_config=CORD_ONLY, auto_reload=False)
+    info = store.get_label_info("visible_human", "final")
+    assert info["rois"] == {"SpinalCord": 1} and info["source_rtstruct"] == ds.SOPInstanceUID
+    label = np.asarray(nib.load(store.get_label_uri("visible_human", "final")).dataobj)
+    assert dice(label, np.asarray(nib.load(VH / "Mask.nii.gz").dataobj) == 1) >= 0.85  # Mask: touch rule
+    assert _skipped(store) == []

@@ -17,7 +17,7 @@ from monailabel.client.client import MONAILabelClientException
 from ctv_app.lib.dicom.rtstruct import rasterise, read_rtstruct
 from ctv_app.lib.dicom.series import read_ct_geometry
 
-from .conftest import DICOM_PHANTOM_SEED
+from .conftest import DICOM_PHANTOM_SEED, OWN_RTSTRUCT
 
 DICOM_ID = f"dicom_phantom_{DICOM_PHANTOM_SEED:05d}"
 NIFTI_ID = f"phantom_{DICOM_PHANTOM_SEED:05d}"
@@ -79,3 +79,14 @@ def test_output_image_comes_back_in_the_requested_format(server, fmt, modality):
     else:
         assert r.content[128:132] == b"DICM" and r.headers["content-type"] == "application/dicom"
         assert pydicom.dcmread(io.BytesIO(r.content)).Modality == modality
+
+
+def test_own_auto_contour_in_the_datastore_is_listed_as_skipped_not_imported(server):
+    """Our RTSTRUCT of the DICOM phantom lies in the datastore: not its label, and the listing says why."""
+    listing = requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()
+    [entry] = [s for s in listing["skipped_structure_sets"] if s["file"] == OWN_RTSTRUCT]
+    assert "written by this server" in entry["reason"]
+    image = listing["objects"][DICOM_ID]
+    assert entry["referenced_series"] == image["image"]["info"]["SeriesInstanceUID"]
+    final = image["labels"].get("final") or {}
+    assert (final.get("info") or {}).get("source_rtstruct") != entry["sop_instance_uid"]

@@ -26,8 +26,8 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 
 from .checkpoint import file_sha256
 from .dicom.results import RTConfig
-from .dicom.rtstruct import rasterise, read_rtstruct
-from .dicom.scan import VIEW_FOLDER, DicomScanner, link_view
+from .dicom.rtstruct import check_clinical, read_rtstruct, training_label
+from .dicom.scan import VIEW_FOLDER, DicomScanner, FoundStructureSet, link_view
 from .dicom.series import read_ct_geometry
 from .errors import ImageNotFoundError, InvalidInputError, StorageFullError
 from .security import annotator_of
@@ -132,10 +132,13 @@ class CTVDatastore(LocalDatastore):
 
     Images are NIfTI/NRRD files or DICOM CT series (``dicom/scan.py`` says how series are found).
     An RTSTRUCT that references a series and names an ROI in ``rt_config.roi_labels`` becomes
-    that series' ``final`` label unless it already has one, so clinical contours train the model.
+    that series' ``final`` label unless it already has one, so clinical contours train the model;
+    only a clinician's (``rtstruct.training_label``): the others are listed with why in ``json()``.
 
     Label info records ``annotator`` (the ``annotator`` save param, else ``user``, else
-    ``"unknown"``), ``version`` (1, 2, ... per image and tag), ``sha256`` and ``previous_sha256``.
+    ``"unknown"``), ``version`` (1, 2, ... per image and tag), ``sha256`` and ``previous_sha256``
+    (``SERVER_LABEL_FIELDS``). A label file whose bytes no version holds (put in labels/ by hand, or
+    imported) becomes a version of its own before a save replaces it.
     """
 
     def __init__(
@@ -151,6 +154,7 @@ class CTVDatastore(LocalDatastore):
         self.rt_config = rt_config or RTConfig()
         self._scanner = DicomScanner(datastore_path)
         self._structure_sets: list = []
+        self._skipped_structure_sets: dict[str, dict[str, Any]] = {}  # path -> why it is not a label
         self.history_path = os.path.join(datastore_path, ".label_history")
         super().__init__(datastore_path, **kwargs)
         if getattr(self, "_handler", None) is not None:
@@ -193,25 +197,31 @@ class CTVDatastore(LocalDatastore):
         self._import_structure_sets()
 
     def _import_structure_sets(self) -> None:
-        """Clinical RTSTRUCTs become ``final`` labels of the series they reference (never overwriting one)."""
+        """Clinical RTSTRUCTs become ``final`` labels of the series they reference (never overwriting one).
+
+        Why each other one did not is logged (once) and listed by ``json()``."""
         by_series = {
             obj.image.info.get("SeriesInstanceUID"): image_id for image_id, obj in self._datastore.objects.items()
         }
+        skipped: dict[str, dict[str, Any]] = {}
         for found in self._structure_sets:
             image_id = by_series.get(found.referenced_series_uid)
-            if image_id is None or self._datastore.objects[image_id].labels.get("final"):
-                continue
-            folder = self.get_image_uri(image_id)
-            try:
-                geometry, headers = read_ct_geometry(folder)
-                mask, used = rasterise(
-                    read_rtstruct(found.path), geometry, headers, self.rt_config.roi_labels, self.rt_config.raster_rule
+            final = self._datastore.objects[image_id].labels.get("final") if image_id else None
+            if final and final.info.get("source_rtstruct") == found.sop_instance_uid:
+                continue  # imported before
+            try:  # one bad clinical file must not stop the server
+                if image_id is None:
+                    raise InvalidInputError(f"its series {found.referenced_series_uid} is not in this datastore")
+                structure_set = read_rtstruct(found.path)
+                check_clinical(structure_set, self.rt_config.roi_labels)
+                if final:
+                    raise InvalidInputError(f"'{image_id}' already has a final label, which is kept")
+                geometry, headers = read_ct_geometry(self.get_image_uri(image_id))
+                mask, used = training_label(
+                    structure_set, geometry, headers, self.rt_config.roi_labels, self.rt_config.raster_rule
                 )
-            except Exception as e:  # one bad clinical file must not stop the server
-                logger.warning(f"RTSTRUCT {found.path} not imported: {e}")
-                continue
-            if not used["rois"]:
-                logger.info(f"RTSTRUCT {found.path}: no ROI named in rt_roi_labels ({used['ignored']})")
+            except Exception as e:
+                skipped[found.path] = self._skip_structure_set(found, e)
                 continue
             fd, tmp = tempfile.mkstemp(suffix=".nii.gz")
             os.close(fd)
@@ -230,9 +240,28 @@ class CTVDatastore(LocalDatastore):
                 )
                 logger.info(f"RTSTRUCT {found.path} imported as the final label of {image_id}: {used['rois']}")
             except Exception as e:
-                logger.warning(f"RTSTRUCT {found.path} not imported: {e}")
+                skipped[found.path] = self._skip_structure_set(found, e)
             finally:
                 os.unlink(tmp)
+        self._skipped_structure_sets = skipped
+
+    def _skip_structure_set(self, found: FoundStructureSet, reason: Exception) -> dict[str, Any]:
+        """The listing entry of a structure set that is not a label; logged when its reason is new."""
+        entry = {
+            "file": os.path.relpath(found.path, self._datastore_path),
+            "sop_instance_uid": found.sop_instance_uid,
+            "referenced_series": found.referenced_series_uid,
+            "reason": str(reason),
+        }
+        if self._skipped_structure_sets.get(found.path) != entry:
+            logger.warning(f"RTSTRUCT {found.path} is not a training label: {reason}")
+        return entry
+
+    def json(self) -> dict[str, Any]:
+        """The listing (``/datastore/?output=all``), with the structure sets that are not labels and why."""
+        listing = super().json()
+        listing["skipped_structure_sets"] = list(self._skipped_structure_sets.values())
+        return listing
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         if not _SAFE_NAME.match(image_id or ""):

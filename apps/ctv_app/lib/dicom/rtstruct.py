@@ -1,4 +1,5 @@
-"""RTSTRUCT: write a label mask as an RT Structure Set on its CT series, and read one back.
+"""RTSTRUCT: write structures (a mask each) as an RT Structure Set on their CT series, read one back,
+and decide whether a structure set may become a training label (``training_label``).
 
 Contour convention (written and read): every boundary of a label on a slice is its own
 CLOSED_PLANAR contour, outer boundaries and hole boundaries alike, with no keyhole cuts. A point
@@ -62,6 +63,7 @@ class StructureROI:
     colour: tuple[int, int, int] | None
     interpreted_type: str
     contours: list[np.ndarray] = field(default_factory=list)
+    generation_algorithm: str = ""  # ROIGenerationAlgorithm: AUTOMATIC, SEMIAUTOMATIC, MANUAL or ""
 
 
 @dataclass
@@ -70,6 +72,8 @@ class StructureSet:
     frame_of_reference_uid: str
     referenced_series_uid: str | None
     rois: list[StructureROI]
+    manufacturer: str = ""
+    approval_status: str = ""  # APPROVED, UNAPPROVED, REJECTED or "" (no RT Approval module)
 
     def roi(self, name: str) -> StructureROI:
         for r in self.rois:
@@ -207,26 +211,39 @@ def read_rtstruct(source: str | Dataset) -> StructureSet:
     name = os.path.basename(str(source)) if isinstance(source, (str, os.PathLike)) else "RTSTRUCT"
     if str(ds.get("Modality")) != "RTSTRUCT" or "StructureSetROISequence" not in ds:
         raise InvalidInputError(f"{name} is not an RT Structure Set (Modality {ds.get('Modality')})")
-    frame_uid, series_uid = "", None
+    series_uid = None
+    frame_uids = [str(ds.get("FrameOfReferenceUID", ""))]  # the Frame of Reference module, where present
     for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
-        frame_uid = frame_uid or str(frame.get("FrameOfReferenceUID", ""))
+        frame_uids.insert(0, str(frame.get("FrameOfReferenceUID", "")))
         for study in frame.get("RTReferencedStudySequence", []):
             for series in study.get("RTReferencedSeriesSequence", []):
                 series_uid = series_uid or str(series.SeriesInstanceUID)
-    types = {int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", "")) for o in ds.get("RTROIObservationsSequence", [])}
+    frame_uids += [str(item.get("ReferencedFrameOfReferenceUID", "")) for item in ds.StructureSetROISequence]
+    observations = ds.get("RTROIObservationsSequence", [])
+    types = {int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", "")) for o in observations}
     contours_by_roi: dict[int, Dataset] = {int(c.ReferencedROINumber): c for c in ds.get("ROIContourSequence", [])}
     rois = []
     for item in ds.StructureSetROISequence:
         number = int(item.ROINumber)
         roi_contour = contours_by_roi.get(number)
-        colour = tuple(int(v) for v in roi_contour.ROIDisplayColor) if roi_contour and "ROIDisplayColor" in roi_contour else None
-        roi = StructureROI(number, str(item.ROIName), colour, types.get(number, ""))
+        colour = None
+        if roi_contour and "ROIDisplayColor" in roi_contour:
+            colour = tuple(int(v) for v in roi_contour.ROIDisplayColor)
+        algorithm = str(item.get("ROIGenerationAlgorithm", "")).strip().upper()
+        roi = StructureROI(number, str(item.ROIName), colour, types.get(number, ""), generation_algorithm=algorithm)
         for contour in (roi_contour.get("ContourSequence", []) if roi_contour else []):
             if str(contour.get("ContourGeometricType", "")) not in ("CLOSED_PLANAR", ""):
                 continue  # points and open lines have no inside
             roi.contours.append(np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3))
         rois.append(roi)
-    return StructureSet(str(ds.get("StructureSetLabel", "")), frame_uid, series_uid, rois)
+    return StructureSet(
+        str(ds.get("StructureSetLabel", "")),
+        next((uid for uid in frame_uids if uid.strip()), ""),
+        series_uid,
+        rois,
+        manufacturer=str(ds.get("Manufacturer", "")),
+        approval_status=str(ds.get("ApprovalStatus", "")).strip().upper(),
+    )
 
 
 def _touched_voxels(ij: np.ndarray, cols: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -250,8 +267,9 @@ def rasterise(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Label mask (i, j, k) on the CT grid from the ROIs named in ``roi_labels`` (case-insensitive).
 
-    Returns the mask and what was used: ``{"rois": {name: value}, "ignored": [names]}``. ROIs later
-    in ``roi_labels`` win where structures overlap. ``rule`` is ``centre`` or ``touch`` (module doc).
+    Returns the mask and what was used: ``{"rois": {name: value}, "ignored": [names], "voxels": {name:
+    voxels it covers}, "off_series": {name: contours on no slice of the series}}``. ROIs later in
+    ``roi_labels`` win where structures overlap. ``rule`` is ``centre`` or ``touch`` (module doc).
     """
     if rule not in RASTER_RULES:
         raise InvalidInputError(f"unknown rasterisation rule {rule!r}; use one of {RASTER_RULES}")
@@ -269,6 +287,7 @@ def rasterise(
     to_voxel = np.linalg.inv(_lps_affine(geometry))
     half_gap = 0.5 * float(np.median(np.diff(geometry.positions_mm))) if len(geometry.positions_mm) > 1 else 1.0
     cols, rows = geometry.shape[0], geometry.shape[1]
+    voxels_of, off_series = {}, {}
     for (_, value), roi in matched:
         inside = np.zeros(geometry.shape, dtype=bool)
         touched = np.zeros(geometry.shape, dtype=bool)
@@ -276,13 +295,64 @@ def rasterise(
             distance = float(np.mean(points @ geometry.normal))
             k = int(np.argmin(np.abs(geometry.positions_mm - distance)))
             if abs(geometry.positions_mm[k] - distance) > half_gap:
-                continue  # drawn on no slice of this series
+                off_series[roi.name] = off_series.get(roi.name, 0) + 1  # drawn on no slice of this series
+                continue
             voxels = (to_voxel @ np.column_stack([points, np.ones(len(points))]).T).T
             rr, cc = fill_polygon(voxels[:, 1], voxels[:, 0], shape=(rows, cols))
             inside[cc, rr, k] ^= True  # even-odd: a contour inside a contour is a hole
             if rule == "touch":
                 touched[_touched_voxels(voxels[:, :2], cols, rows) + (k,)] = True
         mask[inside | touched] = value
+        voxels_of[roi.name] = int((inside | touched).sum())
     used = {roi.name: value for (_, value), roi in matched}
     ignored = [r.name for r in structure_set.rois if r.name not in used]
-    return mask, {"rois": used, "ignored": ignored}
+    return mask, {"rois": used, "ignored": ignored, "voxels": voxels_of, "off_series": off_series}
+
+
+def check_clinical(structure_set: StructureSet, roi_labels: Mapping[str, int]) -> None:
+    """InvalidInputError saying why, unless ``structure_set`` holds a clinician's contours of ROIs in ``roi_labels``.
+
+    A training label must be a clinician's contour: not this server's own output, not AUTOMATIC
+    unless a clinician APPROVED the set, not REJECTED. Every ROI it uses must have contours in a
+    stated frame of reference: an empty ROI would teach the model that the structure is absent.
+    """
+    if structure_set.manufacturer == MANUFACTURER:
+        raise InvalidInputError(f"written by this server ({MANUFACTURER}): an auto-contour, not a clinician's")
+    if structure_set.approval_status == "REJECTED":
+        raise InvalidInputError("its ApprovalStatus is REJECTED")
+    wanted = {name.lower() for name in roi_labels}
+    used = [r for r in structure_set.rois if r.name.lower() in wanted]
+    if not used:
+        names = [r.name for r in structure_set.rois]
+        raise InvalidInputError(f"no ROI named in rt_roi_labels {sorted(roi_labels)} (it has {names})")
+    automatic = [r.name for r in used if r.generation_algorithm == "AUTOMATIC"]
+    if automatic and structure_set.approval_status != "APPROVED":
+        raise InvalidInputError(
+            f"ROI {', '.join(automatic)} was generated AUTOMATIC and the set is "
+            f"{structure_set.approval_status or 'not approved'}: not a clinician's contour"
+        )
+    if not structure_set.frame_of_reference_uid:
+        raise InvalidInputError("it has no frame of reference (FrameOfReferenceUID): its contours cannot be placed")
+    for roi in used:
+        if not roi.contours:
+            raise InvalidInputError(f"ROI '{roi.name}' has no contours: it would be an all-zero label")
+
+
+def training_label(
+    structure_set: StructureSet,
+    geometry: CTGeometry,
+    headers: Sequence[Dataset],
+    roi_labels: Mapping[str, int],
+    rule: str = "centre",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``rasterise``, for a structure set that may train the model (``check_clinical``, and every contour
+    on a slice of this series, every ROI covering voxels); else InvalidInputError saying why not."""
+    check_clinical(structure_set, roi_labels)
+    mask, found = rasterise(structure_set, geometry, headers, roi_labels, rule)
+    series = headers[0].get("SeriesInstanceUID", "")
+    if found["off_series"]:
+        off = ", ".join(f"{count} of ROI '{name}'" for name, count in found["off_series"].items())
+        raise InvalidInputError(f"contours ({off}) lie on no slice of series {series}")
+    if empty := [name for name, voxels in found["voxels"].items() if not voxels]:
+        raise InvalidInputError(f"ROI {', '.join(empty)} covers no voxel of series {series}")
+    return mask, found
