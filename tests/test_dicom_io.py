@@ -387,9 +387,9 @@ def _cord_contours(ds: pydicom.Dataset) -> pydicom.Dataset:
     return next(c for c in ds.ROIContourSequence if c.ReferencedROINumber == number)
 
 
-def _cord_moved_off_the_series(ds: pydicom.Dataset) -> None:
-    for contour in _cord_contours(ds).ContourSequence:  # 50 mm above the 4 slices (1 mm apart)
-        points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3) + [0.0, 0.0, 50.0]
+def _cord_moved(ds: pydicom.Dataset, mm: tuple[float, float, float]) -> None:
+    for contour in _cord_contours(ds).ContourSequence:
+        points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3) + mm
         contour.ContourData = [f"{v:.3f}" for v in points.ravel()]
 
 
@@ -403,7 +403,8 @@ REFUSED_STRUCTURE_SETS = {  # case: (change to the real Varian RTSTRUCT, words t
     "rejected": (lambda ds: setattr(ds, "ApprovalStatus", "REJECTED"), "REJECTED"),
     "no_frame_of_reference": (_without_frame_of_reference, "no frame of reference"),
     "roi_without_contours": (_cord_without_contours, "'SpinalCord' has no contours"),
-    "contours_off_the_series": (_cord_moved_off_the_series, "lie on no slice"),
+    "contours_off_the_series": (lambda ds: _cord_moved(ds, (0.0, 0.0, 50.0)), "lie on no slice"),  # 4 slices, 1 mm
+    "contours_beside_the_image": (lambda ds: _cord_moved(ds, (1000.0, 0.0, 0.0)), "covers no voxel"),
 }  # fmt: skip
 
 
