@@ -30,8 +30,11 @@ def write_ct_series(
     study_uid: str | None = None,
     series_uid: str | None = None,
     modality: str = "CT",
+    body_part: str = "PELVIS",
 ) -> list[str]:
-    """Write ``volume_hu`` (int16-range HU, indexed i, j, k) as CT slices; returns the file paths."""
+    """Write ``volume_hu`` (int16-range HU, indexed i, j, k) as CT slices; returns the file paths.
+
+    The headers pass dciodvfy (tests/test_dicom_conformance.py); ``body_part`` is an unpaired one."""
     os.makedirs(out_dir, exist_ok=True)
     lps = LPS_FROM_RAS @ np.asarray(affine, dtype=np.float64)
     spacing_i, spacing_j = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
@@ -64,6 +67,8 @@ def write_ct_series(
         ds.SeriesDescription, ds.Manufacturer = series_description, "ctv-label synthetic"
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
         ds.PositionReferenceIndicator = ""
+        ds.BodyPartExamined = body_part  # unpaired: no Laterality
+        ds.PatientPosition = ds.AcquisitionNumber = ""  # type 2: present, unknown
         ds.ImagePositionPatient = [f"{v:.6f}" for v in lps[:3, 3] + k * slice_step]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
         ds.PixelSpacing = [f"{spacing_j:.6f}", f"{spacing_i:.6f}"]

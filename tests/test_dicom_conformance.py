@@ -98,6 +98,13 @@ def test_seg_with_two_segments_passes_dciodvfy(tmp_path, model_version):
     assert errors == []
 
 
+def test_synthetic_ct_series_passes_dciodvfy(tmp_path):
+    """The demo and test series (ctv_datastore.dicom_export; the server writes no image series)."""
+    folder, _ = two_overlapping_structures(tmp_path)
+    errors, _ = dciodvfy(sorted(folder.glob("*.dcm"))[0])
+    assert errors == []
+
+
 # --- two independent readers ---------------------------------------------------------------------------
 def rt_utils_masks(ct_folder: Path, rtstruct: Path, headers) -> dict[str, np.ndarray]:
     """rt-utils' masks, [row, column, its slice order], moved onto our (i, j, k) grid by SOPInstanceUID."""
