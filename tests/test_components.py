@@ -318,3 +318,20 @@ def test_separable_restore_equals_grid_sampling(flip_permute):
     )
     np.testing.assert_allclose(fast.numpy(), slow.as_tensor().numpy(), atol=1e-4)
     assert int(((fast > 0.5) != (slow.as_tensor() > 0.5)).sum()) <= 2  # only exact ties may differ
+
+
+def test_checkpoints_hold_only_what_the_safe_loader_reads(tmp_path):
+    """Issue 16 item 8: a checkpoint that ``torch.load(weights_only=True)`` refuses is never written, and the
+    shipped demo weights load that way."""
+    params = CTVParams()
+    path = tmp_path / "m.pt"
+    state = build_network(params.filters).state_dict()
+    save_checkpoint(str(path), state, params, {"epoch": 1})
+    with pytest.raises(ValueError, match="numpy"):
+        save_checkpoint(str(path), state, params, {"epoch": 2, "val_dice": np.float64(0.9)})
+    assert load_checkpoint(str(path))["meta"]["epoch"] == 1  # the previous file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    from .support import APP_DIR
+
+    assert load_checkpoint(str(APP_DIR / "model" / "ctv.pt"))["model"]
+

@@ -212,6 +212,44 @@ def test_bad_model_uploads_are_refused_and_the_previous_model_keeps_serving(serv
     assert "refusing new CTV weights" in served.log_tail(200_000)
 
 
+class RunsCommand:
+    """Unpickling this runs a shell command: what a crafted checkpoint does to ``torch.load(weights_only=False)``."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def put_model(server, data: bytes) -> requests.Response:
+    return requests.put(f"{server.url}/model/ctv", files={"file": ("ctv.pt", data)}, timeout=120)
+
+
+def test_a_crafted_pickle_is_refused_without_running_it(served, tmp_path):
+    """Issue 16 item 8: uploaded or on-disk checkpoints are never unpickled as code."""
+    r = put_model(served, checkpoint_bytes(lambda c: None))  # a good model to start from, whatever ran before
+    assert r.status_code == 200, r.text
+    current = r.json()["sha256"]
+    assert served_model_sha(served) == current
+
+    uploaded = tmp_path / "upload-ran"
+    crafted = checkpoint_bytes(lambda c: c["meta"].update({"note": RunsCommand(f"touch {uploaded}")}))
+    r = put_model(served, crafted)
+    assert r.status_code == 422 and "posix.system" in r.json()["detail"], r.text
+    assert not uploaded.exists()
+    assert file_sha256(served.model) == current
+
+    # The same kind of file put on disk as the served model is refused when the server reloads it.
+    on_disk = tmp_path / "on-disk-ran"
+    tmp = served.model.with_name(".crafted.tmp")
+    tmp.write_bytes(checkpoint_bytes(lambda c: c["meta"].update({"note": RunsCommand(f"touch {on_disk}")})))
+    os.replace(tmp, served.model)
+    assert served_model_sha(served) == current
+    assert not on_disk.exists()
+    assert "posix.system" in served.log_tail(200_000)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 24 MiB tmpfs: the datastore of the full-disk test. Needs root (CI runs as root)."""

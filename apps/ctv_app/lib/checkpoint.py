@@ -3,12 +3,18 @@
 Layout: ``{"model": state_dict, "params": CTVParams dict, "meta": {...}}``. ``"model"`` is the
 key MONAI Label's BasicInferTask loads. Writes are atomic (temp file + rename) so a reader
 never sees a half-written file, and a crash mid-save leaves the previous checkpoint intact.
+
+A checkpoint holds tensors and plain data only (dict, list, tuple, str, int, float, bool, None), and
+every checkpoint is read with ``torch.load(weights_only=True)``: unpickling anything else could run
+code named by the file (an uploaded model, a file put beside the served one).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 import tempfile
 from typing import IO, Any
 
@@ -34,6 +40,7 @@ def save_checkpoint(path: str, state_dict: dict, params: CTVParams, meta: dict[s
             torch.save({"model": state_dict, "params": params.to_dict(), "meta": meta}, f)
             f.flush()
             os.fsync(f.fileno())
+        load_checkpoint(tmp)  # never publish a file the safe loader refuses (e.g. numpy values in meta)
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; other service accounts read served models
         os.replace(tmp, path)
     except BaseException:
@@ -44,10 +51,19 @@ def save_checkpoint(path: str, state_dict: dict, params: CTVParams, meta: dict[s
 
 
 def load_checkpoint(source: str | IO[bytes], map_location: str = "cpu") -> dict[str, Any]:
-    """Load from a path, or from a file object holding bytes already read (and hashed)."""
-    ckpt = torch.load(source, map_location=map_location, weights_only=False)
+    """Load from a path, or from a file object holding bytes already read (and hashed); tensors and
+    plain data only (the one place checkpoints are unpickled)."""
+    name = getattr(source, "name", source if isinstance(source, str) else "the checkpoint")
+    try:
+        ckpt = torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))
+        reason = f"it names {named.group(1)}" if named else "it is not a PyTorch checkpoint"
+        raise ValueError(
+            f"{name} refused without unpickling it ({reason}); a checkpoint holds only tensors and plain data"
+        ) from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{getattr(source, 'name', source)} is not a CTV checkpoint (no 'model' entry)")
+        raise ValueError(f"{name} is not a CTV checkpoint (no 'model' entry)")
     return ckpt
 
 
