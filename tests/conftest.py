@@ -41,6 +41,21 @@ def write_dicom_studies(folder: Path) -> None:
     shear = tilted.affine.copy()
     shear[1, 2] = 0.2 * shear[2, 2]  # each slice 0.2 slice-spacings further along y: a tilted gantry
     write_ct_series(tilted.image, shear, str(folder / "tilted_series"))
+    for name, change in UNSAFE_SERIES.items():
+        small = make_phantom(DICOM_PHANTOM_SEED + 101, shape=(64, 56, 24), spacing=(5.0, 5.0, 8.0))
+        for k, path in enumerate(write_ct_series(small.image, small.affine, str(folder / name))):
+            ds = pydicom.dcmread(path)
+            change(k, ds)
+            ds.save_as(path)
+
+
+# Series a PACS export can produce that must not be contoured as given (issue 16 items 1 and 2).
+UNSAFE_SERIES = {
+    # One SeriesInstanceUID, two patients: the second half of the slices names another patient.
+    "two_patients_one_series": lambda k, ds: setattr(ds, "PatientID", "ANOTHER_PATIENT") if k >= 12 else None,
+    # Slices a DICOM result could not reference: one blank SOPInstanceUID.
+    "blank_instance_uid": lambda k, ds: setattr(ds, "SOPInstanceUID", "") if k == 5 else None,
+}
 
 
 def write_bad_inputs(folder: Path) -> None:

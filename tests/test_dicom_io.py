@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from ctv_app.lib.datastore import CTVDatastore
 from ctv_app.lib.dicom.results import RTConfig, check_result_format
@@ -163,6 +164,60 @@ def test_two_ct_series_in_one_folder_is_ambiguous(tmp_path):
     with pytest.raises(InvalidInputError, match="holds 2 CT series, so which one to contour is ambiguous") as e:
         read_ct_series(str(a))
     assert e.value.status_code == 422
+
+
+@pytest.mark.parametrize("keyword", ["PatientID", "StudyInstanceUID", "FrameOfReferenceUID"])
+def test_one_series_of_two_patients_is_refused(tmp_path, keyword):
+    """One SeriesInstanceUID whose slices name two patients, studies or frames of reference is not one CT."""
+    folder, _, _ = phantom_series(tmp_path)
+    other = "ANOTHER_PATIENT" if keyword == "PatientID" else generate_uid()
+    _edit(folder, lambda i, ds: setattr(ds, keyword, other) if i >= 12 else None)
+    message = rf"slices differ in {keyword} \(2 values, on 12 and 12 slices\)"
+    for read in (read_ct_series, read_ct_geometry):
+        with pytest.raises(InvalidInputError, match=message) as e:
+            read(str(folder))
+        assert e.value.status_code == 422 and other not in str(e.value)  # no patient data in the message
+
+
+@pytest.mark.parametrize(
+    "case, change, message",
+    [
+        ("blank", lambda i, ds: setattr(ds, "SOPInstanceUID", "") if i == 5 else None, "1 slice has no SOPInstanceUID"),
+        ("duplicate", lambda i, ds: setattr(ds, "SOPInstanceUID", "1.2.3.4") if i in (4, 9) else None,
+         "2 slices share the SOPInstanceUID 1.2.3.4"),
+        ("no frame", lambda i, ds: delattr(ds, "FrameOfReferenceUID"), "has no FrameOfReferenceUID"),
+    ],
+)
+def test_dicom_results_need_instance_uids_and_a_frame_of_reference(tmp_path, case, change, message):
+    """A DICOM result references every slice by SOPInstanceUID, in one frame of reference: refused up front
+    when it could not; the NIfTI result of the same series stays possible."""
+    folder, _, _ = phantom_series(tmp_path)
+    _edit(folder, change)
+    for fmt in ("rtstruct", "dicom_seg"):
+        with pytest.raises(InvalidInputError, match=message) as e:
+            check_result_format(fmt, str(folder))
+        assert e.value.status_code == 422 and "result_format 'nifti'" in str(e.value)
+    assert check_result_format("nifti", str(folder)) == "nifti"
+    assert read_ct_series(str(folder)).volume.shape == (64, 56, 24)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_bits_above_bits_stored_are_not_hu(tmp_path, signed):
+    """BitsStored 12 in 16 allocated bits: whatever bits 12-15 hold (overlays, garbage) is not data, and a
+    signed value takes its sign from bit 11."""
+    folder, image, _ = phantom_series(tmp_path)
+    rng = np.random.default_rng(0)
+
+    def to_12_bits(i, ds):
+        value = ds.pixel_array.astype(np.int64) - (1024 if signed else 0)  # written as HU + 1024
+        assert value.min() >= (-2048 if signed else 0) and value.max() < (2048 if signed else 4096)
+        garbage = rng.integers(0, 16, value.shape) << 12
+        ds.PixelData = ((value & 0xFFF) | garbage).astype(np.uint16).tobytes()
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, int(signed)
+        ds.RescaleIntercept = "0" if signed else "-1024"
+
+    _edit(folder, to_12_bits)
+    np.testing.assert_array_equal(read_ct_series(str(folder)).volume, image.astype(np.float32))
 
 
 # --- RTSTRUCT ------------------------------------------------------------------------------------

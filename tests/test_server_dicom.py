@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zipfile
 
 import highdicom as hd
 import nibabel as nib
@@ -79,6 +80,40 @@ def test_output_image_comes_back_in_the_requested_format(server, fmt, modality):
     else:
         assert r.content[128:132] == b"DICM" and r.headers["content-type"] == "application/dicom"
         assert pydicom.dcmread(io.BytesIO(r.content)).Modality == modality
+
+
+def test_one_series_of_two_patients_is_refused_from_the_datastore_and_the_page(server, studies):
+    """Issue 16 item 1: slices of one SeriesInstanceUID naming two patients are never one volume."""
+    r = requests.post(f"{server.url}/infer/ctv", params={"image": "two_patients_one_series", "output": "json"},
+                      timeout=300)  # fmt: skip
+    assert r.status_code == 422 and "slices differ in PatientID" in r.json()["detail"], r.text
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in sorted((studies / "two_patients_one_series").glob("*.dcm")):
+            z.write(f, f"series/{f.name}")
+    page = requests.post(f"{server.url}/ctv/api/cases", files={"file": ("mixed.zip", archive.getvalue())},
+                         headers={"X-CTV-Owner": "mixed-series-" + "m" * 32}, timeout=300)  # fmt: skip
+    assert page.status_code == 422 and "slices differ in PatientID" in page.json()["detail"], page.text
+
+
+@pytest.mark.parametrize("fmt", ["rtstruct", "dicom_seg"])
+def test_dicom_result_of_a_series_without_instance_uids_is_refused_before_the_model_runs(server, fmt):
+    """Issue 16 item 2: a 422 naming the blank SOPInstanceUID, with no model time spent; NIfTI still works."""
+
+    def inferences() -> int:  # MONAI Label logs this line as it hands the image to the network
+        return server.log_path.read_text(errors="replace").count("Inferer:: ")
+
+    def infer(params: dict) -> requests.Response:
+        return requests.post(f"{server.url}/infer/ctv?image=blank_instance_uid&output=json",
+                             files={"params": (None, json.dumps(params))}, timeout=300)  # fmt: skip
+
+    before = inferences()
+    r = infer({"result_format": fmt})
+    assert r.status_code == 422 and "1 slice has no SOPInstanceUID" in r.json()["detail"], r.text
+    assert inferences() == before
+    nifti = infer({"result_format": "nifti"})
+    assert nifti.status_code == 200, nifti.text
+    assert inferences() == before + 1  # the count sees an inference that ran
 
 
 def test_own_auto_contour_in_the_datastore_is_listed_as_skipped_not_imported(server):

@@ -13,7 +13,13 @@ from .series import CTSeries, read_ct_series
 
 
 class DicomSeriesReader(ImageReader):
-    """Reads a folder as a CT series: HU volume, RAS affine. Any other path is left to other readers."""
+    """Reads a folder as a CT series: HU volume, RAS affine. Any other path is left to other readers.
+
+    Use one instance per read: ``series`` keeps what it read (headers, digest) for the result writers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.series: CTSeries | None = None
 
     def verify_suffix(self, filename: Sequence[str] | str) -> bool:
         folders = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
@@ -23,7 +29,8 @@ class DicomSeriesReader(ImageReader):
         folders = [data] if isinstance(data, (str, os.PathLike)) else list(data)
         if len(folders) != 1:
             raise ValueError("DicomSeriesReader reads one folder at a time")
-        return read_ct_series(str(folders[0]))
+        self.series = read_ct_series(str(folders[0]))
+        return self.series
 
     def get_data(self, img: CTSeries) -> tuple[np.ndarray, dict]:
         first = img.headers[0]

@@ -17,15 +17,17 @@ import json
 import os
 import re
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from ..errors import InvalidInputError
 from .rtstruct import RASTER_RULES, ROI, write_rtstruct
 from .seg import write_seg
-from .series import read_ct_geometry
+from .series import find_ct_series, read_ct_geometry
 
 RESULT_FORMATS = ("nifti", "dicom_seg", "rtstruct")
 # TG-263: at most 16 characters, letters, digits and _ ^ - (no spaces).
@@ -78,7 +80,29 @@ def check_result_format(result_format: Any, image_path: Any) -> str:
             " references the CT's SOP instances and frame of reference, which a NIfTI input does not have. "
             "Use result_format 'nifti', or contour the study from a DICOM datastore"
         )
+    if fmt != "nifti":  # from the headers alone, before any model time is spent
+        series = find_ct_series(image_path)
+        check_referenceable(series.headers, f"series {series.series_uid}")
     return fmt
+
+
+def check_referenceable(headers: list[Dataset], where: str) -> None:
+    """A DICOM result references every slice by its SOPInstanceUID, in the series' frame of reference:
+    a 422 naming what is missing when the slices do not allow that."""
+    uids = [str(h.get("SOPInstanceUID", "") or "").strip() for h in headers]
+    problems = []
+    if blank := uids.count(""):
+        problems.append(f"{blank} slice{'s have' if blank > 1 else ' has'} no SOPInstanceUID")
+    shared = [(uid, n) for uid, n in Counter(u for u in uids if u).most_common() if n > 1]
+    problems += [f"{n} slices share the SOPInstanceUID {uid}" for uid, n in shared[:3]]
+    if no_frame := sum(not str(h.get("FrameOfReferenceUID", "") or "").strip() for h in headers):
+        problems.append("it has no FrameOfReferenceUID" if no_frame == len(headers) else
+                        f"{no_frame} of its slices have no FrameOfReferenceUID")  # fmt: skip
+    if problems:
+        raise InvalidInputError(
+            f"{where} cannot be referenced by a DICOM result (RTSTRUCT, SEG): {'; '.join(problems)}. "
+            "Use result_format 'nifti' for this series, or correct it at its source"
+        )
 
 
 def write_dicom_result(

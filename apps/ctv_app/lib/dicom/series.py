@@ -3,9 +3,13 @@
 Geometry comes from the headers that define it, never from file order or SliceThickness:
 slices are sorted by ImagePositionPatient projected on the slice normal (the cross product of
 the ImageOrientationPatient direction cosines), the slice spacing is the distance between those
-positions, and RescaleSlope/Intercept turn stored values into HU. A series the model would
-misread (gantry tilt, uneven or missing slices, two slices at one position, not CT, several CT
+positions, and RescaleSlope/Intercept turn stored values (the low BitsStored bits, sign-extended
+when signed) into HU. A series the model would misread (gantry tilt, uneven or missing slices, two
+slices at one position, not CT, slices of two patients, studies or frames of reference, several CT
 series where one was asked for) is refused with an InvalidInputError that states the problem.
+
+Each file is read once: the volume, the headers a DICOM result references and the digest a result
+names all come from those same bytes (``CTSeries.sha256``).
 
 Array layout matches NIfTI: ``volume[i, j, k]`` is column i, row j of the k-th slice along the
 normal; ``affine`` maps (i, j, k) to RAS millimetres, as MONAI's readers do.
@@ -13,8 +17,11 @@ normal; ``affine`` maps (i, j, k) to RAS millimetres, as MONAI's readers do.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pydicom
@@ -32,6 +39,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ORIENTATION_TOLERANCE = 1e-4  # direction cosines may differ by rounding only
 TILT_TOLERANCE_DEG = 0.1
 SPACING_TOLERANCE_MM = 0.01  # plus a relative 1% of the slice spacing
+# Every slice of one volume must agree on these: one patient, study, series and frame of reference.
+ONE_VOLUME_KEYWORDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
 
 
 @dataclass
@@ -67,13 +76,15 @@ class CTGeometry:
 
 
 @dataclass
-class CTSeries:
-    """A sorted CT series: HU volume, geometry, and the sorted headers (for RTSTRUCT/SEG references)."""
+class SeriesRead:
+    """A CT series as read once: the sorted headers (pixel data dropped) and geometry parsed from the
+    files' bytes, and ``sha256``, the digest of those bytes (``series_sha256``). A DICOM result
+    references exactly these headers, and names this digest."""
 
-    volume: np.ndarray
     geometry: CTGeometry
     headers: list[Dataset]
-    paths: list[str] = field(default_factory=list)
+    paths: list[str]
+    sha256: str
 
     @property
     def affine(self) -> np.ndarray:
@@ -82,6 +93,25 @@ class CTSeries:
     @property
     def series_uid(self) -> str:
         return str(self.headers[0].SeriesInstanceUID)
+
+
+@dataclass
+class CTSeries(SeriesRead):
+    """A sorted CT series read once: its HU volume besides what ``SeriesRead`` holds."""
+
+    volume: np.ndarray
+
+    def without_volume(self) -> SeriesRead:
+        return SeriesRead(**{f.name: getattr(self, f.name) for f in fields(SeriesRead)})
+
+
+def series_sha256(files: Iterable[tuple[str, str]]) -> str:
+    """The digest of a series from (SOPInstanceUID, sha256 of the file) pairs: over the pairs in
+    SOPInstanceUID order, so file names, file order and other objects in the folder do not count."""
+    h = hashlib.sha256()
+    for uid, digest in sorted(files):
+        h.update(f"{uid}:{digest}\n".encode())
+    return h.hexdigest()
 
 
 def read_header(path: str) -> Dataset | None:
@@ -144,11 +174,26 @@ def _floats(header: Dataset, keyword: str, n: int, where: str) -> np.ndarray:
     return np.asarray([float(v) for v in value], dtype=np.float64)
 
 
+def check_one_volume(series: SeriesHeaders, where: str) -> None:
+    """Slices sharing a SeriesInstanceUID are one volume only when they agree on patient, study, series
+    and frame of reference: a mis-merged export would put one patient's contours on another's slices."""
+    for keyword in ONE_VOLUME_KEYWORDS:
+        values = [str(h.get(keyword, "") or "").strip() for h in series.headers]
+        counts = sorted({v: values.count(v) for v in values}.values(), reverse=True)
+        if len(counts) > 1:  # the values themselves are patient data: counted, not shown
+            raise InvalidInputError(
+                f"{where}: its slices differ in {keyword} ({len(counts)} values, on "
+                f"{' and '.join(str(n) for n in counts)} slices): one series must be one patient, study and "
+                "frame of reference. Separate the series at its source"
+            )
+
+
 def ct_geometry(series: SeriesHeaders) -> CTGeometry:
-    """Sort the slices along the normal and check they form one regular, untilted grid."""
+    """Sort the slices along the normal and check they form one regular, untilted grid of one patient."""
     where = f"series {series.series_uid}"
     if series.modality != "CT":
         raise InvalidInputError(f"{where} is modality {series.modality or 'unknown'}; the CTV model needs CT")
+    check_one_volume(series, where)
     first = series.headers[0]
     if int(first.get("NumberOfFrames", 1) or 1) > 1 or str(first.get("SOPClassUID")) == ENHANCED_CT_IMAGE_STORAGE:
         raise InvalidInputError(f"{where} is a multi-frame (enhanced) CT object; export it as single-frame CT")
@@ -214,33 +259,69 @@ def ct_geometry(series: SeriesHeaders) -> CTGeometry:
     return CTGeometry(order, LPS_TO_RAS @ lps, (cols, rows, len(order)), normal, distance)
 
 
+def stored_values(ds: Dataset, values: np.ndarray) -> np.ndarray:
+    """``values`` (pixels, or PixelPaddingValue) as the standard defines stored values: the low BitsStored
+    bits only (the bits above may hold overlays or anything else), sign-extended from the highest stored
+    bit when PixelRepresentation is 1."""
+    values = np.asarray(values)
+    bits = int(ds.get("BitsStored") or 0)
+    if not 0 < bits < 8 * values.dtype.itemsize:
+        return values
+    stored = values.astype(np.int64) & ((1 << bits) - 1)
+    if int(ds.get("PixelRepresentation") or 0) == 1:
+        stored = np.where(stored >= 1 << (bits - 1), stored - (1 << bits), stored)
+    return stored
+
+
 def hu_slice(ds: Dataset) -> np.ndarray:
     """One slice in HU, [rows, cols]; padding (PixelPaddingValue) becomes -1024 HU (air)."""
-    stored = ds.pixel_array
+    stored = stored_values(ds, ds.pixel_array)
     hu = stored.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
-        hu[stored == padding] = -1024.0
+        hu[stored == stored_values(ds, padding)] = -1024.0
     return hu
 
 
-def load_series(series: SeriesHeaders) -> CTSeries:
-    geometry = ct_geometry(series)
-    paths = [series.paths[i] for i in geometry.order]
-    headers, slices = [], []
-    for path in paths:
-        ds = pydicom.dcmread(path)
+def _decode(ds: Dataset, path: str) -> np.ndarray:
+    try:
+        return hu_slice(ds)
+    except Exception as e:  # a codec missing or corrupt pixel data: name the file and the syntax
+        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
+        name = os.path.basename(path)
+        raise InvalidInputError(f"cannot decode pixel data of {name} (transfer syntax {syntax}): {e}") from e
+
+
+def load_series(series: SeriesHeaders, pixels: bool = True) -> CTSeries | SeriesRead:
+    """Read each file of ``series`` once, and take everything from those bytes: the headers, the geometry
+    (checked again: a file may have changed since the header pass chose it), the digest and, with
+    ``pixels``, the HU volume."""
+    ct_geometry(series)  # refuse a series the model would misread before reading its pixels
+    headers, digests, slices = [], [], []
+    for path in series.paths:
+        with open(path, "rb") as f:
+            blob = f.read()
         try:
-            slices.append(hu_slice(ds))
-        except Exception as e:  # a codec missing or corrupt pixel data: name the file and the syntax
-            syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
-            raise InvalidInputError(
-                f"cannot decode pixel data of {os.path.basename(path)} (transfer syntax {syntax}): {e}"
-            ) from e
-        del ds.PixelData
+            ds = pydicom.dcmread(io.BytesIO(blob))
+        except (pydicom.errors.InvalidDicomError, EOFError, ValueError, TypeError) as e:
+            raise InvalidInputError(f"{os.path.basename(path)} is not a readable DICOM file: {e}") from e
+        digests.append((str(ds.get("SOPInstanceUID", "")), hashlib.sha256(blob).hexdigest()))
+        if pixels:
+            slices.append(_decode(ds, path))
+        if "PixelData" in ds:
+            del ds.PixelData
         headers.append(ds)
-    volume = np.stack([s.T for s in slices], axis=-1)  # [cols, rows, slices] = (i, j, k)
-    return CTSeries(volume=volume, geometry=geometry, headers=headers, paths=paths)
+    geometry = ct_geometry(SeriesHeaders(series.series_uid, series.paths, headers))
+    read = {
+        "geometry": geometry,
+        "headers": [headers[i] for i in geometry.order],
+        "paths": [series.paths[i] for i in geometry.order],
+        "sha256": series_sha256(digests),
+    }
+    if not pixels:
+        return SeriesRead(**read)
+    volume = np.stack([slices[i].T for i in geometry.order], axis=-1)  # [cols, rows, slices] = (i, j, k)
+    return CTSeries(**read, volume=volume)
 
 
 def find_ct_series(folder: str) -> SeriesHeaders:
@@ -250,6 +331,11 @@ def find_ct_series(folder: str) -> SeriesHeaders:
 
 def read_ct_series(folder: str) -> CTSeries:
     return load_series(find_ct_series(folder))
+
+
+def read_series_headers(folder: str) -> SeriesRead:
+    """The CT series in ``folder`` read once, without decoding pixels: headers, geometry and digest."""
+    return load_series(find_ct_series(folder), pixels=False)
 
 
 def read_ct_geometry(folder: str) -> tuple[CTGeometry, list[Dataset]]:

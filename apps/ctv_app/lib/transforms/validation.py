@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from collections.abc import Hashable, Mapping
 
 import nibabel as nib
@@ -11,10 +13,12 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import EnsureChannelFirstd, LoadImaged, MapTransform, Transform
+from monai.utils import ImageMetaKey
 
 from ..dicom.reader import DicomSeriesReader
 from ..dicom.series import find_ct_series
 from ..errors import InvalidInputError
+from ..provenance import InputRead
 
 MIN_VOXELS_PER_AXIS = 4
 # Largest image accepted, checked from the header before any voxel is read (CTV_MAX_VOXELS to change):
@@ -28,32 +32,58 @@ CT_LOW_HU, CT_LOW_FRACTION, CT_MAX_P99 = -200.0, 0.01, 5000.0
 
 class LoadCTImaged(LoadImaged):
     """LoadImaged that also reads a DICOM CT series folder, and reports an unreadable file as the
-    caller's error, naming the file. Always ``image_only``: the metadata travels in the MetaTensor."""
+    caller's error, naming the file. Always ``image_only``: the metadata travels in the MetaTensor.
 
-    series_reader = DicomSeriesReader()
+    ``keep_read`` (inference): each input is read once and ``<key>_read`` holds its ``InputRead``: the
+    sha256 of the bytes loaded and, for a DICOM series, the headers read with them. A file is loaded from
+    a private copy written as it is hashed, so a file replaced meanwhile changes neither. (Off in
+    training: a DataLoader cannot batch an ``InputRead``.)"""
 
-    def __init__(self, keys: KeysCollection, **kwargs):
+    def __init__(self, keys: KeysCollection, keep_read: bool = False, **kwargs):
         super().__init__(keys, **{**kwargs, "image_only": True})
+        self.keep_read = keep_read
 
     def __call__(self, data, reader=None):
         d = dict(data)
         for key in self.key_iterator(d):
-            path = d[key]
-            if isinstance(path, str):
-                check_size(path)
+            d[key], read = self._load(d[key], reader)
+            if self.keep_read:
+                d[f"{key}_read"] = read
+        return d
+
+    def _load(self, path, reader) -> tuple[MetaTensor, InputRead | None]:
+        with tempfile.TemporaryDirectory(prefix="ctv-input-") as private:
+            source, read = path, None
+            if self.keep_read and isinstance(path, str) and os.path.isfile(path):
+                source = os.path.join(private, os.path.basename(path))  # same name: same reader, same messages
+                read = InputRead(_copy_hashing(path, source))
+            if isinstance(source, str):
+                check_size(source)
             if reader is None and isinstance(path, str) and os.path.isdir(path):
-                chosen = self.series_reader  # named explicitly: its errors reach the caller unchanged
-            else:
-                chosen = reader
+                reader = DicomSeriesReader()  # named explicitly: its errors reach the caller unchanged
             try:
-                d[key] = self._loader(path, chosen)
+                image = self._loader(source, reader)
             except InvalidInputError:
                 raise
             except Exception as e:  # readers raise many types; all mean the same thing to the caller
                 name = os.path.basename(str(path))
-                why = str(e).replace(str(path), name)  # the server's folders are nobody's business
+                why = str(e).replace(str(source), name).replace(str(path), name)  # server folders are private
                 raise InvalidInputError(f"image '{name}' is not a readable 3D image: {type(e).__name__}: {why}") from e
-        return d
+        if isinstance(reader, DicomSeriesReader):
+            read = InputRead(reader.series.sha256, reader.series.without_volume())
+        if source is not path:
+            image.meta[ImageMetaKey.FILENAME_OR_OBJ] = path  # the input's name, not the private copy's
+        return image, read
+
+
+def _copy_hashing(path: str, copy: str) -> str:
+    """Copy ``path`` to ``copy``; the sha256 of the bytes copied."""
+    h = hashlib.sha256()
+    with open(path, "rb") as src, open(copy, "wb") as dst:
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            h.update(chunk)
+            dst.write(chunk)
+    return h.hexdigest()
 
 
 def check_size(path: str, limit: int | None = None) -> None:
