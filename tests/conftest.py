@@ -105,6 +105,15 @@ VH = SHARED_DATA / "dicom" / "visible_human_4slice_rt"
 LIVER = SHARED_DATA / "dicom" / "ct_3slice_liver"
 
 
+def vh_voxels_in_air_outside_body(result_path: str | Path) -> int:
+    """Voxels of a result on the Visible Human series in air (< -500 HU) outside the patient: outside
+    the clinical BODY contour of its Varian RTSTRUCT (rasterised in ``Mask.nii.gz``)."""
+    result, ct, body = (nib.load(p) for p in (result_path, VH / "Image.nii.gz", VH / "Mask.nii.gz"))
+    assert result.shape == ct.shape and np.allclose(result.affine, ct.affine, atol=1e-3)  # the series' grid
+    air_outside = (np.asarray(ct.dataobj) < -500) & (np.asarray(body.dataobj) == 0)
+    return int((air_outside & (np.asarray(result.dataobj) > 0)).sum())
+
+
 def series_uid(folder: Path) -> str:
     return str(pydicom.dcmread(next(folder.glob("CT_*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
 
@@ -117,13 +126,17 @@ def orthanc(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def uploaded(orthanc, tmp_path_factory) -> dict[str, str]:
-    """Real CT series (Visible Human, GE liver) and one SYNTHETIC phantom series, sent with STOW-RS."""
-    phantom = make_phantom(9101)
-    folder = tmp_path_factory.mktemp("phantom_dicom")
-    write_ct_series(phantom.image, phantom.affine, str(folder), patient_id="PHANTOM_9101")
-    orthanc.stow(sorted(VH.glob("CT_*.dcm")) + sorted(LIVER.glob("0*.dcm")) + sorted(folder.glob("*.dcm")))
+    """Real CT series (Visible Human, GE liver) and SYNTHETIC phantom series, each in its own study, sent
+    with STOW-RS. The Visible Human neck holds no CTV: OHIF shows and saves contours on ``phantom_ohif``."""
+    phantoms = {}
+    for name, seed in (("phantom", 9101), ("phantom_ohif", 9102)):
+        phantom = make_phantom(seed)
+        phantoms[name] = tmp_path_factory.mktemp(f"{name}_dicom")
+        write_ct_series(phantom.image, phantom.affine, str(phantoms[name]), patient_id=f"PHANTOM_{seed}")
+    orthanc.stow(sorted(VH.glob("CT_*.dcm")) + sorted(LIVER.glob("0*.dcm"))
+                 + [p for folder in phantoms.values() for p in sorted(folder.glob("*.dcm"))])  # fmt: skip
     return {"visible_human": series_uid(VH), "liver": str(pydicom.dcmread(LIVER / "01.dcm").SeriesInstanceUID),
-            "phantom": series_uid(folder)}  # fmt: skip
+            **{name: series_uid(folder) for name, folder in phantoms.items()}}  # fmt: skip
 
 
 # The DICOMweb server runs with access control on, as in docker/: its clients (MONAILabelClient as

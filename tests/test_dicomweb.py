@@ -19,7 +19,7 @@ from monailabel.client.client import MONAILabelClientException
 from ctv_app.lib.dicom.rtstruct import rasterise, read_rtstruct
 from ctv_app.lib.dicom.series import read_ct_geometry
 
-from .conftest import DICOMWEB_ANNOTATOR
+from .conftest import DICOMWEB_ANNOTATOR, vh_voxels_in_air_outside_body
 from .support import SHARED_DATA
 
 VH = SHARED_DATA / "dicom" / "visible_human_4slice_rt"
@@ -58,6 +58,15 @@ def test_infer_rtstruct_on_real_series_stored_back_via_stow(dw_client, orthanc, 
     back = orthanc.client().retrieve_instance(rs.StudyInstanceUID, rs.SeriesInstanceUID, rs.SOPInstanceUID)
     ref = back.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
     assert ref.SeriesInstanceUID == uploaded["visible_human"] and len(ref.ContourImageSequence) == 4
+
+
+def test_contours_on_the_real_neck_stay_inside_the_patient(dw_client, uploaded):
+    """The model (trained on pelvic phantoms) once put a blob in the air beside the Visible Human
+    neck. Every result is confined to the body, NIfTI and DICOM SEG alike (one post-processing)."""
+    nifti_file, _ = dw_client.infer("ctv", uploaded["visible_human"], {})
+    assert vh_voxels_in_air_outside_body(nifti_file) == 0
+    seg_file, seg_result = dw_client.infer("ctv", uploaded["visible_human"], {"result_format": "dicom_seg"})
+    assert seg_result["ctv_voxels"] == int((np.asarray(nib.load(nifti_file).dataobj) > 0).sum())
 
 
 def test_infer_dicom_seg_matches_nifti_and_lands_in_orthanc(dw_client, orthanc, uploaded, tmp_path):

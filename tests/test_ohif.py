@@ -1,10 +1,12 @@
 """OHIF end to end: the OHIF v3 viewer bundled in monailabel, on the server on a real Orthanc,
 driven in headless Chromium (Debian's /usr/bin/chromium) by Playwright.
 
-Opens the real Visible Human study, connects the MONAI Label panel, runs `ctv`, checks that the
-segmentation appears (labelmap voxels and screen pixels; screenshots saved), saves it with the
-viewer's own Save, and checks that a SEG referencing the series lands in Orthanc; then saves
-it as the panel's client does (PUT /datastore/label) and checks what training reads back.
+Opens a study, connects the MONAI Label panel, runs `ctv`, checks that the segmentation appears
+(labelmap voxels and screen pixels; screenshots saved), saves it with the viewer's own Save, and
+checks that a SEG referencing the series lands in Orthanc; then saves it as the panel's client
+does (PUT /datastore/label) and checks what training reads back. The study is a SYNTHETIC pelvic
+phantom: the real Visible Human series is a neck, with no CTV to show (once, a blob in the air
+beside it; ``test_dicomweb`` checks every result there stays inside the patient).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def test_ohif_runs_ctv_and_saves_seg_to_orthanc(dicomweb_server, dw_client, orth
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     server = dicomweb_server.url
-    series = uploaded["visible_human"]
+    series = uploaded["phantom_ohif"]
     study = next(
         s["0020000D"]["Value"][0]
         for s in orthanc.client().search_for_series(search_filters={"SeriesInstanceUID": series})
@@ -147,7 +149,8 @@ def test_ohif_runs_ctv_and_saves_seg_to_orthanc(dicomweb_server, dw_client, orth
     by_viewer = [seg for seg in new if seg.get("Manufacturer") != "ctv-label"]
     assert len(new) == 2 and len(by_viewer) == 1  # the viewer's Save, and the server's SEG of the PUT
     seg = by_viewer[0]
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series and seg.NumberOfFrames == 4
+    contoured_slices = int(np.asarray(nib.load(nifti_file).dataobj).any(axis=(0, 1)).sum())  # a frame each
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series and seg.NumberOfFrames == contoured_slices
     assert seg.SegmentSequence[0].SegmentLabel == "CTV"
     assert not [e for e in errors if "URL" in e], errors
 

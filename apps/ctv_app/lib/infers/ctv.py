@@ -101,7 +101,7 @@ class CTVInfer(BasicInferTask):
         return super().__call__(request, callbacks)
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
-        return pre_transforms(self.params)
+        return pre_transforms(self.params, keep_input=True)
 
     def inferer(self, data=None) -> Inferer:
         if not data:

@@ -1,15 +1,18 @@
 from .geometry import RestoreGeometry, RestoreGeometryd
 from .pipeline import post_transforms, pre_transforms, train_transforms
-from .postprocessing import CleanMask, CleanMaskd
+from .postprocessing import CleanMask, CleanMaskd, ConfineToBody, ConfineToBodyd, body_mask
 from .validation import ValidateCT, ValidateCTd
 
 __all__ = [
     "CleanMask",
     "CleanMaskd",
+    "ConfineToBody",
+    "ConfineToBodyd",
     "RestoreGeometry",
     "RestoreGeometryd",
     "ValidateCT",
     "ValidateCTd",
+    "body_mask",
     "pre_transforms",
     "post_transforms",
     "train_transforms",

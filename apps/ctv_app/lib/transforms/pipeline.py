@@ -8,6 +8,7 @@ from monai.transforms import (
     Activationsd,
     AsDiscreted,
     CastToTyped,
+    CopyItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     NormalizeIntensityd,
@@ -27,18 +28,28 @@ from monai.transforms import (
 
 from ..params import CTVParams
 from .geometry import RestoreGeometryd
-from .postprocessing import CleanMaskd
+from .postprocessing import CleanMaskd, ConfineToBodyd
 from .validation import LoadCTImaged, ValidateCTd
 
 
-def pre_transforms(params: CTVParams, with_label: bool = False) -> list:
-    """Load, validate, orient to RAS, resample to the target spacing, window and normalise."""
+# The CT as read (HU, on the input's grid), which ``post_transforms`` confines the result to the body by.
+INPUT_HU_KEY = "image_hu"
+
+
+def pre_transforms(params: CTVParams, with_label: bool = False, keep_input: bool = False) -> list:
+    """Load, validate, orient to RAS, resample to the target spacing, window and normalise.
+
+    ``keep_input``: also keep the CT as read under ``INPUT_HU_KEY`` (inference: ``post_transforms`` needs it)."""
     keys = ["image", "label"] if with_label else ["image"]
     lo, hi = params.window
     chain = [
         LoadCTImaged(keys=keys, image_only=True, dtype=None),  # as stored (int16 CT): float32 later, once
         EnsureChannelFirstd(keys=keys),
         ValidateCTd(keys="image"),
+    ]
+    if keep_input:
+        chain.append(CopyItemsd(keys="image", names=INPUT_HU_KEY))
+    chain += [
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=keys, pixdim=params.target_spacing, mode=["bilinear", "nearest"][: len(keys)]),
     ]
@@ -101,11 +112,15 @@ def train_transforms(params: CTVParams, samples_per_volume: int = 4) -> list:
 
 
 def post_transforms(params: CTVParams) -> list:
-    """Probabilities -> input grid -> binary mask -> largest component -> holes filled."""
+    """Probabilities -> input grid -> binary mask -> inside the body -> largest component -> holes filled.
+
+    Needs the input CT under ``INPUT_HU_KEY`` (``pre_transforms(..., keep_input=True)``). Confined to
+    the body before the largest component is chosen, so a blob in the air cannot displace the CTV."""
     return [
         Activationsd(keys="pred", sigmoid=True),
         RestoreGeometryd(keys="pred", ref_image="image", floor=params.threshold / 2),
         AsDiscreted(keys="pred", threshold=params.threshold),
+        ConfineToBodyd(keys="pred", hu_key=INPUT_HU_KEY),
         CleanMaskd(keys="pred"),
         CastToTyped(keys="pred", dtype="uint8"),
         SqueezeDimd(keys="pred", dim=0),
