@@ -51,6 +51,8 @@ def test_compose_file_is_valid_and_wired():
     template = next(str(v).split(":")[0] for v in services["nginx"]["volumes"] if "ctv.conf.template" in str(v))
     assert Path(template).is_file()
     assert services["orthanc"]["environment"]["ORTHANC__AUTHENTICATION_ENABLED"] == "true"
+    nginx_ip = services["nginx"]["networks"]["default"]["ipv4_address"]  # the one proxy whose X-Forwarded-For counts
+    assert services["ctv"]["environment"]["CTV_TRUSTED_PROXIES"] == nginx_ip
     missing = compose("config", "-q", password=None)  # no PACS password: refused, and says so
     assert missing.returncode != 0 and "ORTHANC_PASSWORD" in missing.stderr
 

@@ -40,7 +40,7 @@ from ctv_app.lib.dicom.results import RTConfig
 from ctv_app.lib.errors import CTVError, ImageNotFoundError, InvalidInputError
 from ctv_app.lib.params import as_bool, check_infer_request
 from ctv_app.lib.provenance import software_versions
-from ctv_app.lib.security import Users
+from ctv_app.lib.security import Users, configured_origins, trust_forwarded_headers_from, trusted_proxies
 from ctv_app.lib.web import ContouringService
 
 logger = logging.getLogger(__name__)
@@ -91,8 +91,11 @@ class CTVApp(MONAILabelApp):
         max_upload_mb = float(conf.get("max_upload_mb") or os.environ.get("CTV_MAX_UPLOAD_MB") or 2048)
         users = Users.configured()
         logger.info(f"access control {'on: ' + str(users.count) + ' users' if users else 'OFF (local demo)'}")
+        origins, proxies = configured_origins(), trusted_proxies()
+        trust_forwarded_headers_from(proxies)
+        logger.info(f"other sites' pages allowed: {sorted(origins) or 'none'}; trusted proxies: {proxies or 'none'}")
         dicomweb = self.studies.startswith(("http://", "https://"))
-        install_api(server.app, users, AuditLog(audit_path), int(max_upload_mb * 2**20), dicomweb)
+        install_api(server.app, users, AuditLog(audit_path), int(max_upload_mb * 2**20), dicomweb, origins)
         config = self.models[model]
         store = CaseStore(conf.get("cases_path") or os.path.join(app_dir, "cases"))
         self.contouring = ContouringService(store, self, model, config.params.window, config.rt_config,
@@ -209,13 +212,17 @@ class CTVApp(MONAILabelApp):
         """MONAI Label's infer, with the caller's mistakes answered as 4xx instead of 500.
 
         ``store_result: true`` (DICOMweb datastore, DICOM result formats) sends the result to the
-        PACS with STOW-RS; the result JSON then says what was stored under ``stored``."""
+        PACS with STOW-RS; the result JSON then says what was stored under ``stored``. MONAI Label's
+        ``save_label`` is refused: a label is saved with ``PUT /datastore/label`` (role, checks,
+        history, audit and the auto-training count)."""
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(
                 status_code=404, detail=f"model '{model}' is not served here; available: {sorted(self._infers)}"
             )
         try:
+            if request.get("save_label") not in (None, False, "false"):
+                raise InvalidInputError("save_label is not served by /infer: save labels with PUT /datastore/label")
             check_infer_request(request)
             store = datastore or self.datastore()
             image = request.get("image")

@@ -115,6 +115,33 @@ def test_kill_9_during_label_saves_leaves_the_datastore_consistent(tmp_path):
     assert caught >= len(targets) // 2  # the kills did land inside saves, and were recovered from
 
 
+@pytest.mark.parametrize(
+    "corrupted", [{"sha256": "0" * 64}, {"version": 0}, {"version": 1, "sha256": "0" * 64}, {"version": "v3"}]
+)
+def test_recovery_never_deletes_history_because_of_an_index_value(tmp_path, corrupted):
+    """Issue 16 item 11: whatever the index says about a label (forged through the API, or corrupted),
+    restarting the server deletes no saved version."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    phantom = make_phantom(HELD_OUT_SEED_START, shape=(32, 32, 16))
+    nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), phantom.affine), studies / "small.nii.gz")
+    store = CTVDatastore(str(studies), label_values={1}, auto_reload=False)
+    for k in range(3):
+        mask = np.zeros(phantom.image.shape, np.uint8)
+        mask[8 : 20 + k, 8:24, 4:12] = 1
+        nib.save(nib.Nifti1Image(mask, phantom.affine), tmp_path / f"label{k}.nii.gz")
+        store.save_label("small", str(tmp_path / f"label{k}.nii.gz"), "final", {"annotator": "dr_a"})
+    history = studies / ".label_history" / "final" / "small"
+    kept = {p.name: p.read_bytes() for p in history.iterdir()}
+    assert len(kept) == 6
+    index_path = studies / "datastore_v2.json"
+    index = json.loads(index_path.read_text())
+    index["objects"]["small"]["labels"]["final"]["info"].update(corrupted)
+    index_path.write_text(json.dumps(index))
+    CTVDatastore(str(studies), label_values={1}, recover=True, auto_reload=False)
+    assert {p.name: p.read_bytes() for p in history.iterdir()} == kept
+
+
 def test_kill_9_of_the_server_during_training_resumes_after_restart(tmp_path):
     studies = tmp_path / "studies"
     build(str(studies), TRAIN_SEEDS[:8], labelled=set(TRAIN_SEEDS[:8]))

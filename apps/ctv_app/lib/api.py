@@ -1,8 +1,10 @@
 """Where this server's REST API differs from MONAI Label's, installed on its FastAPI app at start.
 
-- Access control, the upload limit and the audit trail (``security.AccessControl``), with the
-  ``/auth/`` login routes that MONAI Label's clients (Slicer, ``MONAILabelClient``) use, and
-  ``GET /audit/`` for admins.
+- Access control, the origin policy, the upload limit and the audit trail (``security.AccessControl``)
+  in place of MONAI Label's CORS layer (which granted every origin), with the ``/auth/`` login routes
+  that MONAI Label's clients (Slicer, ``MONAILabelClient``) use, and ``GET /audit/`` for admins.
+- ``PUT /datastore/label/info`` may not set what the server records with each save
+  (``datastore.SERVER_LABEL_FIELDS``): 422.
 - ``POST /infer/{model}`` runs in a worker thread instead of on the event loop, so the server
   keeps answering while it computes and a full queue can say 503 (``admission.InferenceGate``);
   malformed ``params`` are a 422, not a 500.
@@ -50,17 +52,20 @@ from monailabel.utils.others.generic import file_checksum
 from .audit import AuditLog
 from .cases import safe_extract
 from .checkpoint import file_sha256
-from .datastore import atomic_copy
+from .datastore import SERVER_LABEL_FIELDS, atomic_copy
 from .errors import ImageNotFoundError, InvalidInputError, NotAuthorisedError
-from .security import AccessControl, Users, current_user, install
+from .security import AccessControl, Users, current_user, install, remove_cors_layer
 
 
-def install_api(app, users: Users | None, audit: AuditLog, max_body_bytes: int, dicomweb: bool) -> None:
-    """``dicomweb``: the datastore is a DICOMweb PACS (else OHIF's DICOM proxy has nothing to reach)."""
+def install_api(app, users: Users | None, audit: AuditLog, max_body_bytes: int, dicomweb: bool,
+                origins: frozenset[str] = frozenset()) -> None:  # fmt: skip
+    """``dicomweb``: the datastore is a DICOMweb PACS (else OHIF's DICOM proxy has nothing to reach);
+    ``origins``: other sites whose pages may call the server (``security.configured_origins``)."""
     # POST /reload rebuilt the app in a running server (and would install all of this twice): not served.
     app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/reload"]
+    remove_cors_layer(app)
     install(app, ClientErrors)
-    install(app, lambda inner: AccessControl(inner, users, audit, max_body_bytes))
+    install(app, lambda inner: AccessControl(inner, users, audit, max_body_bytes, origins=origins))
     for path, endpoint in (("/image", add_image), ("/image/info", put_image_info), ("/label", save_label),
                            ("/label/info", put_label_info)):  # fmt: skip
         _replace_route(monailabel_datastore.router, path, "PUT", endpoint)
@@ -227,7 +232,10 @@ def save_label(background_tasks: BackgroundTasks, image: str, params: str = Form
 
 
 def put_label_info(label: str, tag: str, info: str = Form("{}")):
-    json_object(info, "info")
+    fields = json_object(info, "info")
+    forged = sorted(SERVER_LABEL_FIELDS & set(fields))
+    if forged:  # recovery and review trust these: only a save writes them
+        raise InvalidInputError(f"label info fields {forged} are recorded by the server with each save; send others")
     return monailabel_datastore.update_label_info(label, tag, info, _user_name())
 
 

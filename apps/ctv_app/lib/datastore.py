@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _NIFTI = (".nii.gz", ".nii")
 _SERIES_VIEW_EXT = ".dicom_series"  # marks an image that is a link folder under .dicom_series/
+# What the server records with each saved label; a client may not set these (PUT /datastore/label/info).
+SERVER_LABEL_FIELDS = frozenset({"annotator", "version", "sha256", "previous_sha256", "ts", "name"})
+_VERSION_FILE = re.compile(r"v(\d+)_")  # .label_history/<tag>/<image>/v0001_<time>.json and its label copy
 
 
 def _fsync_dir(path: str) -> None:
@@ -80,6 +83,42 @@ def atomic_write_text(text: str, dest: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _version(info: dict[str, Any]) -> int:
+    """The version an index entry or history record names (0 when it names none it can)."""
+    try:
+        return int(info.get("version") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _newest_version(folder: str) -> int:
+    """The newest version a label's history folder holds a file of (0 if none)."""
+    if not os.path.isdir(folder):
+        return 0
+    return max((int(m.group(1)) for m in map(_VERSION_FILE.match, os.listdir(folder)) if m), default=0)
+
+
+def _write_version(folder: str, info: dict[str, Any], source: str, ext: str) -> list[str]:
+    """A history entry: a copy of ``source`` and its record ``info``, each atomic; none of it left if
+    either fails. Returns both paths."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(info["ts"]))
+    kept = os.path.join(folder, f"v{info['version']:04d}_{stamp}{ext}")
+    paths = [kept, kept[: -len(ext)] + ".json"]
+    try:
+        atomic_copy(source, kept)
+        atomic_write_text(json.dumps(info, indent=2), paths[1])
+    except BaseException:
+        _remove(paths)
+        raise
+    return paths
+
+
+def _remove(paths: list[str]) -> None:
+    for path in paths:
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 def _check_free_space(folder: str, needed: int) -> None:
@@ -308,29 +347,25 @@ class CTVDatastore(LocalDatastore):
         label_dir = self._datastore.label_path(label_tag)
         name = self._filename(image_id, ext)
         dest = os.path.join(label_dir, name)
+        history = os.path.join(self.history_path, label_tag, image_id)
         with FileLock(self._lock_file):
             obj = self._datastore.objects[image_id]
             previous = obj.labels.get(label_tag)
-            info["version"] = int(previous.info.get("version", 1)) + 1 if previous else 1
-            info["previous_sha256"] = previous.info.get("sha256") if previous else None
+            os.makedirs(label_dir, exist_ok=True)
+            os.makedirs(history, exist_ok=True)
+            _check_free_space(label_dir, 2 * os.path.getsize(label_filename) + (1 << 20))
+            replaced = os.path.join(label_dir, self._filename(image_id, previous.ext)) if previous else None
+            info["previous_sha256"] = None
+            if replaced is not None and os.path.exists(replaced):
+                info["previous_sha256"] = self._keep_unversioned(image_id, label_tag, previous, replaced)
+            info["version"] = _newest_version(history) + 1
             info["ts"] = int(time.time())
             info["name"] = name
-
-            os.makedirs(label_dir, exist_ok=True)
-            history = os.path.join(self.history_path, label_tag, image_id)
-            os.makedirs(history, exist_ok=True)
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(info["ts"]))
-            kept = os.path.join(history, f"v{info['version']:04d}_{stamp}{ext}")
-            record = kept[: -len(ext)] + ".json"
-            _check_free_space(label_dir, 2 * os.path.getsize(label_filename) + (1 << 20))
+            written = _write_version(history, info, label_filename, ext)
             try:
-                atomic_copy(label_filename, kept)
-                atomic_write_text(json.dumps(info, indent=2), record)
                 atomic_copy(label_filename, dest)
             except BaseException:  # the label file is unchanged: no trace of this save may remain
-                for path in (kept, record):
-                    if os.path.exists(path):
-                        os.unlink(path)
+                _remove(written)
                 raise
             if previous and previous.ext != ext:  # the same image's label under the other extension
                 old = os.path.join(label_dir, self._filename(image_id, previous.ext))
@@ -339,6 +374,22 @@ class CTVDatastore(LocalDatastore):
 
             obj.labels[label_tag] = DataModel(info=info, ext=ext)
             self._update_datastore_file(lock=False)
+
+    def _keep_unversioned(self, image_id: str, label_tag: str, previous: DataModel, path: str) -> str:
+        """The sha256 of the label file a save replaces, kept first as a version of its own if no
+        version holds its bytes (put in labels/ by hand, or imported): a save must not destroy it."""
+        sha = file_sha256(path)
+        if any(r.get("sha256") == sha for r in self.label_history(image_id, label_tag)):
+            return sha
+        history = os.path.join(self.history_path, label_tag, image_id)
+        found = {k: v for k, v in previous.info.items() if k not in SERVER_LABEL_FIELDS}
+        found.update(annotator=str(previous.info.get("annotator") or "unknown"), version=_newest_version(history) + 1,
+                     sha256=sha, previous_sha256=None, ts=int(os.path.getmtime(path)),
+                     name=self._filename(image_id, previous.ext), found_on_disk=True)  # fmt: skip
+        _check_free_space(history, os.path.getsize(path) + (1 << 20))
+        _write_version(history, found, path, previous.ext)
+        logger.warning(f"label {label_tag}/{image_id}: kept the file found on disk as v{found['version']} first")
+        return sha
 
     def label_history(self, image_id: str, label_tag: str) -> list[dict[str, Any]]:
         """Every saved version of a label, oldest first (the info recorded with each)."""
@@ -355,10 +406,13 @@ class CTVDatastore(LocalDatastore):
     def _recover_interrupted_saves(self) -> None:
         """Finish or undo saves that a crash (kill -9, power cut) stopped midway.
 
-        A save writes its history record, then replaces the label file, then the index. A label
-        file whose sha256 is not the index's but is in its history was fully replaced: the index
-        rolls forward to that record. History records newer than the index's version belong to
-        saves that never replaced the label: they and any temp files are removed."""
+        A save writes its history record, then replaces the label file, then the index; saves run
+        one at a time. The label file's bytes say which version it is (the newest record holding
+        them). If the index names an older version, or that version with another sha256, the save
+        replaced the label: the index rolls forward to the record. The version after the label
+        file's, when it is the newest in the history and the index agrees with the label file, is a
+        save that never replaced the label: its files are removed, as are temp files. Nothing else
+        is ever deleted: an index that disagrees (edited, corrupted) can stop a removal, never cause one."""
         with FileLock(self._lock_file):  # another process of this server may be mid-save
             for folder in (self._datastore_path, self._datastore.label_path(None), self.history_path):
                 for root, _, files in os.walk(folder):
@@ -372,32 +426,33 @@ class CTVDatastore(LocalDatastore):
             for image_id, obj in self._datastore.objects.items():
                 for tag, label in obj.labels.items():
                     path = os.path.join(self._datastore.label_path(tag), self._filename(image_id, label.ext))
-                    if not os.path.exists(path) or not label.info.get("sha256"):
+                    if not os.path.exists(path):
                         continue
                     sha = file_sha256(path)
-                    if sha != label.info["sha256"]:
-                        newer = [
-                            r for r in self.label_history(image_id, tag)
-                            if r.get("sha256") == sha and r.get("version", 0) > label.info.get("version", 0)
-                        ]  # fmt: skip
-                        record = max(newer, key=lambda r: r["version"], default=None)
-                        if record is not None:
-                            version = record["version"]
-                            logger.warning(f"label {tag}/{image_id}: completing interrupted save of v{version}")
-                            obj.labels[tag] = label = DataModel(info=record, ext=label.ext)
-                            changed = True
-                    self._remove_unfinished_history(image_id, tag, int(label.info.get("version", 0)))
+                    held = [r for r in self.label_history(image_id, tag) if r.get("sha256") == sha]
+                    current = max(held, key=_version, default=None)
+                    if current is None:
+                        continue  # bytes no save wrote: the next save keeps them as a version
+                    indexed = (_version(label.info), label.info.get("sha256"))
+                    if indexed != (_version(current), sha) and _version(current) >= indexed[0]:
+                        logger.warning(f"label {tag}/{image_id}: index rolled forward to v{_version(current)}")
+                        kept = {k: v for k, v in label.info.items() if k not in SERVER_LABEL_FIELDS}
+                        obj.labels[tag] = label = DataModel(info={**kept, **current}, ext=label.ext)
+                        changed = True
+                    if (_version(label.info), label.info.get("sha256")) == (_version(current), sha):
+                        self._remove_unfinished_save(image_id, tag, _version(current))
             if changed:
                 self._update_datastore_file(lock=False)
 
-    def _remove_unfinished_history(self, image_id: str, tag: str, version: int) -> None:
+    def _remove_unfinished_save(self, image_id: str, tag: str, current: int) -> None:
+        """The files of version ``current + 1`` (the label file holds ``current``), if it is the newest."""
         folder = os.path.join(self.history_path, tag, image_id)
-        if not os.path.isdir(folder):
+        if _newest_version(folder) != current + 1:
             return
-        recorded = {n[:5] for n in os.listdir(folder) if n.endswith(".json") and int(n[1:5]) <= version}
         for name in os.listdir(folder):
-            if name[:5] not in recorded:
-                logger.warning(f"removing {os.path.join(folder, name)}: its save never completed")
+            match = _VERSION_FILE.match(name)
+            if match and int(match.group(1)) == current + 1:
+                logger.warning(f"removing {os.path.join(folder, name)}: its save never replaced the label")
                 os.unlink(os.path.join(folder, name))
 
     def _check_label(self, image_id: str, label_filename: str) -> None:

@@ -17,6 +17,13 @@ what browsers (OHIF, the /ctv/ page) and MONAI Label's ``/auth/token`` login use
 
 Every route needs a role (unknown routes need ``admin``) except ``GET /auth/`` and
 ``POST /auth/token``, which a client needs before it has a token.
+
+Pages of other sites may not call the server (a page the user visits could otherwise drive it with
+the browser's credentials): a request whose ``Origin`` is neither the server's own nor one named in
+``CTV_CORS_ORIGINS`` (comma-separated, e.g. ``https://viewer.example.org``) is a 403, preflights
+included; only the named origins get CORS headers. The audit log records the address the request
+came from; ``X-Forwarded-For`` replaces it only when it comes from a proxy named in
+``CTV_TRUSTED_PROXIES`` (IPs or networks, comma-separated; none by default).
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from __future__ import annotations
 import argparse
 import base64
 import contextvars
+import gc
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -33,11 +42,11 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import anyio
 
-from .audit import AuditLog
+from .audit import AuditLog, clip
 
 ROLES = ("annotator", "reviewer", "admin")
 # A request body that stops arriving for this long is answered 408 and its connection closed: a
@@ -146,6 +155,47 @@ class Users:
         return None
 
 
+def configured_origins(env: dict[str, str] | None = None) -> frozenset[str]:
+    """The other sites whose pages may call this server (``CTV_CORS_ORIGINS``); none by default."""
+    env = os.environ if env is None else env
+    origins = set()
+    for item in filter(None, (part.strip() for part in env.get("CTV_CORS_ORIGINS", "").split(","))):
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/") or "*" in item:
+            raise ValueError(f"CTV_CORS_ORIGINS: {item!r} is not an origin such as https://viewer.example.org")
+        origins.add(f"{parts.scheme}://{parts.netloc}".lower())
+    return frozenset(origins)
+
+
+def trusted_proxies(env: dict[str, str] | None = None) -> list[str]:
+    """The reverse proxies whose X-Forwarded-For is believed (``CTV_TRUSTED_PROXIES``); none by default."""
+    env = os.environ if env is None else env
+    proxies = [part.strip() for part in env.get("CTV_TRUSTED_PROXIES", "").split(",") if part.strip()]
+    for proxy in proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError as e:
+            raise ValueError(f"CTV_TRUSTED_PROXIES: {proxy!r} is not an IP address or network") from e
+    return proxies
+
+
+def trust_forwarded_headers_from(proxies: list[str]) -> int:
+    """Let uvicorn take X-Forwarded-For and X-Forwarded-Proto from ``proxies`` only; returns how many
+    of its proxy-header layers were changed.
+
+    uvicorn believes them from 127.0.0.1 unless FORWARDED_ALLOW_IPS says otherwise, and MONAI Label
+    starts it before this app is loaded: any local client could name the address the audit log
+    records. Its layer is found among the live objects and given the configured list."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware, _TrustedHosts
+
+    layers = [o for o in gc.get_objects() if isinstance(o, ProxyHeadersMiddleware)]
+    for layer in layers:
+        if not isinstance(getattr(layer, "trusted_hosts", None), _TrustedHosts):
+            raise RuntimeError("this uvicorn's proxy-header layer is not the one CTV_TRUSTED_PROXIES knows")
+        layer.trusted_hosts = _TrustedHosts(proxies)
+    return len(layers)
+
+
 @dataclass(frozen=True)
 class Rule:
     methods: frozenset[str]
@@ -205,18 +255,20 @@ def rule_for(method: str, path: str) -> Rule:
 
 Send = Callable[[dict], Awaitable[None]]
 _AUDITED_QUERY = ("image", "id", "tag", "label", "model")
+_REFUSED = (401, 403, 408, 413)  # this middleware's refusals: anyone can cause them, so bounded in the log
 
 
 class AccessControl:
-    """ASGI middleware: authenticate, check the route's role, bound the body's size and its stalls, audit.
+    """ASGI middleware: origins, authenticate, check the route's role, bound the body's size and its stalls, audit.
 
     With ``users`` None (access control off) every request is served as ``anonymous``; the
-    upload limits and the audit log apply either way."""
+    upload limits and the audit log apply either way. ``origins``: other sites whose pages may call
+    the server (``configured_origins``); their requests get CORS headers, other sites' a 403."""
 
     def __init__(self, app, users: Users | None, audit: AuditLog, max_body_bytes: int,
-                 body_timeout_s: float = BODY_TIMEOUT_S):  # fmt: skip
+                 body_timeout_s: float = BODY_TIMEOUT_S, origins: frozenset[str] = frozenset()):  # fmt: skip
         self.app, self.users, self.audit, self.max_body_bytes = app, users, audit, max_body_bytes
-        self.body_timeout_s = body_timeout_s
+        self.body_timeout_s, self.origins = body_timeout_s, origins
 
     async def __call__(self, scope: dict, receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -226,6 +278,17 @@ class AccessControl:
         rule = rule_for(method, path)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         user = ANONYMOUS if self.users is None else self.users.from_authorization(headers.get("authorization", ""))
+        origin = headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != headers.get("host", "").lower():
+            if origin.lower() not in self.origins:
+                await self._record(scope, rule, user, 403, origin=clip(origin))
+                await _send_error(send, 403, f"cross-origin request from {clip(origin, 100)} refused: only this "
+                                  "server's own pages and the sites in CTV_CORS_ORIGINS may call it")
+                return
+            send = _granting(send, origin)
+            if method == "OPTIONS" and "access-control-request-method" in headers:
+                await _answer_preflight(send, headers.get("access-control-request-headers", ""))
+                return
         refusal = None
         if self.users is not None and rule.role is not None:
             if user is None:
@@ -290,7 +353,7 @@ class AccessControl:
     def _too_large(self) -> str:
         return f"the upload is larger than this server's limit of {self.max_body_bytes:,} bytes"
 
-    async def _record(self, scope: dict, rule: Rule, user: User | None, status: int) -> None:
+    async def _record(self, scope: dict, rule: Rule, user: User | None, status: int, **extra: str) -> None:
         if rule.action is None and status not in (401, 403):
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -299,12 +362,14 @@ class AccessControl:
             "role": user.role if user else None,
             "action": rule.action or "refused",
             "method": scope["method"],
-            "path": scope["path"],
+            "path": clip(scope["path"]),
             "status": status,
-            "client": (scope.get("client") or ("", 0))[0],
+            "client": (scope.get("client") or ("", 0))[0],  # a trusted proxy's X-Forwarded-For (uvicorn)
         }
-        entry.update({k: query[k][0] for k in _AUDITED_QUERY if k in query})
-        await anyio.to_thread.run_sync(self.audit.record, entry)
+        entry.update({k: clip(query[k][0]) for k in _AUDITED_QUERY if k in query})
+        entry.update(extra)
+        record = self.audit.record_refusal if status in _REFUSED else self.audit.record
+        await anyio.to_thread.run_sync(record, entry)
 
 
 def _declared_length(headers: dict[str, str]) -> int:
@@ -312,6 +377,27 @@ def _declared_length(headers: dict[str, str]) -> int:
         return int(headers.get("content-length", "0"))
     except ValueError:
         return 0
+
+
+def _granting(send: Send, origin: str) -> Send:
+    """``send``, with the CORS headers that let a page of ``origin`` (a configured one) read the answer."""
+
+    async def send_granting(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            granted = [(b"access-control-allow-origin", origin.encode("latin-1")),
+                       (b"access-control-allow-credentials", b"true"), (b"vary", b"Origin")]  # fmt: skip
+            message = {**message, "headers": [*message.get("headers", []), *granted]}
+        await send(message)
+
+    return send_granting
+
+
+async def _answer_preflight(send: Send, requested_headers: str) -> None:
+    headers = [(b"access-control-allow-methods", b"GET, HEAD, POST, PUT, DELETE"),
+               (b"access-control-allow-headers", requested_headers.encode("latin-1")),
+               (b"access-control-max-age", b"600"), (b"content-length", b"0")]  # fmt: skip
+    await send({"type": "http.response.start", "status": 204, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _send_error(send: Send, status: int, detail: str) -> None:
@@ -325,18 +411,38 @@ async def _send_error(send: Send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def install(app, middleware: Callable[[Any], Any]) -> None:
-    """Put ``middleware`` around the routes of an app whose middleware stack is already built
-    (MONAI Label creates the app before ours is loaded): just inside its CORS layer."""
+def _layers(app):
+    """(outer, inner) pairs of the middleware stack of an app that is already built (MONAI Label
+    creates the app before ours is loaded), outermost first."""
     if app.middleware_stack is None:
         app.middleware_stack = app.build_middleware_stack()
-    layer = app.middleware_stack
+    outer = app.middleware_stack
     for _ in range(16):
-        if getattr(layer, "app", None) is app.router:
-            layer.app = middleware(layer.app)
+        inner = getattr(outer, "app", None)
+        if inner is None:
             return
-        layer = getattr(layer, "app", None)
+        yield outer, inner
+        outer = inner
+
+
+def install(app, middleware: Callable[[Any], Any]) -> None:
+    """Put ``middleware`` around the routes of an app whose middleware stack is already built."""
+    for outer, inner in _layers(app):
+        if inner is app.router:
+            outer.app = middleware(inner)
+            return
     raise RuntimeError("could not find the router in the server's middleware stack")
+
+
+def remove_cors_layer(app) -> None:
+    """MONAI Label's CORS layer grants every origin, with credentials: removed (``AccessControl``
+    applies this server's origin policy instead)."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    for outer, inner in _layers(app):
+        if isinstance(inner, CORSMiddleware):
+            outer.app = inner.app
+            return
 
 
 def add_user(path: str, name: str, role: str) -> str:
