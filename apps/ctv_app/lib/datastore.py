@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from typing import Any, Iterable
 
@@ -23,6 +24,7 @@ import nibabel as nib
 import numpy as np
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from .checkpoint import file_sha256
 from .dicom.results import RTConfig
@@ -38,6 +40,8 @@ logger = logging.getLogger(__name__)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _NIFTI = (".nii.gz", ".nii")
 _SERIES_VIEW_EXT = ".dicom_series"  # marks an image that is a link folder under .dicom_series/
+# A change on disk rescans the datastore this long after it: a series copied in is one rescan, not one a file.
+RESCAN_DELAY_S = 1.0
 # What the server records with each saved label; a client may not set these (PUT /datastore/label/info).
 SERVER_LABEL_FIELDS = frozenset({"annotator", "version", "sha256", "previous_sha256", "ts", "name"})
 _VERSION_FILE = re.compile(r"v(\d+)_")  # .label_history/<tag>/<image>/v0001_<time>.json and its label copy
@@ -195,16 +199,54 @@ class CTVDatastore(LocalDatastore):
         self._structure_sets: list = []
         self._skipped_structure_sets: dict[str, dict[str, Any]] = {}  # path -> why it is not a label
         self.history_path = os.path.join(datastore_path, ".label_history")
+        self._reconcile_lock = threading.RLock()  # the watcher's rescans and requests' refreshes, one at a time
+        self._rescan_lock = threading.Lock()
+        self._rescan_pending: threading.Timer | None = None
         super().__init__(datastore_path, **kwargs)
         if getattr(self, "_handler", None) is not None:
-            self._handler.on_moved = self._on_moved_event  # the index is replaced by rename
+            self._watch_every_file()
         if recover and not kwargs.get("read_only"):
             self._recover_interrupted_saves()
 
-    def _on_moved_event(self, event) -> None:
-        if getattr(event, "dest_path", None) == self._datastore_config_path and not self._ignore_event_config:
-            self._init_from_datastore_file()
-        self._ignore_event_config = False
+    # --- the watcher ---------------------------------------------------------------------------
+    def _watch_every_file(self) -> None:
+        """MONAI Label's watcher reacts to NIfTI names only (a DICOM slice has any name, or none) and
+        rescans in its own thread, which one exception ends for good. Here any change outside hidden
+        folders schedules a rescan, which runs in a timer thread and logs what it cannot do."""
+        handler = FileSystemEventHandler()
+        handler.on_any_event = self._on_file_event
+        self._observer.unschedule_all()
+        self._handler = handler
+        self._observer.schedule(handler, path=self._datastore_path, recursive=True)
+
+    def _on_file_event(self, event: FileSystemEvent) -> None:
+        paths = [os.fsdecode(p) for p in (event.src_path, getattr(event, "dest_path", "")) if p]
+        if self._datastore_config_path in paths:  # the index: replaced by rename, or edited in place
+            if event.event_type in ("moved", "modified"):
+                if self._ignore_event_config:
+                    self._ignore_event_config = False  # this process wrote it
+                else:
+                    self._init_from_datastore_file()
+            return
+        if event.event_type in ("opened", "closed_no_write") or all(map(self._is_hidden, paths)):
+            return  # reads, and the server's own bookkeeping (.label_history, .dicom_series, temp files)
+        with self._rescan_lock:
+            if self._rescan_pending is None:  # else the pending rescan will see this change too
+                self._rescan_pending = threading.Timer(RESCAN_DELAY_S, self._rescan)
+                self._rescan_pending.daemon = True
+                self._rescan_pending.start()
+
+    def _is_hidden(self, path: str) -> bool:
+        relative = os.path.relpath(path, self._datastore_path)
+        return any(part.startswith(".") for part in relative.split(os.sep))
+
+    def _rescan(self) -> None:
+        with self._rescan_lock:
+            self._rescan_pending = None  # a change from now on schedules the next rescan
+        try:
+            self.refresh()
+        except Exception:  # the next change rescans again; the watcher must outlive any one failure
+            logger.exception("datastore rescan failed")
 
     # --- DICOM series and clinical structure sets -----------------------------------------------
     def _filename(self, id: str, ext: str) -> str:
@@ -232,8 +274,9 @@ class CTVDatastore(LocalDatastore):
         return invalidate
 
     def _reconcile_datastore(self) -> None:
-        super()._reconcile_datastore()
-        self._import_structure_sets()
+        with self._reconcile_lock:
+            super()._reconcile_datastore()
+            self._import_structure_sets()
 
     def _import_structure_sets(self) -> None:
         """Clinical RTSTRUCTs become ``final`` labels of the series they reference (never overwriting one).
@@ -307,6 +350,27 @@ class CTVDatastore(LocalDatastore):
             raise InvalidInputError(f"image id {image_id!r} is not a plain name (letters, digits, _ . -)")
         load_ct(image_filename)  # a 422 naming the problem, before anything is stored
         return super().add_image(image_id, image_filename, image_info)
+
+    def remove_image(self, image_id: str) -> None:
+        """A DICOM image is one series: its files go, and its link folder, never the rest of its folder
+        (MONAI Label deletes the folder: another series, an RT plan)."""
+        obj = self._datastore.objects.get(image_id)
+        if obj is None or obj.image.info.get("format") != "dicom":
+            return super().remove_image(image_id)
+        logger.info(f"Removing DICOM series {image_id}")
+        for tag in list(obj.labels):
+            self.remove_label(image_id, tag)
+        folder = self.get_image_uri(image_id)
+        with self._reconcile_lock:  # no rescan may see the series half gone
+            for path in self._scanner.series_files(folder, str(obj.image.info.get("SeriesInstanceUID"))):
+                os.unlink(path)
+            if obj.image.ext == _SERIES_VIEW_EXT:
+                shutil.rmtree(folder)  # links only
+            elif not os.listdir(folder):
+                os.rmdir(folder)
+            with FileLock(self._lock_file):
+                self._datastore.objects.pop(image_id, None)
+                self._update_datastore_file(lock=False)
 
     def get_dataset_archive(self, limit_cases: int | None) -> str:
         if not self.datalist():

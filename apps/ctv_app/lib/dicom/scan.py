@@ -10,6 +10,7 @@ reference, so clinical contours can become training labels.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from pydicom.dataset import Dataset
 
 from .series import group_series, read_header
 
+logger = logging.getLogger(__name__)
 VIEW_FOLDER = ".dicom_series"
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 NOT_DICOM_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".json", ".txt", ".lock", ".md", ".png", ".jpg")
@@ -47,7 +49,12 @@ class DicomScanner:
         self._headers: dict[str, tuple[float, Dataset | None]] = {}
 
     def _header(self, path: str) -> Dataset | None:
-        mtime = os.stat(path).st_mtime
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError as e:  # gone since it was listed (or a broken link): not part of this scan
+            logger.warning(f"skipping {path}: {e.strerror}")
+            self._headers.pop(path, None)
+            return None
         cached = self._headers.get(path)
         if cached is None or cached[0] != mtime:
             cached = (mtime, read_header(path))
@@ -66,6 +73,16 @@ class DicomScanner:
                 if header is not None and "SeriesInstanceUID" in header:
                     found.append((path, header))
         return found
+
+    def series_files(self, folder: str, series_uid: str) -> list[str]:
+        """The files of series ``series_uid`` that ``folder`` (a series' own folder or its link folder)
+        shows the reader: only that series', whatever else the folder holds."""
+        if os.path.dirname(os.path.realpath(folder)) == os.path.realpath(os.path.join(self.root, VIEW_FOLDER)):
+            candidates = [os.readlink(os.path.join(folder, n)) for n in sorted(os.listdir(folder))]
+        else:
+            candidates = [path for path, _ in self._files(folder, recursive=True)]
+        headers = {path: self._header(path) for path in candidates}
+        return [p for p, h in headers.items() if h is not None and str(h.get("SeriesInstanceUID")) == series_uid]
 
     def scan(self, skip: set[str]) -> tuple[list[FoundSeries], list[FoundStructureSet]]:
         """CT series and structure sets; ``skip`` names top-level folders that are not studies."""
