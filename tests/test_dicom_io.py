@@ -7,6 +7,7 @@ rasteriser of what we write; the real CT slices and the clinical RTSTRUCT come f
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from monailabel.tasks.infer.basic_infer import CallBackTypes
 from pydicom.uid import generate_uid
 
 from ctv_app.lib.datastore import CTVDatastore
@@ -25,11 +27,12 @@ from ctv_app.lib.dicom.rtstruct import ROI, rasterise, read_rtstruct, write_rtst
 from ctv_app.lib.dicom.seg import write_seg
 from ctv_app.lib.dicom.series import read_ct_geometry, read_ct_series
 from ctv_app.lib.errors import InvalidInputError
+from ctv_app.lib.provenance import input_sha256
 from ctv_datastore.dicom_export import write_ct_series
 from ctv_datastore.phantom import make_phantom
 
 from .conftest import series_uid
-from .support import SHARED_DATA
+from .support import APP_DIR, SHARED_DATA
 
 DICOM = SHARED_DATA / "dicom"
 VH = DICOM / "visible_human_4slice_rt"
@@ -373,6 +376,62 @@ def test_result_format_needs_a_dicom_source(tmp_path):
         check_result_format("dicom_seg", str(tmp_path / "ct.nii.gz"))
     with pytest.raises(InvalidInputError, match="is not one of"):
         check_result_format("stl", str(folder))
+
+
+# --- what a result names: the input the model read ------------------------------------------------
+@pytest.fixture(scope="module")
+def ctv_task(tmp_path_factory):
+    """The served CTV infer task, in-process, on a copy of the shipped weights."""
+    from ctv_app.lib.configs.ctv import CTVConfig
+
+    model = tmp_path_factory.mktemp("model") / "ctv.pt"
+    shutil.copy(APP_DIR / "model" / "ctv.pt", model)
+    config = CTVConfig()
+    config.init("ctv", str(model.parent), {"ctv_model": str(model)}, None)
+    return config.infer()
+
+
+@pytest.mark.parametrize("fmt", ["nifti", "rtstruct"])
+def test_result_names_the_input_the_model_read_when_the_file_is_replaced(tmp_path, ctv_task, fmt):
+    """Another input replaces the image after the model read it and before the result is written: the
+    result still names the sha256 of the bytes contoured, and an RTSTRUCT references the slices read."""
+    read_folder, read_image, _ = phantom_series(tmp_path / "read", seed=11)
+    other_folder, other_image, _ = phantom_series(tmp_path / "other", seed=12)
+    if fmt == "nifti":
+        p = make_phantom(11, shape=(64, 56, 24), spacing=(5.0, 5.0, 8.0))
+        source, other = tmp_path / "ct.nii.gz", tmp_path / "other.nii.gz"
+        nib.save(nib.Nifti1Image(read_image, p.affine), source)
+        nib.save(nib.Nifti1Image(other_image, p.affine), other)
+    else:
+        source, other = read_folder, other_folder
+    read_sha256 = input_sha256(str(source))
+    read_headers = read_ct_geometry(str(read_folder))[1]
+
+    def replace_input(data):  # runs after the model, before the writer
+        if source.is_dir():
+            shutil.rmtree(source)
+            shutil.copytree(other, source)
+        else:
+            shutil.copy(other, source)
+        return data
+
+    request = {"image": str(source), "result_format": fmt, "device": "cpu"}
+    path, result = ctv_task(request, callbacks={CallBackTypes.INFERER: replace_input})
+    assert input_sha256(str(source)) != read_sha256  # the file was replaced in between
+    assert result["provenance"]["input"]["sha256"] == read_sha256
+    if fmt == "rtstruct":
+        ds = pydicom.dcmread(path)
+        series = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+        assert series.SeriesInstanceUID == read_headers[0].SeriesInstanceUID
+        assert {c.ReferencedSOPInstanceUID for c in series.ContourImageSequence} == {
+            h.SOPInstanceUID for h in read_headers
+        }
+        assert ds.StudyInstanceUID == read_headers[0].StudyInstanceUID and f"input sha256 {read_sha256}" in str(
+            ds.StructureSetDescription
+        )
+    else:
+        assert json.loads(nib.load(path).header.extensions[0].get_content())["input"]["sha256"] == read_sha256
+    os.unlink(path)
 
 
 # --- folder datastore ----------------------------------------------------------------------------

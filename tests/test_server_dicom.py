@@ -19,6 +19,7 @@ from ctv_app.lib.dicom.rtstruct import rasterise, read_rtstruct
 from ctv_app.lib.dicom.series import read_ct_geometry
 
 from .conftest import DICOM_PHANTOM_SEED, OWN_RTSTRUCT
+from .test_page import wait_done
 
 DICOM_ID = f"dicom_phantom_{DICOM_PHANTOM_SEED:05d}"
 NIFTI_ID = f"phantom_{DICOM_PHANTOM_SEED:05d}"
@@ -82,16 +83,21 @@ def test_output_image_comes_back_in_the_requested_format(server, fmt, modality):
         assert pydicom.dcmread(io.BytesIO(r.content)).Modality == modality
 
 
+def series_zip(folder) -> bytes:
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in sorted(folder.glob("*.dcm")):
+            z.write(f, f"series/{f.name}")
+    return archive.getvalue()
+
+
 def test_one_series_of_two_patients_is_refused_from_the_datastore_and_the_page(server, studies):
     """Issue 16 item 1: slices of one SeriesInstanceUID naming two patients are never one volume."""
     r = requests.post(f"{server.url}/infer/ctv", params={"image": "two_patients_one_series", "output": "json"},
                       timeout=300)  # fmt: skip
     assert r.status_code == 422 and "slices differ in PatientID" in r.json()["detail"], r.text
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as z:
-        for f in sorted((studies / "two_patients_one_series").glob("*.dcm")):
-            z.write(f, f"series/{f.name}")
-    page = requests.post(f"{server.url}/ctv/api/cases", files={"file": ("mixed.zip", archive.getvalue())},
+    page = requests.post(f"{server.url}/ctv/api/cases",
+                         files={"file": ("mixed.zip", series_zip(studies / "two_patients_one_series"))},
                          headers={"X-CTV-Owner": "mixed-series-" + "m" * 32}, timeout=300)  # fmt: skip
     assert page.status_code == 422 and "slices differ in PatientID" in page.json()["detail"], page.text
 
@@ -125,3 +131,16 @@ def test_own_auto_contour_in_the_datastore_is_listed_as_skipped_not_imported(ser
     assert entry["referenced_series"] == image["image"]["info"]["SeriesInstanceUID"]
     final = image["labels"].get("final") or {}
     assert (final.get("info") or {}).get("source_rtstruct") != entry["sop_instance_uid"]
+
+
+def test_page_gives_nifti_only_for_a_series_without_instance_uids(server, studies):
+    """Issue 16 item 2 on the page: the contour is kept as NIfTI, and the result says why there is no DICOM."""
+    s = requests.Session()
+    s.headers["X-CTV-Owner"] = "blank-uid-" + "b" * 32
+    r = s.post(f"{server.url}/ctv/api/cases", files={"file": ("blank.zip", series_zip(studies / "blank_instance_uid"))},
+               timeout=300)  # fmt: skip
+    assert r.status_code == 201, r.text
+    case = wait_done(s, server.url, r.json()["case"]["id"], r.json()["result"]["id"])
+    result = case["results"][0]
+    assert set(result["files"]) == {"nifti"}, result
+    assert "1 slice has no SOPInstanceUID" in result["dicom_refused"], result

@@ -31,7 +31,8 @@ from fastapi.staticfiles import StaticFiles
 from .admission import when_admitted
 from .cases import Case, CaseStore
 from .datastore import check_label
-from .dicom.results import write_dicom_result
+from .dicom.results import check_referenceable, write_dicom_result
+from .dicom.series import read_series_headers
 from .errors import CTVError, ConflictError, ImageNotFoundError, InvalidInputError, NotAuthorisedError, ServerBusyError
 from .provenance import input_sha256
 from .security import current_user
@@ -126,15 +127,25 @@ class ContouringService:
             self.store.set_result(case, result_id, stage="writing")
             files = {"nifti": os.path.join(work, FILE_NAMES["nifti"])}
             shutil.move(out["file"], files["nifti"])
+            notes = {}
             if case.is_dicom:
                 mask = np.asarray(nib.load(files["nifti"]).dataobj)
-                for fmt in ("rtstruct", "dicom_seg"):
-                    path, _ = write_dicom_result(fmt, mask, case.input_path, self.rt_config, provenance)
-                    files[fmt] = os.path.join(work, FILE_NAMES[fmt])
-                    shutil.move(path, files[fmt])
+                # The headers are read once more here; their digest shows they are the bytes contoured.
+                series = read_series_headers(case.input_path)
+                if series.sha256 != provenance["input"]["sha256"]:
+                    raise RuntimeError("the case's input changed after it was contoured")
+                try:
+                    check_referenceable(series.headers, "this series")
+                except InvalidInputError as e:  # the NIfTI result stands; DICOM results could not reference it
+                    notes["dicom_refused"] = str(e)
+                else:
+                    for fmt in ("rtstruct", "dicom_seg"):
+                        path, _ = write_dicom_result(fmt, mask, series, self.rt_config, provenance)
+                        files[fmt] = os.path.join(work, FILE_NAMES[fmt])
+                        shutil.move(path, files[fmt])
             names = self.store.publish_files(case, result_id, files)
             self.store.set_result(
-                case, result_id, status="done", stage="done", files=names,
+                case, result_id, status="done", stage="done", files=names, **notes,
                 model=provenance["model"]["sha256"], input_sha256=provenance["input"]["sha256"],
                 ctv_volume_ml=params.get("ctv_volume_ml"), latencies=params.get("latencies"),
             )  # fmt: skip

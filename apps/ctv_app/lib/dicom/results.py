@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from ..errors import InvalidInputError
 from .rtstruct import RASTER_RULES, ROI, write_rtstruct
 from .seg import write_seg
-from .series import find_ct_series, read_ct_geometry
+from .series import SeriesRead, find_ct_series
 
 RESULT_FORMATS = ("nifti", "dicom_seg", "rtstruct")
 # TG-263: at most 16 characters, letters, digits and _ ^ - (no spaces).
@@ -106,10 +106,12 @@ def check_referenceable(headers: list[Dataset], where: str) -> None:
 
 
 def write_dicom_result(
-    fmt: str, mask: np.ndarray, source_folder: str, config: RTConfig, provenance: dict[str, Any]
+    fmt: str, mask: np.ndarray, series: SeriesRead, config: RTConfig, provenance: dict[str, Any]
 ) -> tuple[str, dict[str, Any]]:
-    """Write ``mask`` (on the source series' grid) as DICOM SEG or RTSTRUCT; returns path and UIDs."""
-    geometry, headers = read_ct_geometry(source_folder)
+    """Write ``mask`` (on the series' grid) as DICOM SEG or RTSTRUCT referencing ``series``, the headers
+    read with the input the mask was computed from (never read again here); returns path and UIDs."""
+    geometry, headers = series.geometry, series.headers
+    check_referenceable(headers, f"series {series.series_uid}")  # these headers, as read
     model = provenance.get("model") or {}
     model_version = str(model.get("sha256", "unknown"))
     software = provenance.get("software", {}).get("ctv-label", "unknown")

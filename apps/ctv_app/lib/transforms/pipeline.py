@@ -39,11 +39,12 @@ INPUT_HU_KEY = "image_hu"
 def pre_transforms(params: CTVParams, with_label: bool = False, keep_input: bool = False) -> list:
     """Load, validate, orient to RAS, resample to the target spacing, window and normalise.
 
-    ``keep_input``: also keep the CT as read under ``INPUT_HU_KEY`` (inference: ``post_transforms`` needs it)."""
+    ``keep_input``: also keep the CT as read under ``INPUT_HU_KEY`` (inference: ``post_transforms`` needs it),
+    and what was read under ``image_read`` (an ``InputRead``: the writer names and references it)."""
     keys = ["image", "label"] if with_label else ["image"]
     lo, hi = params.window
     chain = [
-        LoadCTImaged(keys=keys, image_only=True, dtype=None),  # as stored (int16 CT): float32 later, once
+        LoadCTImaged(keys=keys, keep_read=keep_input, dtype=None),  # as stored (int16 CT): float32 later
         EnsureChannelFirstd(keys=keys),
         ValidateCTd(keys="image"),
     ]
