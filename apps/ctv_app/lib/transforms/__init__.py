@@ -1,6 +1,6 @@
 from .geometry import RestoreGeometry, RestoreGeometryd
 from .pipeline import post_transforms, pre_transforms, train_transforms
-from .postprocessing import CleanMask, CleanMaskd, ConfineToBody, ConfineToBodyd, body_mask
+from .postprocessing import CleanMask, CleanMaskd, ConfineToBody, ConfineToBodyd
 from .validation import ValidateCT, ValidateCTd
 
 __all__ = [
@@ -12,7 +12,6 @@ __all__ = [
     "RestoreGeometryd",
     "ValidateCT",
     "ValidateCTd",
-    "body_mask",
     "pre_transforms",
     "post_transforms",
     "train_transforms",

@@ -99,16 +99,11 @@ def fill_holes_per_slice(mask: np.ndarray, axis: int) -> np.ndarray:
     return mask | ~reaches_edge[labels]
 
 
-def body_mask(hu: np.ndarray, axis: int = 2, threshold: float = BODY_HU) -> np.ndarray:
-    """The patient's body in a CT volume (HU): the largest connected region above ``threshold``
-    (not the air, nor noise or a couch apart from the patient), with each axial slice's holes filled."""
-    return fill_holes_per_slice(largest_component(np.asarray(hu) > threshold), axis)
-
-
 class ConfineToBody(Transform):
     """Channel-first mask, and the CT it belongs to on the same grid (HU), in: the mask without any
-    voxel outside the patient's body (``body_mask``). ``affine`` (RAS) says which axis is axial;
-    by default the CT's own, else axis 2."""
+    voxel outside the patient's body. The body is the largest connected region above ``threshold``
+    (not the air, nor noise or a couch apart from the patient) with each axial slice's holes filled.
+    ``affine`` (RAS) says which axis is axial; by default the CT's own, else axis 2."""
 
     def __init__(self, threshold: float = BODY_HU):
         self.threshold = threshold
