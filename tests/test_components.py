@@ -320,34 +320,6 @@ def test_separable_restore_equals_grid_sampling(flip_permute):
     assert int(((fast > 0.5) != (slow.as_tensor() > 0.5)).sum()) <= 2  # only exact ties may differ
 
 
-def test_served_post_processing_keeps_a_mask_forced_everywhere_inside_the_body(tmp_path):
-    """The model says "CTV" in every voxel, the air around the patient included: the result keeps the
-    body (with its internal gas) and nothing in the air outside it."""
-    from monai.transforms import Compose
-    from scipy import ndimage
-
-    from ctv_app.lib.transforms import post_transforms, pre_transforms
-    from ctv_datastore.phantom import save_nifti
-
-    phantom = make_phantom(31)
-    path = str(tmp_path / "ct.nii.gz")
-    save_nifti(phantom, path)
-    params = CTVParams()
-    data = Compose(pre_transforms(params, keep_input=True))({"image": path})
-    data["pred"] = torch.full_like(data["image"], 10.0)  # logits: CTV everywhere on the model's grid
-    mask = np.asarray(Compose(post_transforms(params))(data)["pred"]) > 0
-
-    air = phantom.image < -500
-    labels, _ = ndimage.label(air)
-    outside = np.isin(labels, np.unique(labels[0, 0, :]))  # the air joined to the corners' column
-    internal_gas = air & ~outside
-    assert outside.sum() > 1000 and internal_gas.sum() > 10  # the phantom has both (rectal gas)
-    assert not mask[outside].any()
-    middle = slice(2, -2)  # the restored volume's outermost voxels interpolate against zero padding
-    assert mask[middle, middle, middle][internal_gas[middle, middle, middle]].all()
-    assert mask[middle, middle, middle][~air[middle, middle, middle]].all()
-
-
 def test_checkpoints_hold_only_what_the_safe_loader_reads(tmp_path):
     """Issue 16 item 8: a checkpoint that ``torch.load(weights_only=True)`` refuses is never written, and the
     shipped demo weights load that way."""
@@ -363,3 +335,26 @@ def test_checkpoints_hold_only_what_the_safe_loader_reads(tmp_path):
 
     assert load_checkpoint(str(APP_DIR / "model" / "ctv.pt"))["model"]
 
+
+def test_a_checkpoint_swapped_in_brings_its_parameters_and_keeps_the_conf_overrides(tmp_path):
+    """Issue 16 item 3: a new file at the served path is served with its own parameters, with ``--conf`` on top,
+    by every stage of the pipeline, and its provenance names exactly those."""
+    from monai.transforms import ScaleIntensityRanged, Spacingd
+
+    from ctv_train.evaluate import served_infer_task
+
+    from .support import APP_DIR
+
+    shipped = load_checkpoint(str(APP_DIR / "model" / "ctv.pt"))
+    model = tmp_path / "ctv.pt"
+    save_checkpoint(str(model), shipped["model"], CTVParams.from_dict(shipped["params"]), shipped["meta"])
+    task = served_infer_task(str(model), {"ctv_threshold": "0.3"})
+    swapped = {**shipped["params"], "target_spacing": [5.0, 5.0, 5.0], "window": [-100.0, 200.0], "threshold": 0.6}
+    save_checkpoint(str(model), shipped["model"], CTVParams.from_dict(swapped), shipped["meta"])
+
+    chain = task.pre_transforms()
+    assert next(t for t in chain if isinstance(t, Spacingd)).spacing_transform.pixdim.tolist() == [5.0, 5.0, 5.0]
+    window = next(t for t in chain if isinstance(t, ScaleIntensityRanged)).scaler
+    assert (window.a_min, window.a_max) == (-100.0, 200.0)
+    served = CTVParams.from_dict(task.model_record()["params"])
+    assert served == CTVParams.from_dict(swapped).updated({"threshold": 0.3})

@@ -29,7 +29,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from .errors import InvalidInputError
 from .inferers import build_inferer
-from .infers.ctv import CTVInfer
+from .infers.ctv import CTVInfer, ServedModel
 from .networks import network_for
 from .transforms import pre_transforms
 
@@ -82,27 +82,26 @@ class UncertaintyScoring(ScoringMethod):
     def __init__(self, infer: CTVInfer, description: str):
         super().__init__(description)
         self.infer = infer
-        self.params = infer.params
-        self._pre = Compose(pre_transforms(self.params))
 
     def model_version(self) -> str:
         return self.infer.model_record()["sha256"]
 
-    def probabilities(self, image: torch.Tensor, request: dict[str, Any]) -> torch.Tensor:
+    def probabilities(self, image: torch.Tensor, served: ServedModel, request: dict[str, Any]) -> torch.Tensor:
         """[N, D, H, W] per-sample CTV probabilities on the resampled grid."""
         raise NotImplementedError
 
     @torch.no_grad()
     def score_image(self, image_id: str, datastore: Datastore, request: dict[str, Any] | None = None) -> float:
         request = request or {}
-        image = self._pre({"image": datastore.get_image_uri(image_id)})["image"]
+        served = self.infer.served("cpu")  # one model, with its own pre-processing, for the whole score
+        image = Compose(pre_transforms(served.params))({"image": datastore.get_image_uri(image_id)})["image"]
         seed = int(request.get("seed", 0))
         torch.manual_seed(seed)
-        probs = self.probabilities(torch.as_tensor(image)[None].float(), request)
+        probs = self.probabilities(torch.as_tensor(image)[None].float(), served, request)
         value = self.summarise(probs)
+        model = served.record["sha256"]
         datastore.update_image_info(
-            image_id,
-            {self.method: {"score": value, "model": self.model_version(), "ts": int(time.time()), "seed": seed}},
+            image_id, {self.method: {"score": value, "model": model, "ts": int(time.time()), "seed": seed}}
         )
         logger.info(f"{self.method} score {value:.4f} for {image_id}")
         return value
@@ -123,23 +122,22 @@ class EpistemicScoring(UncertaintyScoring):
         self.samples = samples
         self.dropout = dropout
 
-    def _mc_network(self, dropout: float) -> torch.nn.Module:
-        served = self.infer._get_network("cpu", None)
-        params = self.params if self.params.dropout else self.params.updated({"dropout": dropout})
+    def _mc_network(self, served: ServedModel, dropout: float) -> torch.nn.Module:
+        params = served.params if served.params.dropout else served.params.updated({"dropout": dropout})
         net = network_for(params)
-        net.load_state_dict(served.state_dict())
+        net.load_state_dict(served.network.state_dict())
         net.eval()
         for m in net.modules():
             if isinstance(m, torch.nn.modules.dropout._DropoutNd):
                 m.train()
         return net
 
-    def probabilities(self, image: torch.Tensor, request: dict[str, Any]) -> torch.Tensor:
+    def probabilities(self, image: torch.Tensor, served: ServedModel, request: dict[str, Any]) -> torch.Tensor:
         samples = int(request.get("samples", self.samples))
         if not 2 <= samples <= 64:
             raise InvalidInputError(f"samples must be in [2, 64], got {samples}")
-        net = self._mc_network(float(request.get("dropout", self.dropout)))
-        inferer = build_inferer(self.params, device="cpu", flip_tta=False)
+        net = self._mc_network(served, float(request.get("dropout", self.dropout)))
+        inferer = build_inferer(served.params, device="cpu", flip_tta=False)
         return torch.cat([torch.sigmoid(inferer(image, net))[0] for _ in range(samples)])
 
     def summarise(self, probs: torch.Tensor) -> float:
@@ -163,12 +161,11 @@ class TTAScoring(UncertaintyScoring):
             augs.append((lambda x, t=fwd: _warp(x, t), lambda x, t=inv: _warp(x, t)))
         return augs
 
-    def probabilities(self, image: torch.Tensor, request: dict[str, Any]) -> torch.Tensor:
-        net = self.infer._get_network("cpu", None)
-        inferer = build_inferer(self.params, device="cpu", flip_tta=False)
+    def probabilities(self, image: torch.Tensor, served: ServedModel, request: dict[str, Any]) -> torch.Tensor:
+        inferer = build_inferer(served.params, device="cpu", flip_tta=False)
         out = []
         for forward, inverse in self._augmentations():
-            out.append(inverse(torch.sigmoid(inferer(forward(image), net)))[0])
+            out.append(inverse(torch.sigmoid(inferer(forward(image), served.network)))[0])
         return torch.cat(out)
 
     def summarise(self, probs: torch.Tensor) -> float:

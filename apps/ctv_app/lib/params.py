@@ -172,13 +172,18 @@ class CTVParams:
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], base: "CTVParams | None" = None) -> "CTVParams":
-        """Read ``--conf ctv_<name> <json value>`` overrides, e.g. ``--conf ctv_flip_tta true``."""
-        base = base or cls()
-        overrides = {}
-        for key, raw in conf.items():
-            if key.startswith("ctv_") and key != "ctv_model":
-                try:
-                    overrides[key[4:]] = json.loads(raw)
-                except json.JSONDecodeError:
-                    overrides[key[4:]] = raw
-        return base.updated(overrides)
+        """``base`` (a checkpoint's parameters; defaults if None) with the ``--conf`` overrides applied."""
+        return (base or cls()).updated(conf_overrides(conf))
+
+
+def conf_overrides(conf: dict[str, str]) -> dict[str, Any]:
+    """``--conf ctv_<name> <json value>`` overrides, e.g. ``--conf ctv_flip_tta true``; they apply on top of
+    every checkpoint served, the one at start and any swapped in later."""
+    overrides = {}
+    for key, raw in conf.items():
+        if key.startswith("ctv_") and key != "ctv_model":
+            try:
+                overrides[key[4:]] = json.loads(raw)
+            except json.JSONDecodeError:
+                overrides[key[4:]] = raw
+    return overrides

@@ -4,28 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
 from .checkpoint import file_sha256
-from .dicom.series import SeriesRead, read_series_headers
-
-
-@dataclass(frozen=True)
-class InputRead:
-    """What the model read for one request: ``sha256`` of those very bytes (``input_sha256``'s
-    definition), and for a DICOM series the headers and geometry parsed from them, which a DICOM
-    result references. Kept from the read to the writer, so neither is taken from the path again."""
-
-    sha256: str
-    series: SeriesRead | None = None
+from .dicom.series import find_ct_series
+from .params import CTVParams
 
 
 def input_sha256(path: str) -> str:
-    """sha256 of a file; for a DICOM series folder, ``series_sha256`` of the CT series' files."""
+    """sha256 of a file; for a DICOM series folder, of the CT series' SOPInstanceUIDs and file
+    digests in SOPInstanceUID order (file names and other objects in the folder do not count)."""
     if os.path.isdir(path):
-        return read_series_headers(path).sha256
+        series = find_ct_series(path)
+        h = hashlib.sha256()
+        for uid, file in sorted((str(hd.SOPInstanceUID), p) for hd, p in zip(series.headers, series.paths)):
+            h.update(f"{uid}:{file_sha256(file)}\n".encode())
+        return h.hexdigest()
     return file_sha256(path)
 
 
@@ -50,8 +45,9 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def model_record(name: str, path: str, checkpoint: dict[str, Any], sha256: str) -> dict[str, Any]:
-    """``sha256`` is of the bytes the weights were loaded from: the model version."""
+def model_record(name: str, path: str, checkpoint: dict[str, Any], sha256: str, params: CTVParams) -> dict[str, Any]:
+    """``sha256`` is of the bytes the weights were loaded from: the model version; ``params``: those the
+    results are computed with (the checkpoint's, with the server's overrides)."""
     meta = checkpoint.get("meta", {})
     return {
         "name": name,
@@ -61,5 +57,5 @@ def model_record(name: str, path: str, checkpoint: dict[str, Any], sha256: str) 
         "epoch": meta.get("epoch"),
         "val_dice": meta.get("val_dice"),
         "train_labels_sha256": meta.get("train_labels_sha256"),
-        "params": checkpoint.get("params"),
+        "params": params.to_dict(),
     }

@@ -21,7 +21,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from .errors import CTVError
-from .infers.ctv import CTVInfer
+from .infers.ctv import CTVInfer, ServedModel
 from .quality import QualityAwarenessModule
 from .transforms import pre_transforms
 
@@ -38,32 +38,41 @@ class LabelQualityScoring(ScoringMethod):
     def __init__(self, infer: CTVInfer):
         super().__init__("QAM score of each final label (low: likely wrong); needs a quality-weighted model")
         self.infer = infer
-        self._pre = Compose(pre_transforms(infer.params, with_label=True))
         self._qam: tuple[str, QualityAwarenessModule] | None = None
 
     def qam(self) -> tuple[QualityAwarenessModule, str]:
-        state, version = self.infer.served_qam()
-        if state is None:
+        qam, served = self._served_qam()
+        return qam, served.record["sha256"]
+
+    def _served_qam(self) -> tuple[QualityAwarenessModule, ServedModel]:
+        served = self.infer.served("cpu")
+        if served.qam is None:
             raise NoQualityModelError(
                 "the served model was not trained with quality_weighting: no QAM to score labels with"
             )
+        version = served.record["sha256"]
         if self._qam is None or self._qam[0] != version:
-            qam = QualityAwarenessModule(3, in_channels=1 + len(self.infer.params.labels))
-            qam.load_state_dict({k.removeprefix("qam."): v for k, v in state.items()})
+            qam = QualityAwarenessModule(3, in_channels=1 + len(served.params.labels))
+            qam.load_state_dict({k.removeprefix("qam."): v for k, v in served.qam.items()})
             self._qam = (version, qam.eval())
-        return self._qam[1], version
+        return self._qam[1], served
 
     @torch.no_grad()
     def score(self, image_path: str, label_path: str) -> float:
         """The served QAM's raw score of one image + label pair (higher: more consistent)."""
-        qam, _ = self.qam()
-        item = self._pre({"image": image_path, "label": label_path})
-        return float(qam(torch.as_tensor(item["image"])[None].float(), torch.as_tensor(item["label"])[None].float()))
+        return self._score(image_path, label_path)[0]
 
+    def _score(self, image_path: str, label_path: str) -> tuple[float, str]:
+        """The score and the version of the model that gave it, pre-processed as that model was trained."""
+        qam, served = self._served_qam()
+        item = Compose(pre_transforms(served.params, with_label=True))({"image": image_path, "label": label_path})
+        image, label = torch.as_tensor(item["image"])[None].float(), torch.as_tensor(item["label"])[None].float()
+        return float(qam(image, label)), served.record["sha256"]
+
+    @torch.no_grad()
     def score_label(self, image_id: str, datastore: Datastore) -> float:
-        _, version = self.qam()
         tag = DefaultLabelTag.FINAL
-        score = self.score(datastore.get_image_uri(image_id), datastore.get_label_uri(image_id, tag))
+        score, version = self._score(datastore.get_image_uri(image_id), datastore.get_label_uri(image_id, tag))
         info = datastore.get_label_info(image_id, tag)
         record = {
             "score": score,

@@ -17,7 +17,7 @@ from ..checkpoint import read_params
 from ..dicom.results import RTConfig
 from ..infers.ctv import CTVInfer
 from ..networks import network_for
-from ..params import CTVParams
+from ..params import CTVParams, conf_overrides
 from ..review import LabelQualityScoring, Review
 from ..trainers.ctv import CTVTrain
 
@@ -54,6 +54,7 @@ class CTVConfig(TaskConfig):
                 params=self.params,
                 name=self.name,
                 rt_config=self.rt_config,
+                overrides=conf_overrides(self.conf),
                 preload=preload,
             )
         return self._infer

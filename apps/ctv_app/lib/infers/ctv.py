@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import tempfile
+import threading
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import nibabel as nib
@@ -18,13 +20,14 @@ import torch
 from monai.inferers import Inferer
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.utils.others.generic import name_to_device
 
 from ..checkpoint import load_checkpoint
 from ..dicom.results import RTConfig, check_result_format, write_dicom_result
 from ..errors import ModelUnavailableError
 from ..inferers import build_inferer
 from ..params import CTVParams, as_bool
-from ..provenance import InputRead, model_record, software_versions
+from ..provenance import input_sha256, model_record, software_versions
 from ..transforms import post_transforms, pre_transforms
 
 logger = logging.getLogger(__name__)
@@ -66,6 +69,19 @@ def _model_summary(provenance: dict[str, Any]) -> dict[str, Any]:
     return {k: model.get(k) for k in ("name", "sha256", "trained", "epoch", "val_dice", "train_labels_sha256")}
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """One loaded checkpoint: its network, the parameters its results are computed with (the checkpoint's
+    own, then the ``--conf`` overrides), its provenance record (which names those parameters) and its QAM.
+    A request holds one of these from pre-processing to writing, so a swap never mixes two models."""
+
+    network: torch.nn.Module
+    params: CTVParams
+    record: dict[str, Any]
+    qam: dict[str, Any] | None
+    mtime: float
+
+
 class CTVInfer(BasicInferTask):
     """Whole-volume CTV segmentation; the result keeps the input's exact shape and affine."""
 
@@ -76,13 +92,17 @@ class CTVInfer(BasicInferTask):
         params: CTVParams,
         name: str = "ctv",
         rt_config: RTConfig | None = None,
+        overrides: dict[str, Any] | None = None,
         **kwargs,
     ):
+        """``params``: those of the checkpoint at start, with ``overrides`` (``--conf ctv_<name>``) applied;
+        ``overrides`` apply again to every checkpoint swapped in later."""
         self.name = name
         self.params = params
+        self.overrides = overrides or {}
         self.rt_config = rt_config or RTConfig()
-        self._loaded: dict[str, tuple[torch.nn.Module, float, dict[str, Any]]] = {}  # device -> net, mtime, record
-        self._qam_states: dict[str, dict[str, Any] | None] = {}  # model sha256 -> its QAM weights
+        self._loaded: dict[str, ServedModel] = {}  # device -> the model served there
+        self._request = threading.local()  # .model: the ServedModel of the request this thread runs
         super().__init__(
             path=path,
             network=network,
@@ -98,102 +118,107 @@ class CTVInfer(BasicInferTask):
     def __call__(self, request: dict[str, Any], callbacks=None):
         # Refuse a result format the input cannot have before spending model time on it.
         request["result_format"] = check_result_format(request.get("result_format"), request.get("image"))
-        return super().__call__(request, callbacks)
+        served = self.served(name_to_device(request.get("device", "cuda")))
+        # The request's own settings, else the served model's (not those of the model served at start).
+        request = {"flip_tta": served.params.flip_tta, "threshold": served.params.threshold, **request}
+        self._request.model = served
+        try:
+            return super().__call__(request, callbacks)
+        finally:
+            self._request.model = None
+
+    def _model(self) -> ServedModel:
+        """The model of the request this thread runs; outside a request, the one served now."""
+        return getattr(self._request, "model", None) or self.served()
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
-        return pre_transforms(self.params, keep_input=True)
+        return pre_transforms(self._model().params)
 
     def inferer(self, data=None) -> Inferer:
+        params = self._model().params
         if not data:
-            return build_inferer(self.params)
-        data["flip_tta"] = as_bool(data.get("flip_tta", self.params.flip_tta))  # the writer reports it
-        return build_inferer(self.params, device=data.get("device"), flip_tta=data["flip_tta"])
+            return build_inferer(params)
+        data["flip_tta"] = as_bool(data.get("flip_tta", params.flip_tta))  # the writer reports it
+        return build_inferer(params, device=data.get("device"), flip_tta=data["flip_tta"])
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
-        params = self.params
+        params = self._model().params
         if data and "threshold" in data:
             params = params.updated({"threshold": float(data["threshold"])})
         return post_transforms(params)
 
     def _get_network(self, device, data):
-        """The served network, reloaded when the checkpoint file changes (a training run published one).
+        served = getattr(self._request, "model", None) or self.served(device)
+        if data is not None:
+            data["model_record"] = served.record
+        return served.network
+
+    def served(self, device: str | None = None) -> ServedModel:
+        """The served model, reloaded when the checkpoint file changes (a training run published one, or
+        ``PUT /model`` replaced it), with the parameters it was trained with.
 
         The file is read once and hashed from the same bytes, so the model version a result names is
         the model that made it. A new file that cannot be loaded is refused and the previous model
         keeps serving.
         """
+        device = str(name_to_device(device))  # None: the GPU if there is one
         path = self.get_path()
         if not path:
             raise ModelUnavailableError(
                 f"no CTV weights at {self.path[-1]} yet: train a model first (POST /train/{self.name})"
             )
         mtime = os.stat(path).st_mtime
-        cached = self._loaded.get(str(device))
-        if cached is None or cached[1] != mtime:
+        cached = self._loaded.get(device)
+        if cached is None or cached.mtime != mtime:
             try:
-                network, record, qam = self._load(path, device)
-                self._loaded[str(device)] = (network, mtime, record)
-                self._qam_states = {record["sha256"]: qam}
-                logger.info(f"serving CTV model {record['sha256'][:12]} from {path}")
+                self._loaded[device] = self._load(path, device, mtime)
+                logger.info(f"serving CTV model {self._loaded[device].record['sha256'][:12]} from {path}")
             except Exception as e:
                 if cached is None:
                     raise ModelUnavailableError(f"cannot load CTV weights {path}: {e}") from e
-                logger.error(f"refusing new CTV weights {path} ({e}); still serving {cached[2]['sha256'][:12]}")
-                self._loaded[str(device)] = (cached[0], mtime, cached[2])
-        network, _, record = self._loaded[str(device)]
-        if data is not None:
-            data["model_record"] = record
-        return network
+                logger.error(f"refusing new CTV weights {path} ({e}); still serving {cached.record['sha256'][:12]}")
+                self._loaded[device] = replace(cached, mtime=mtime)
+        return self._loaded[device]
 
     def check_weights(self, path: str) -> dict[str, Any]:
         """The provenance record of weights this task would serve; raises if it cannot load them."""
-        return self._load(path, "cpu")[1]
+        return self._load(path, "cpu", os.stat(path).st_mtime).record
 
-    def _load(self, path: str, device) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
+    def _load(self, path: str, device: str, mtime: float) -> ServedModel:
         with open(path, "rb") as f:
             blob = f.read()
-        checkpoint = load_checkpoint(io.BytesIO(blob), map_location=str(device))
+        checkpoint = load_checkpoint(io.BytesIO(blob), map_location=device)
         trained = checkpoint.get("params")
-        if trained is not None and CTVParams.from_dict(trained).network_key() != self.params.network_key():
+        params = (CTVParams.from_dict(trained) if trained is not None else CTVParams()).updated(self.overrides)
+        if params.network_key() != self.params.network_key():
             raise ValueError(
-                f"it was trained as {CTVParams.from_dict(trained).network_key()}, "
-                f"this server builds {self.params.network_key()}"
+                f"it was trained as {params.network_key()}, this server builds {self.params.network_key()}"
             )
+        if params.labels != self.params.labels:
+            raise ValueError(f"it segments {params.labels}, this server serves {self.params.labels}")
         network = copy.deepcopy(self.network).to(torch.device(device))
         network.load_state_dict(checkpoint["model"], strict=True)
         network.eval()
-        record = model_record(self.name, path, checkpoint, hashlib.sha256(blob).hexdigest())
-        return network, record, checkpoint.get("meta", {}).get("qam")
-
-    def served_qam(self) -> tuple[dict[str, Any] | None, str]:
-        """The QAM trained with the served model (None unless it was trained with quality weighting)
-        and the model version."""
-        sha = self.model_record()["sha256"]
-        return self._qam_states.get(sha), sha
+        record = model_record(self.name, path, checkpoint, hashlib.sha256(blob).hexdigest(), params)
+        return ServedModel(network, params, record, checkpoint.get("meta", {}).get("qam"), mtime)
 
     def model_record(self) -> dict[str, Any]:
         """Provenance of the model now served (loading it if needed)."""
-        self._get_network("cpu" if not torch.cuda.is_available() else "cuda", None)
-        return self._loaded["cpu" if not torch.cuda.is_available() else "cuda"][2]
+        return self.served().record
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[Any, Any]:
         """Write the mask in the requested ``result_format``: NIfTI with the affine the loader read
         from the input, bit for bit (NRRD when a viewer asks ``result_extension: .nrrd``, as OHIF's
-        MONAI Label panel does), or DICOM SEG / RTSTRUCT referencing the source series.
-
-        The input's sha256 and the DICOM headers are those the loader read (``image_read``): the path
-        is not read again, so a file replaced meanwhile changes neither what a result names nor what it
-        references."""
+        MONAI Label panel does), or DICOM SEG / RTSTRUCT referencing the source series."""
         image = data["image"]
         affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
         mask = np.asarray(data["pred"], dtype=np.uint8)
         source = data.get("image_path")
-        read: InputRead | None = data.get("image_read")  # LoadCTImaged(keep_read=True)
         result = dict(data.get(self.output_json_key, {}))
         result["provenance"] = {
             "input": {
                 "image": os.path.basename(str(source)) if source else None,
-                "sha256": read.sha256 if read else None,
+                "sha256": input_sha256(source) if source and os.path.exists(source) else None,
                 "shape": [int(s) for s in mask.shape],
                 "affine": affine.tolist(),
             },
@@ -214,5 +239,5 @@ class CTVInfer(BasicInferTask):
         result["result_format"] = fmt
         if fmt != "nifti":
             os.unlink(path)
-            path, result["dicom"] = write_dicom_result(fmt, mask, read.series, self.rt_config, result["provenance"])
+            path, result["dicom"] = write_dicom_result(fmt, mask, source, self.rt_config, result["provenance"])
         return path, result
