@@ -320,6 +320,34 @@ def test_separable_restore_equals_grid_sampling(flip_permute):
     assert int(((fast > 0.5) != (slow.as_tensor() > 0.5)).sum()) <= 2  # only exact ties may differ
 
 
+def test_served_post_processing_keeps_a_mask_forced_everywhere_inside_the_body(tmp_path):
+    """The model says "CTV" in every voxel, the air around the patient included: the result keeps the
+    body (with its internal gas) and nothing in the air outside it."""
+    from monai.transforms import Compose
+    from scipy import ndimage
+
+    from ctv_app.lib.transforms import post_transforms, pre_transforms
+    from ctv_datastore.phantom import save_nifti
+
+    phantom = make_phantom(31)
+    path = str(tmp_path / "ct.nii.gz")
+    save_nifti(phantom, path)
+    params = CTVParams()
+    data = Compose(pre_transforms(params, keep_input=True))({"image": path})
+    data["pred"] = torch.full_like(data["image"], 10.0)  # logits: CTV everywhere on the model's grid
+    mask = np.asarray(Compose(post_transforms(params))(data)["pred"]) > 0
+
+    air = phantom.image < -500
+    labels, _ = ndimage.label(air)
+    outside = np.isin(labels, np.unique(labels[0, 0, :]))  # the air joined to the corners' column
+    internal_gas = air & ~outside
+    assert outside.sum() > 1000 and internal_gas.sum() > 10  # the phantom has both (rectal gas)
+    assert not mask[outside].any()
+    middle = slice(2, -2)  # the restored volume's outermost voxels interpolate against zero padding
+    assert mask[middle, middle, middle][internal_gas[middle, middle, middle]].all()
+    assert mask[middle, middle, middle][~air[middle, middle, middle]].all()
+
+
 def test_checkpoints_hold_only_what_the_safe_loader_reads(tmp_path):
     """Issue 16 item 8: a checkpoint that ``torch.load(weights_only=True)`` refuses is never written, and the
     shipped demo weights load that way."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import requests
 import torch
@@ -22,7 +23,8 @@ from monailabel.client import MONAILabelClient
 from ctv_app.lib.checkpoint import file_sha256, load_checkpoint
 from ctv_app.lib.datastore import CTVDatastore
 from ctv_datastore.build import HELD_OUT_SEED_START, build
-from ctv_datastore.phantom import make_phantom
+from ctv_datastore.dicom_export import write_ct_series
+from ctv_datastore.phantom import make_phantom, save_nifti
 
 from ..support import APP_DIR, ServerProcess
 from ..test_server_training import CONF, TRAIN_PARAMS, TRAIN_SEEDS, wait_for_training
@@ -115,6 +117,33 @@ def test_kill_9_during_label_saves_leaves_the_datastore_consistent(tmp_path):
     assert caught >= len(targets) // 2  # the kills did land inside saves, and were recovered from
 
 
+@pytest.mark.parametrize(
+    "corrupted", [{"sha256": "0" * 64}, {"version": 0}, {"version": 1, "sha256": "0" * 64}, {"version": "v3"}]
+)
+def test_recovery_never_deletes_history_because_of_an_index_value(tmp_path, corrupted):
+    """Issue 16 item 11: whatever the index says about a label (forged through the API, or corrupted),
+    restarting the server deletes no saved version."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    phantom = make_phantom(HELD_OUT_SEED_START, shape=(32, 32, 16))
+    nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), phantom.affine), studies / "small.nii.gz")
+    store = CTVDatastore(str(studies), label_values={1}, auto_reload=False)
+    for k in range(3):
+        mask = np.zeros(phantom.image.shape, np.uint8)
+        mask[8 : 20 + k, 8:24, 4:12] = 1
+        nib.save(nib.Nifti1Image(mask, phantom.affine), tmp_path / f"label{k}.nii.gz")
+        store.save_label("small", str(tmp_path / f"label{k}.nii.gz"), "final", {"annotator": "dr_a"})
+    history = studies / ".label_history" / "final" / "small"
+    kept = {p.name: p.read_bytes() for p in history.iterdir()}
+    assert len(kept) == 6
+    index_path = studies / "datastore_v2.json"
+    index = json.loads(index_path.read_text())
+    index["objects"]["small"]["labels"]["final"]["info"].update(corrupted)
+    index_path.write_text(json.dumps(index))
+    CTVDatastore(str(studies), label_values={1}, recover=True, auto_reload=False)
+    assert {p.name: p.read_bytes() for p in history.iterdir()} == kept
+
+
 def test_kill_9_of_the_server_during_training_resumes_after_restart(tmp_path):
     studies = tmp_path / "studies"
     build(str(studies), TRAIN_SEEDS[:8], labelled=set(TRAIN_SEEDS[:8]))
@@ -146,11 +175,31 @@ def test_kill_9_of_the_server_during_training_resumes_after_restart(tmp_path):
     assert load_checkpoint(str(model))["meta"]["epoch"] >= 1
 
 
+MIXED_STUDY = "mixed_study"
+RT_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.5"
+
+
+def write_mixed_study(folder: Path, staging: Path) -> None:
+    """A CT series (CT_*.dcm), an MR series of the same study beside it (MR_*.dcm) and an RT plan."""
+    phantom = make_phantom(HELD_OUT_SEED_START + 7, shape=(40, 36, 12), spacing=(8.0, 8.0, 10.0))
+    study = pydicom.uid.generate_uid()
+    write_ct_series(phantom.image, phantom.affine, str(folder), study_uid=study)
+    for path in write_ct_series(phantom.image, phantom.affine, str(staging), study_uid=study, modality="MR"):
+        os.replace(path, folder / Path(path).name.replace("CT_", "MR_"))
+    plan = pydicom.dcmread(next(folder.glob("CT_*.dcm")), stop_before_pixels=True)
+    plan.SOPClassUID = plan.file_meta.MediaStorageSOPClassUID = RT_PLAN_STORAGE
+    plan.SOPInstanceUID = plan.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    plan.SeriesInstanceUID, plan.Modality, plan.RTPlanLabel = pydicom.uid.generate_uid(), "RTPLAN", "cervix"
+    plan.save_as(folder / "RP_plan.dcm", write_like_original=False)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A server on its own copy of the demo weights (uploads must not touch the repository's)."""
+    """A server on its own copy of the demo weights (uploads must not touch the repository's), and a
+    study folder holding a CT series beside another series and an RT plan."""
     root = tmp_path_factory.mktemp("served")
     build(str(root / "studies"), [HELD_OUT_SEED_START], labelled=set())
+    write_mixed_study(root / "studies" / MIXED_STUDY, root / "staging")
     model = root / "model" / "ctv.pt"
     model.parent.mkdir()
     shutil.copy(APP_DIR / "model" / "ctv.pt", model)
@@ -357,3 +406,47 @@ def test_disk_filling_up_mid_save_leaves_no_trace(small_disk, tmp_path, monkeypa
     assert not [p for p in (studies / ".label_history").rglob("*") if p.is_file()]
     assert not list(small_disk.rglob(".tmp-*"))
     assert store.get_label_info("disk_phantom", "final") in ({}, None)
+
+
+def listed(server) -> set[str]:
+    return set(requests.get(f"{server.url}/datastore/?output=all", timeout=30).json()["objects"])
+
+
+def wait_until_listed(server, image_id: str, timeout_s: float = 60) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if image_id in listed(server):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_deleting_a_dicom_image_deletes_its_series_only(served):
+    """Issue 16 item 15: DELETE /datastore/image on a DICOM series deleted its whole study folder,
+    the other series and the RT plan with it."""
+    folder = served.studies / MIXED_STUDY
+    kept = {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith("CT_")}
+    assert len(kept) == 13 and MIXED_STUDY in listed(served)  # 12 MR slices and the plan
+    r = requests.delete(f"{served.url}/datastore/image", params={"id": MIXED_STUDY}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept  # the CT slices, and only they, are gone
+    assert MIXED_STUDY not in listed(served)
+    # Nor does a rescan bring it back: the folder holds no CT series now.
+    save_nifti(make_phantom(HELD_OUT_SEED_START + 8, shape=(32, 32, 16)), str(served.studies / "after_delete.nii.gz"))
+    assert wait_until_listed(served, "after_delete") and MIXED_STUDY not in listed(served)
+
+
+def test_the_watcher_survives_a_vanished_file_and_sees_new_dicom_folders(served, tmp_path):
+    """Issue 16 item 16: a file that vanished between the rescan's listing and its reading killed the
+    datastore watcher for good; new DICOM folders were only noticed after a NIfTI change."""
+    ghost = served.studies / "ghost.dcm"
+    ghost.symlink_to(served.studies / "vanished.dcm")  # listed, then not found when read: a vanished file
+    try:
+        save_nifti(make_phantom(HELD_OUT_SEED_START + 9, shape=(32, 32, 16)), str(served.studies / "watched.nii.gz"))
+        assert wait_until_listed(served, "watched")  # a rescan ran over the vanished file
+        phantom = make_phantom(HELD_OUT_SEED_START + 10, shape=(40, 36, 12), spacing=(8.0, 8.0, 10.0))
+        write_ct_series(phantom.image, phantom.affine, str(served.studies / "new_dicom_series"))
+        assert wait_until_listed(served, "new_dicom_series"), served.log_tail()
+        assert "ghost.dcm" in served.log_tail(200_000)  # skipped, and said so
+    finally:
+        ghost.unlink()

@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
 from .checkpoint import file_sha256
-from .dicom.series import find_ct_series
+from .dicom.series import SeriesRead, read_series_headers
 from .params import CTVParams
 
 
+@dataclass(frozen=True)
+class InputRead:
+    """What the model read for one request: ``sha256`` of those very bytes (``input_sha256``'s
+    definition), and for a DICOM series the headers and geometry parsed from them, which a DICOM
+    result references. Kept from the read to the writer, so neither is taken from the path again."""
+
+    sha256: str
+    series: SeriesRead | None = None
+
+
 def input_sha256(path: str) -> str:
-    """sha256 of a file; for a DICOM series folder, of the CT series' SOPInstanceUIDs and file
-    digests in SOPInstanceUID order (file names and other objects in the folder do not count)."""
+    """sha256 of a file; for a DICOM series folder, ``series_sha256`` of the CT series' files."""
     if os.path.isdir(path):
-        series = find_ct_series(path)
-        h = hashlib.sha256()
-        for uid, file in sorted((str(hd.SOPInstanceUID), p) for hd, p in zip(series.headers, series.paths)):
-            h.update(f"{uid}:{file_sha256(file)}\n".encode())
-        return h.hexdigest()
+        return read_series_headers(path).sha256
     return file_sha256(path)
 
 

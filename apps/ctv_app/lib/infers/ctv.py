@@ -27,7 +27,7 @@ from ..dicom.results import RTConfig, check_result_format, write_dicom_result
 from ..errors import ModelUnavailableError
 from ..inferers import build_inferer
 from ..params import CTVParams, as_bool
-from ..provenance import input_sha256, model_record, software_versions
+from ..provenance import InputRead, model_record, software_versions
 from ..transforms import post_transforms, pre_transforms
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class CTVInfer(BasicInferTask):
         return getattr(self._request, "model", None) or self.served()
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
-        return pre_transforms(self._model().params)
+        return pre_transforms(self._model().params, keep_input=True)
 
     def inferer(self, data=None) -> Inferer:
         params = self._model().params
@@ -209,16 +209,21 @@ class CTVInfer(BasicInferTask):
     def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[Any, Any]:
         """Write the mask in the requested ``result_format``: NIfTI with the affine the loader read
         from the input, bit for bit (NRRD when a viewer asks ``result_extension: .nrrd``, as OHIF's
-        MONAI Label panel does), or DICOM SEG / RTSTRUCT referencing the source series."""
+        MONAI Label panel does), or DICOM SEG / RTSTRUCT referencing the source series.
+
+        The input's sha256 and the DICOM headers are those the loader read (``image_read``): the path
+        is not read again, so a file replaced meanwhile changes neither what a result names nor what it
+        references."""
         image = data["image"]
         affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
         mask = np.asarray(data["pred"], dtype=np.uint8)
         source = data.get("image_path")
+        read: InputRead | None = data.get("image_read")  # LoadCTImaged(keep_read=True)
         result = dict(data.get(self.output_json_key, {}))
         result["provenance"] = {
             "input": {
                 "image": os.path.basename(str(source)) if source else None,
-                "sha256": input_sha256(source) if source and os.path.exists(source) else None,
+                "sha256": read.sha256 if read else None,
                 "shape": [int(s) for s in mask.shape],
                 "affine": affine.tolist(),
             },
@@ -239,5 +244,5 @@ class CTVInfer(BasicInferTask):
         result["result_format"] = fmt
         if fmt != "nifti":
             os.unlink(path)
-            path, result["dicom"] = write_dicom_result(fmt, mask, source, self.rt_config, result["provenance"])
+            path, result["dicom"] = write_dicom_result(fmt, mask, read.series, self.rt_config, result["provenance"])
         return path, result
