@@ -4,6 +4,7 @@ server on it as a DICOMweb datastore."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -18,7 +19,35 @@ from ctv_datastore.build import HELD_OUT_SEED_START, build
 from ctv_datastore.dicom_export import write_ct_series
 from ctv_datastore.phantom import make_phantom
 
-from .support import REAL_CT, SHARED_DATA, OrthancProcess, ServerProcess
+from .support import REAL_CT, REPO, SHARED_DATA, OrthancProcess, ServerProcess
+
+# --- a test run leaves the repository as it found it --------------------------------------------------
+GIT_STATUS_BEFORE = pytest.StashKey["str | None"]()
+
+
+def git_status() -> str | None:
+    """``git status`` of the repository (tracked changes and untracked files git does not ignore)."""
+    try:
+        run = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return run.stdout if run.returncode == 0 else None  # not a git checkout (e.g. an sdist): nothing to check
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[GIT_STATUS_BEFORE] = git_status()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a test or a tool it started wrote into the repository (a tracked file changed, or a
+    file appeared that git does not ignore): tests write only to their temp folders."""
+    before, after = session.config.stash.get(GIT_STATUS_BEFORE, None), git_status()
+    if before is None or after is None or after == before:
+        return
+    changed = sorted(set(after.splitlines()) - set(before.splitlines()))
+    print("\nthe test run changed the repository (git status):\n" + "\n".join(changed))
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 HELD_OUT_SEEDS = list(range(HELD_OUT_SEED_START, HELD_OUT_SEED_START + 4))
 

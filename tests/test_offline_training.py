@@ -119,8 +119,8 @@ def test_torchrun_two_cpu_ranks_hold_identical_weights(tmp_path):
     # Training steps happened: the weights left their seeded (identical) initialisation.
     import torch
 
-    from ctv_app.lib.networks import network_for
     from ctv_app.lib.checkpoint import weights_digest
+    from ctv_app.lib.networks import network_for
 
     torch.manual_seed(0)
     assert weights_digest(network_for(CTVParams.from_dict(ckpt["params"]))) != digests["0"]

@@ -33,7 +33,7 @@ from .cases import Case, CaseStore
 from .datastore import check_label
 from .dicom.results import check_referenceable, write_dicom_result
 from .dicom.series import read_series_headers
-from .errors import CTVError, ConflictError, ImageNotFoundError, InvalidInputError, NotAuthorisedError, ServerBusyError
+from .errors import ConflictError, CTVError, ImageNotFoundError, InvalidInputError, NotAuthorisedError, ServerBusyError
 from .provenance import input_sha256
 from .security import current_user
 from .transforms.validation import load_ct

@@ -31,7 +31,6 @@ from .geometry import RestoreGeometryd
 from .postprocessing import CleanMaskd, ConfineToBodyd
 from .validation import LoadCTImaged, ValidateCTd
 
-
 # The CT as read (HU, on the input's grid), which ``post_transforms`` confines the result to the body by.
 INPUT_HU_KEY = "image_hu"
 
