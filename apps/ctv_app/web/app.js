@@ -99,9 +99,11 @@ async function openCase(caseId, resultId) {
   stopPlay();
   const c = await (await api(`/cases/${caseId}`)).json();
   state.case = c;
+  state.annotation = null;
   state.meta = await (await api(`/cases/${caseId}/view`)).json();
   state.image = await bytes(`/cases/${caseId}/view/image`);
-  state.annotation = c.annotation ? await bytes(`/cases/${caseId}/view/annotation`) : null;
+  // Taken into the state only once the canvases are sized below: resizing a canvas clears it.
+  const annotation = c.annotation ? await bytes(`/cases/${caseId}/view/annotation`) : null;
   const done = c.results.filter((r) => r.status === "done");
   const select = $("result");
   select.replaceChildren(...done.map((r) => new Option(`${new Date(r.created * 1000).toLocaleString()} · model ${r.model.slice(0, 12)}`, r.id)));
@@ -118,6 +120,7 @@ async function openCase(caseId, resultId) {
     canvas.style.width = `${width}px`;
     canvas.style.height = `${width * (m.rows * m.spacing_mm.row) / (m.cols * m.spacing_mm.col)}px`;
   }
+  state.annotation = annotation;
   $("viewer-panel").hidden = false;
   applyLayout();
   showSlice(Math.floor(m.slices / 2));
