@@ -330,6 +330,7 @@ def test_a_swapped_model_is_served_with_its_own_parameters(served, tmp_path):
     assert np.array_equal(np.asarray(nib.load(after).dataobj), expected)
     provenance = result["provenance"]
     assert provenance["model"]["sha256"] == r.json()["sha256"]
+    assert provenance["model"] == r.json()["model"]  # the upload's answer describes the model now served
     assert {k: provenance["model"]["params"][k] for k in changed} == changed
     assert provenance["request"]["threshold"] == changed["threshold"]
 

@@ -272,7 +272,7 @@ def upload_model(model: str, file: UploadFile = File(...)) -> dict[str, Any]:
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(file.file, out)
         try:
-            record = task.check_weights(tmp)
+            record = {**task.check_weights(tmp), "file": os.path.basename(served)}  # not the temp file's name
         except Exception as e:
             raise InvalidInputError(f"refused: these are not weights this server can serve as '{model}': {e}") from e
         if os.path.exists(served):
