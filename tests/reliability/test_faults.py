@@ -333,6 +333,8 @@ def test_a_swapped_model_is_served_with_its_own_parameters(served, tmp_path):
     assert provenance["model"] == r.json()["model"]  # the upload's answer describes the model now served
     assert {k: provenance["model"]["params"][k] for k in changed} == changed
     assert provenance["request"]["threshold"] == changed["threshold"]
+    info = requests.get(f"{served.url}/info/", timeout=30).json()
+    assert info["models"]["ctv"]["config"]["threshold"] == changed["threshold"]  # /info shows the served defaults
 
 
 @pytest.fixture

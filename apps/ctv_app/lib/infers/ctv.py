@@ -127,6 +127,14 @@ class CTVInfer(BasicInferTask):
         finally:
             self._request.model = None
 
+    def config(self) -> dict[str, Any]:
+        """The request defaults /info shows: those of the model served now (a swapped-in model brings its own)."""
+        try:
+            params = self.served().params
+        except ModelUnavailableError:  # no weights yet: the start-up parameters
+            params = self.params
+        return {**self._config, "flip_tta": params.flip_tta, "threshold": params.threshold}
+
     def _model(self) -> ServedModel:
         """The model of the request this thread runs; outside a request, the one served now."""
         return getattr(self._request, "model", None) or self.served()
