@@ -100,16 +100,27 @@ class CTVClient:
             raise CaseFailed(f"{r.status_code}: {detail}")
         return r
 
-    def contour(self, source: Source) -> dict[str, Any]:
-        """Send the case and wait for its result; returns the case record and the finished result."""
+    def _post_case(self, source: Source, deadline: float) -> requests.Response:
+        """POST the case; while the server's contouring queue is full (503), wait as its Retry-After says
+        (at most 10 s between tries) until ``deadline``."""
         if Path(source.spec).exists():
             name, data = source.payload()
-            r = self.session.post(f"{self.server}/ctv/api/cases", files={"file": (name, data)}, timeout=600)
+            form: dict[str, Any] = {"files": {"file": (name, data)}}
         else:
-            r = self.session.post(f"{self.server}/ctv/api/cases", data={"image": source.spec}, timeout=600)
-        body = self._check(r).json()
-        case_id, result_id = body["case"]["id"], body["result"]["id"]
+            form = {"data": {"image": source.spec}}
+        while True:
+            r = self.session.post(f"{self.server}/ctv/api/cases", timeout=600, **form)
+            if r.status_code != 503 or time.monotonic() >= deadline:
+                return r
+            wait = min(float(r.headers.get("Retry-After", 5)), 10.0, max(0.0, deadline - time.monotonic()))
+            print(f"server busy (503): {source.name} waits {wait:.0f} s for its turn", file=sys.stderr)
+            time.sleep(wait)
+
+    def contour(self, source: Source) -> dict[str, Any]:
+        """Send the case and wait for its result; returns the case record and the finished result."""
         deadline = time.monotonic() + self.timeout_s
+        body = self._check(self._post_case(source, deadline)).json()
+        case_id, result_id = body["case"]["id"], body["result"]["id"]
         while time.monotonic() < deadline:
             case = self._check(self.session.get(f"{self.server}/ctv/api/cases/{case_id}", timeout=60)).json()
             result = next(r for r in case["results"] if r["id"] == result_id)

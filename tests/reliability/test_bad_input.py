@@ -20,6 +20,7 @@ import requests
 
 from ..conftest import HELD_OUT_SEEDS
 from ..support import REAL_CT, ServerProcess
+from ..test_cli import ctv
 
 OWNER = {"X-CTV-Owner": "reliability-" + "r" * 32}
 
@@ -289,6 +290,22 @@ def test_the_unzipped_size_and_the_contour_queue_are_bounded(strict_server, stud
                       headers=OWNER, timeout=120)  # fmt: skip
     assert b.status_code == 503 and int(b.headers["Retry-After"]) >= 1, b.text
     assert case_folders(strict_server) == [strict_server.workdir / "cases" / a.json()["case"]["id"]]
+
+
+def test_the_ctv_client_waits_its_turn_when_the_contour_queue_is_full(strict_server, studies, tmp_path):
+    """A hospital script is not failed by a full queue: the `ctv` client waits as Retry-After says."""
+    deadline = time.monotonic() + 300
+    while True:  # the real CT (a longer contour) takes the one place once earlier cases are done
+        busy = requests.post(f"{strict_server.url}/ctv/api/cases", headers=OWNER, timeout=120,
+                             files={"file": (REAL_CT.name, REAL_CT.read_bytes())})  # fmt: skip
+        if busy.status_code != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert busy.status_code == 201, busy.text
+    case = studies / f"phantom_{HELD_OUT_SEEDS[2]:05d}.nii.gz"
+    run = ctv(strict_server, "infer", str(case), "--out", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "server busy (503)" in run.stderr and "1 contoured, 0 already done, 0 failed" in run.stdout
 
 
 def test_session_archives_are_unpacked_with_the_same_bounds(server, tmp_path):
