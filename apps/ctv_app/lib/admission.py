@@ -18,6 +18,21 @@ from fastapi import HTTPException
 from .errors import ServerBusyError
 
 
+class RetryAfter:
+    """When a refused caller should come back: the recent service time (an exponential average of the
+    measured ones, ``expected_s`` until one is measured) times the work ahead of it. Callers hold their
+    own lock around it."""
+
+    def __init__(self, expected_s: float):
+        self._mean_s = expected_s
+
+    def observe(self, seconds: float) -> None:
+        self._mean_s = 0.8 * self._mean_s + 0.2 * seconds
+
+    def seconds(self, work_ahead: float) -> int:
+        return max(1, math.ceil(self._mean_s * work_ahead))
+
+
 class InferenceGate:
     def __init__(self, workers: int = 1, max_waiting: int = 8, expected_s: float = 5.0):
         """``expected_s``: the latency assumed until one is measured (for Retry-After)."""
@@ -27,7 +42,7 @@ class InferenceGate:
         self._slots = threading.Semaphore(workers)
         self._lock = threading.Lock()
         self._admitted = 0
-        self._mean_s = expected_s
+        self._retry_after = RetryAfter(expected_s)
 
     @contextmanager
     def slot(self) -> Iterator[None]:
@@ -37,7 +52,7 @@ class InferenceGate:
                 waiting = self._admitted - self.workers
                 raise ServerBusyError(
                     f"{waiting} inference requests are already waiting (limit {self.max_waiting}); retry later",
-                    retry_after_s=max(1, math.ceil(self._mean_s * self._admitted / self.workers)),
+                    retry_after_s=self._retry_after.seconds(self._admitted / self.workers),
                 )
             self._admitted += 1
         try:
@@ -45,7 +60,7 @@ class InferenceGate:
                 start = time.monotonic()
                 yield
                 with self._lock:
-                    self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - start)
+                    self._retry_after.observe(time.monotonic() - start)
         finally:
             with self._lock:
                 self._admitted -= 1

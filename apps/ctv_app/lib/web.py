@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -28,7 +27,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, Resp
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from .admission import when_admitted
+from .admission import RetryAfter, when_admitted
 from .cases import Case, CaseStore
 from .datastore import check_label
 from .dicom.results import check_referenceable, write_dicom_result
@@ -72,7 +71,7 @@ class ContouringService:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctv-contour")
         self._pending: set[str] = set()  # ids of the cases with a contour queued or running
         self._pending_lock = threading.Lock()
-        self._mean_s = 30.0  # seconds a contour takes, for Retry-After (updated as they finish)
+        self._retry_after = RetryAfter(expected_s=30.0)  # a contour's time, until one is measured
 
     def create_case(self, owner: str, filename: str, upload: str) -> Case:
         case = self.store.create(owner, filename, upload, validate=load_ct)
@@ -88,7 +87,7 @@ class ContouringService:
     def _busy(self) -> ServerBusyError:
         return ServerBusyError(
             f"{len(self._pending)} contours are already queued or running (limit {self.max_pending}); retry later",
-            retry_after_s=max(1, math.ceil(self._mean_s * len(self._pending))),
+            retry_after_s=self._retry_after.seconds(len(self._pending)),
         )
 
     def contour(self, case: Case) -> dict[str, Any]:
@@ -111,7 +110,7 @@ class ContouringService:
         with self._pending_lock:
             self._pending.discard(case_id)
             if seconds is not None:
-                self._mean_s = 0.8 * self._mean_s + 0.2 * seconds
+                self._retry_after.observe(seconds)
 
     def _run(self, case: Case, result_id: str) -> None:
         work = tempfile.mkdtemp(prefix="ctv-result-")
