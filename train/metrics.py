@@ -12,6 +12,13 @@ def dice(pred, truth) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
+def structure_dice(pred, truth) -> list[float | None]:
+    """Dice per structure channel of ``[C, ...]`` masks; None for a channel the truth does not contain
+    (filled with ``losses.UNCONTOURED``)."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    return [None if (t < 0).all() else dice(p, t) for p, t in zip(pred, truth)]
+
+
 def roc_auc(positive_scores, negative_scores) -> float:
     """Probability that a positive scores above a negative (ties count half): the ROC AUC."""
     pos, neg = np.asarray(positive_scores, dtype=float), np.asarray(negative_scores, dtype=float)

@@ -32,10 +32,10 @@ from ctv_app.lib.networks import network_for
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.provenance import labels_record
 from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss
-from ctv_app.lib.transforms import pre_transforms, train_transforms
+from ctv_app.lib.transforms import pre_transforms, train_transforms, val_transforms
 
 from .data import find_pairs
-from .metrics import dice
+from .metrics import structure_dice
 
 
 @dataclass
@@ -74,14 +74,15 @@ def split(pairs: list[dict[str, str]], val_fraction: float, seed: int) -> tuple[
 
 @torch.no_grad()
 def validate(net: torch.nn.Module, val_ds, params: CTVParams, device: str) -> float:
-    """Mean Dice on the resampled grid (cheap; the served pipeline is evaluated by evaluate.py)."""
+    """Mean Dice over the structures each case contains, on the resampled grid (cheap; the served
+    pipeline is evaluated by evaluate.py)."""
     net.eval()
     inferer = build_inferer(params, device=device, flip_tta=False)
     scores = []
     for item in val_ds:
         logits = inferer(item["image"][None].to(device), net)
         pred = (torch.sigmoid(logits) > params.threshold).float().cpu()
-        scores.append(dice(pred[0], item["label"].cpu()))
+        scores += [d for d in structure_dice(pred[0], item["label"].cpu()) if d is not None]
     net.train()
     return float(np.mean(scores))
 
@@ -113,7 +114,7 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
     train_ds = CacheDataset(
         train_pairs, transform=Compose(pre + train_transforms(params, cfg.patches_per_volume)), progress=False
     )
-    val_ds = CacheDataset(val_pairs, transform=Compose(pre), progress=False) if rank == 0 else None
+    val_ds = CacheDataset(val_pairs, transform=Compose(val_transforms(params)), progress=False) if rank == 0 else None
     sampler = DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
     loader = DataLoader(
         train_ds,
@@ -128,7 +129,7 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
     loss_fn = DeepSupervisionLoss(params.loss, reduction="none")
     weighting = None
     if cfg.quality_weighting:
-        weighting = QualityWeightedLoss(QualityAwarenessModule(3, in_channels=2), cfg.ocm_lambda).to(cfg.device)
+        weighting = QualityWeightedLoss(QualityAwarenessModule(3, in_channels=1 + len(params.structures)), cfg.ocm_lambda).to(cfg.device)
         groups.append({"params": weighting.parameters(), "lr": cfg.qam_lr})
     opt = torch.optim.Adam(groups)
 

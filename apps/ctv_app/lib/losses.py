@@ -1,24 +1,33 @@
-"""Segmentation losses, summed over deep-supervision heads with halving weights."""
+"""Segmentation losses, summed over deep-supervision heads with halving weights.
+
+Multi-label: each structure is its own sigmoid channel, so overlapping structures are each learned
+whole. A structure a training case does not contain (not contoured: a partial structure set) has its
+label channel filled with ``UNCONTOURED`` and is left out of that case's loss; it is not taught as
+background.
+"""
 
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceLoss
 from torch import nn
 
 from .params import LOSS_NAMES
+
+UNCONTOURED = -1.0  # label value of a whole channel whose structure the case does not contain
 
 
 class DeepSupervisionLoss(nn.Module):
     """``"dice_bce"`` (served) or ``"bce"`` (the ablation's baseline) on DynUNet training output.
 
-    Accepts ``[B, heads, C, ...]`` or plain logits ``[B, C, ...]``. Head k gets weight 2^-k
-    (normalised), as in nnU-Net: the full-resolution head dominates while coarse heads still push
-    gradients into the decoder. ``reduction="none"`` gives one loss per sample, which the
-    quality-aware trainer weights.
+    Accepts ``[B, heads, C, ...]`` or plain logits ``[B, C, ...]``, and a target ``[B, C, ...]`` of 0/1,
+    or ``UNCONTOURED`` on the channels a case does not contain. Per case and structure: BCE over the
+    voxels plus soft Dice (smoothed by 1e-5, as MONAI's DiceLoss); a case's loss is the mean over the
+    structures it contains (0 if none). Head k gets weight 2^-k (normalised), as in nnU-Net: the
+    full-resolution head dominates while coarse heads still push gradients into the decoder.
+    ``reduction="none"`` gives one loss per case, which the quality-aware trainer weights.
     """
 
-    def __init__(self, loss: str = "dice_bce", reduction: str = "mean"):
+    def __init__(self, loss: str = "dice_bce", reduction: str = "mean", smooth: float = 1e-5):
         super().__init__()
         if loss not in LOSS_NAMES:
             raise ValueError(f"loss must be one of {LOSS_NAMES}, got {loss!r}")
@@ -26,14 +35,23 @@ class DeepSupervisionLoss(nn.Module):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         self.loss = loss
         self.reduction = reduction
-        self.dice = DiceLoss(sigmoid=True, reduction="none")
+        self.smooth = smooth
 
     def _one(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        per_sample = bce.reshape(logits.shape[0], -1).mean(dim=1)
+        if logits.shape != target.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
+        b, c = logits.shape[:2]
+        logits, target = logits.reshape(b, c, -1), target.reshape(b, c, -1).to(logits.dtype)
+        contained = (target[..., 0] != UNCONTOURED).to(logits.dtype)  # [B, C]: a channel is all or none
+        target = target.clamp(min=0)
+        per_structure = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
         if self.loss == "dice_bce":
-            per_sample = per_sample + self.dice(logits, target).reshape(logits.shape[0], -1).mean(dim=1)
-        return per_sample if self.reduction == "none" else per_sample.mean()
+            prob = torch.sigmoid(logits)
+            overlap = (prob * target).sum(-1)
+            total = prob.sum(-1) + target.sum(-1)
+            per_structure = per_structure + 1.0 - (2.0 * overlap + self.smooth) / (total + self.smooth)
+        per_case = (per_structure * contained).sum(1) / contained.sum(1).clamp(min=1)
+        return per_case if self.reduction == "none" else per_case.mean()
 
     def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if outputs.dim() == target.dim():

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidInputError
+from .structures import CERVIX, Structures
 
 
 def as_bool(value: Any) -> bool:
@@ -110,7 +111,9 @@ class CTVParams:
     sw_overlap: float = 0.5
     flip_tta: bool = False
     threshold: float = 0.5
-    labels: dict[str, int] = field(default_factory=lambda: {"CTV": 1})
+    # What the model contours, in output-channel order: TG-263 names (looked up in structures.CATALOGUE)
+    # or full descriptions; stored as full descriptions, so a checkpoint describes its own outputs.
+    structures: list = field(default_factory=lambda: list(CERVIX))
     augment: AugmentParams = field(default_factory=AugmentParams)
 
     def __post_init__(self) -> None:
@@ -120,6 +123,7 @@ class CTVParams:
         self.filters = tuple(int(f) for f in self.filters)
         if isinstance(self.augment, dict):
             self.augment = AugmentParams(**self.augment)
+        self.structures = Structures(self.structures).to_list()
         if self.architecture not in ARCHITECTURE_NAMES:
             raise ValueError(f"architecture must be one of {ARCHITECTURE_NAMES}, got {self.architecture!r}")
         if self.loss not in LOSS_NAMES:
@@ -144,13 +148,23 @@ class CTVParams:
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
 
+    @property
+    def structure_list(self) -> Structures:
+        return Structures(self.structures)
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """MONAI Label's labels: structure name -> value."""
+        return self.structure_list.labels
+
     def network_key(self) -> dict[str, Any]:
-        """What fixes the weights' shapes: checkpoints only load into a network with the same key."""
+        """What fixes the weights' shapes and meaning: checkpoints only load into a network with the same key."""
         return {
             "architecture": self.architecture,
             "filters": list(self.filters),
             "deep_supr_num": self.deep_supr_num,
             "refinement_passes": self.refinement_passes,
+            "structures": self.structure_list.names,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +172,10 @@ class CTVParams:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CTVParams":
+        values = dict(values)
+        if "labels" in values and "structures" not in values:  # a single-structure checkpoint (before structures)
+            labels = values.pop("labels")
+            values["structures"] = sorted(labels, key=labels.get)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - names
         if unknown:

@@ -42,7 +42,7 @@ class QualityAwarenessModule(nn.Module):
         self.features = nn.Sequential(*layers)
 
     def forward(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([image, label.to(image.dtype)], dim=1)
+        x = torch.cat([image, label.to(image.dtype).clamp(min=0)], dim=1)  # uncontoured (-1) reads as empty
         return self.features(x).mean(dim=tuple(range(2, x.dim())))[:, 0]
 
 

@@ -23,7 +23,8 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from .errors import CTVError
 from .infers.ctv import CTVInfer, ServedModel
 from .quality import QualityAwarenessModule
-from .transforms import pre_transforms
+from .transforms import val_transforms
+from .transforms.labels import label_datalist_keys
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +63,19 @@ class LabelQualityScoring(ScoringMethod):
         """The served QAM's raw score of one image + label pair (higher: more consistent)."""
         return self._score(image_path, label_path)[0]
 
-    def _score(self, image_path: str, label_path: str) -> tuple[float, str]:
+    def _score(self, image_path: str, label_path: str, label_info: dict | None = None) -> tuple[float, str]:
         """The score and the version of the model that gave it, pre-processed as that model was trained."""
         qam, served = self._served_qam()
-        item = Compose(pre_transforms(served.params, with_label=True))({"image": image_path, "label": label_path})
+        entry = {"image": image_path, "label": label_path, **label_datalist_keys(label_info or {})}
+        item = Compose(val_transforms(served.params))(entry)
         image, label = torch.as_tensor(item["image"])[None].float(), torch.as_tensor(item["label"])[None].float()
         return float(qam(image, label)), served.record["sha256"]
 
     @torch.no_grad()
     def score_label(self, image_id: str, datastore: Datastore) -> float:
         tag = DefaultLabelTag.FINAL
-        score, version = self._score(datastore.get_image_uri(image_id), datastore.get_label_uri(image_id, tag))
         info = datastore.get_label_info(image_id, tag)
+        score, version = self._score(datastore.get_image_uri(image_id), datastore.get_label_uri(image_id, tag), info)
         record = {
             "score": score,
             "model": version,

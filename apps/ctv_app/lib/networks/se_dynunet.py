@@ -168,19 +168,21 @@ def build_network(
     deep_supr_num: int = 2,
     dropout: float | None = None,
     architecture: str = "se_resunet",
+    out_channels: int = 1,
 ) -> nn.Module:
-    """The CTV network: 1 CT channel in, 1 CTV logit out; 3-D, first level anisotropy-free."""
+    """The network: 1 CT channel in, one logit per structure out (each its own sigmoid, so structures
+    may overlap); 3-D, first level anisotropy-free."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}")
     levels = len(filters)
     if levels < 3:
         raise ValueError(f"need at least 3 levels, got filters={list(filters)}")
     strides = [1] + [2] * (levels - 1)
-    in_channels = 2 if refinement_passes else 1
+    in_channels = 1 + out_channels if refinement_passes else 1
     net = ARCHITECTURES[architecture](
         spatial_dims=3,
         in_channels=in_channels,
-        out_channels=1,
+        out_channels=out_channels,
         kernel_size=[3] * levels,
         strides=strides,
         filters=list(filters),
@@ -189,12 +191,17 @@ def build_network(
         dropout=dropout,
     )
     if refinement_passes:
-        return IterativeRefinementNet(net, image_channels=1, mask_channels=1, passes=refinement_passes)
+        return IterativeRefinementNet(net, image_channels=1, mask_channels=out_channels, passes=refinement_passes)
     return net
 
 
 def network_for(params: CTVParams) -> nn.Module:
     """The network a set of CTV parameters describes (the served model, the trainers, the scorers)."""
     return build_network(
-        params.filters, params.refinement_passes, params.deep_supr_num, params.dropout, params.architecture
+        params.filters,
+        params.refinement_passes,
+        params.deep_supr_num,
+        params.dropout,
+        params.architecture,
+        out_channels=len(params.structures),
     )

@@ -30,9 +30,21 @@ from ..networks import network_for
 from ..params import CTVParams, as_bool
 from ..provenance import labels_record
 from ..quality import QualityAwarenessModule, QualityWeightedLoss
-from ..transforms import pre_transforms, train_transforms
+from ..transforms import pre_transforms, train_transforms, val_transforms
 
 logger = logging.getLogger(__name__)
+
+
+def contained_only(output) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(pred, label) per case with the structures a case does not contain emptied in both: MeanDice
+    (``ignore_empty``) then leaves them out of its mean instead of scoring them."""
+    preds, labels = from_engine(["pred", "label"])(output)
+    out_p, out_l = [], []
+    for pred, label in zip(preds, labels):
+        known = (label >= 0).reshape(label.shape[0], -1).all(dim=1).reshape(-1, *[1] * (label.dim() - 1))
+        out_p.append(pred * known)
+        out_l.append(label.clamp(min=0) * known)
+    return out_p, out_l
 
 
 def _main_head(pred: torch.Tensor) -> torch.Tensor:
@@ -121,7 +133,7 @@ class CTVTrain(BasicTrainTask):
         ]
 
     def val_pre_transforms(self, context: Context) -> list:
-        return pre_transforms(self.params, with_label=True)
+        return val_transforms(self.params)
 
     def val_post_transforms(self, context: Context) -> list:
         return [
@@ -133,11 +145,11 @@ class CTVTrain(BasicTrainTask):
         return build_inferer(self.params, flip_tta=False)
 
     def train_key_metric(self, context: Context) -> dict:
-        # One foreground channel: it *is* the class, so it must not be dropped as "background".
-        return {self.TRAIN_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]))}
+        # Every channel is a structure, none is "background"; uncontoured ones are left out (NaN).
+        return {self.TRAIN_METRIC_MEAN_DICE: MeanDice(output_transform=contained_only)}
 
     def val_key_metric(self, context: Context) -> dict:
-        return {self.VAL_METRIC_MEAN_DICE: MeanDice(output_transform=from_engine(["pred", "label"]))}
+        return {self.VAL_METRIC_MEAN_DICE: MeanDice(output_transform=contained_only)}
 
     def train_handlers(self, context: Context) -> list:
         handlers = super().train_handlers(context)

@@ -1,5 +1,5 @@
 from .geometry import RestoreGeometry, RestoreGeometryd
-from .pipeline import post_transforms, pre_transforms, train_transforms
+from .pipeline import post_transforms, pre_transforms, train_transforms, val_transforms
 from .postprocessing import CleanMask, CleanMaskd, ConfineToBody, ConfineToBodyd
 from .validation import ValidateCT, ValidateCTd
 
@@ -15,4 +15,5 @@ __all__ = [
     "pre_transforms",
     "post_transforms",
     "train_transforms",
+    "val_transforms",
 ]

@@ -28,6 +28,7 @@ from monai.transforms import (
 
 from ..params import CTVParams
 from .geometry import RestoreGeometryd
+from .labels import MarkUncontouredd, StructureChannelsd
 from .postprocessing import CleanMaskd, ConfineToBodyd
 from .validation import LoadCTImaged, ValidateCTd
 
@@ -36,7 +37,9 @@ INPUT_HU_KEY = "image_hu"
 
 
 def pre_transforms(params: CTVParams, with_label: bool = False, keep_input: bool = False) -> list:
-    """Load, validate, orient to RAS, resample to the target spacing, window and normalise.
+    """Load, validate, orient to RAS, resample to the target spacing, window and normalise; a label is
+    resampled as stored (nearest neighbour keeps a label map or bitmask exact), then decoded into one
+    channel per structure (finish it with ``MarkUncontouredd``: ``train_transforms`` and ``val_transforms``).
 
     ``keep_input``: also keep the CT as read under ``INPUT_HU_KEY`` (inference: ``post_transforms`` needs it),
     and what was read under ``image_read`` (an ``InputRead``: the writer names and references it)."""
@@ -53,6 +56,8 @@ def pre_transforms(params: CTVParams, with_label: bool = False, keep_input: bool
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=keys, pixdim=params.target_spacing, mode=["bilinear", "nearest"][: len(keys)]),
     ]
+    if with_label:
+        chain.append(StructureChannelsd(keys="label", structures=params.structure_list))
     if params.normalisation == "scale":
         chain.append(ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
     else:
@@ -108,7 +113,13 @@ def train_transforms(params: CTVParams, samples_per_volume: int = 4) -> list:
         RandShiftIntensityd(keys="image", offsets=0.05, prob=aug.intensity_prob),
         RandGaussianNoised(keys="image", prob=aug.noise_prob, std=aug.noise_std),
         EnsureTyped(keys=keys, dtype="float32", track_meta=False),
+        MarkUncontouredd(keys="label"),
     ]
+
+
+def val_transforms(params: CTVParams) -> list:
+    """Whole labelled volumes for validation: ``pre_transforms`` with the uncontoured structures marked."""
+    return pre_transforms(params, with_label=True) + [MarkUncontouredd(keys="label")]
 
 
 def post_transforms(params: CTVParams) -> list:
