@@ -147,7 +147,7 @@ def _blobs(shape=(40, 36, 30), seed=0) -> torch.Tensor:
 def test_clean_mask_matches_monai_largest_component_and_fill_holes():
     from monai.transforms import FillHoles, KeepLargestConnectedComponent
 
-    from ctv_app.lib.transforms import CleanMask
+    from ctv_app.lib.transforms import clean_mask
 
     for seed in range(3):
         mask = _blobs(seed=seed)
@@ -156,10 +156,14 @@ def test_clean_mask_matches_monai_largest_component_and_fill_holes():
         expected = FillHoles(applied_labels=[1])(
             KeepLargestConnectedComponent(applied_labels=[1], connectivity=1)(mask)
         )
-        got = CleanMask()(mask)
-        assert torch.equal(torch.as_tensor(got) > 0, torch.as_tensor(expected) > 0)
-        assert int(torch.as_tensor(got)[0, 14, 14, 14]) == 1
-    assert CleanMask()(torch.zeros(1, 8, 8, 8)).sum() == 0
+        got = clean_mask(mask[0].numpy() > 0, "largest")
+        assert np.array_equal(got, np.asarray(expected[0]) > 0)
+        assert got[14, 14, 14]
+        # "all" keeps every component (nodal targets), holes filled
+        kept = clean_mask(mask[0].numpy() > 0, "all")
+        assert np.array_equal(kept, np.asarray(FillHoles(applied_labels=[1])(mask)[0]) > 0)
+        assert kept.sum() > got.sum()
+    assert not clean_mask(np.zeros((8, 8, 8), dtype=bool)).any()
 
 
 def test_restore_with_floor_gives_the_same_mask_as_a_full_resample():

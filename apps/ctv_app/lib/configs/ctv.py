@@ -36,7 +36,13 @@ class CTVConfig(TaskConfig):
         self._infer: CTVInfer | None = None
         self._scorers: dict[str, ScoringMethod] = {}
         self.path = conf.get("ctv_model") or os.path.join(model_dir, f"{name}.pt")
-        self.params = CTVParams.from_conf(conf, base=read_params(self.path))
+        trained = read_params(self.path)
+        self.params = CTVParams.from_conf(conf, base=trained)
+        if trained is not None and trained.structure_list.names != self.params.structure_list.names:
+            raise ValueError(
+                f"{self.path} contours {trained.structure_list.names}; --conf ctv_structures asks for "
+                f"{self.params.structure_list.names}: a model serves the structures it was trained for"
+            )
         self.labels = self.params.labels
         self.network = network_for(self.params)
         self.rt_config = RTConfig.from_conf(conf)

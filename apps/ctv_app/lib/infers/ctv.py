@@ -26,15 +26,17 @@ from ..checkpoint import load_checkpoint
 from ..dicom.results import RTConfig, check_result_format, write_dicom_result
 from ..errors import ModelUnavailableError
 from ..inferers import build_inferer
+from ..errors import InvalidInputError
 from ..params import CTVParams, as_bool
 from ..provenance import InputRead, model_record, software_versions
+from ..structures import ENCODINGS, Structures
 from ..transforms import post_transforms, pre_transforms
 
 logger = logging.getLogger(__name__)
 
 
 def write_nrrd(mask: np.ndarray, affine: np.ndarray, compress: bool = True) -> str:
-    """The mask as NRRD in LPS space; voxel order as in the NIfTI (first index fastest)."""
+    """The label volume as NRRD in LPS space; voxel order as in the NIfTI (first index fastest)."""
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     header = {
         "space": "left-posterior-superior",
@@ -49,14 +51,16 @@ def write_nrrd(mask: np.ndarray, affine: np.ndarray, compress: bool = True) -> s
     return path
 
 
-def write_nifti(mask: np.ndarray, affine: np.ndarray, provenance: dict[str, Any]) -> str:
-    """The mask as NIfTI carrying its provenance: input and model sha256 in ``descrip``, and the whole
-    record as JSON in a header extension (comment), so the file names where it came from."""
+def write_nifti(mask: np.ndarray, affine: np.ndarray, provenance: dict[str, Any], labels: dict[str, Any]) -> str:
+    """The label volume as NIfTI carrying its provenance: input and model sha256 in ``descrip``, and the
+    whole record with the structures it holds (``labels``: encoding and structures) as JSON in a header
+    extension (comment), so the file names where it came from and what its values mean."""
     out = nib.Nifti1Image(mask, affine)
     out.header.set_xyzt_units("mm")
     model = (provenance.get("model") or {}).get("sha256") or ""
-    out.header["descrip"] = f"CTV in {str(provenance['input']['sha256'])[:16]} model {model[:16]}".encode()[:79]
-    text = json.dumps({k: v for k, v in provenance.items() if k != "model"} | {"model": _model_summary(provenance)})
+    out.header["descrip"] = f"{labels['encoding']} in {str(provenance['input']['sha256'])[:16]} model {model[:16]}".encode()[:79]
+    summary = {k: v for k, v in provenance.items() if k != "model"} | {"model": _model_summary(provenance)}
+    text = json.dumps(summary | labels)
     out.header.extensions.append(nib.nifti1.Nifti1Extension("comment", text.encode()))
     fd, path = tempfile.mkstemp(suffix=".nii.gz")
     os.close(fd)
@@ -118,14 +122,19 @@ class CTVInfer(BasicInferTask):
     def __call__(self, request: dict[str, Any], callbacks=None):
         # Refuse a result format the input cannot have before spending model time on it.
         request["result_format"] = check_result_format(request.get("result_format"), request.get("image"))
+        request["label_encoding"] = check_encoding(request.get("label_encoding"))
         served = self.served(name_to_device(request.get("device", "cuda")))
         # The request's own settings, else the served model's (not those of the model served at start).
         request = {"flip_tta": served.params.flip_tta, "threshold": served.params.threshold, **request}
+        returned = returned_structures(served.params.structure_list, request.get("structures"))
         self._request.model = served
         try:
-            return super().__call__(request, callbacks)
+            path, result = super().__call__(request, callbacks)
         finally:
             self._request.model = None
+        if isinstance(result, dict):
+            result["label_names"] = returned.labels  # MONAI Label's key, for the structures returned
+        return path, result
 
     def config(self) -> dict[str, Any]:
         """The request defaults /info shows: those of the model served now (a swapped-in model brings its own)."""
@@ -197,13 +206,18 @@ class CTVInfer(BasicInferTask):
             blob = f.read()
         checkpoint = load_checkpoint(io.BytesIO(blob), map_location=device)
         trained = checkpoint.get("params")
-        params = (CTVParams.from_dict(trained) if trained is not None else CTVParams()).updated(self.overrides)
+        own = CTVParams.from_dict(trained) if trained is not None else CTVParams()
+        params = own.updated(self.overrides)
+        if own.structure_list.names != params.structure_list.names:
+            raise ValueError(
+                f"it contours {own.structure_list.names}; --conf ctv_structures asks for {params.structure_list.names}"
+            )
+        if params.labels != self.params.labels:
+            raise ValueError(f"it contours {params.structure_list.names}, this server serves {self.params.structure_list.names}")
         if params.network_key() != self.params.network_key():
             raise ValueError(
                 f"it was trained as {params.network_key()}, this server builds {self.params.network_key()}"
             )
-        if params.labels != self.params.labels:
-            raise ValueError(f"it segments {params.labels}, this server serves {self.params.labels}")
         network = copy.deepcopy(self.network).to(torch.device(device))
         network.load_state_dict(checkpoint["model"], strict=True)
         network.eval()
@@ -224,7 +238,13 @@ class CTVInfer(BasicInferTask):
         references."""
         image = data["image"]
         affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
-        mask = np.asarray(data["pred"], dtype=np.uint8)
+        structures = self._model().params.structure_list
+        bitmask = np.asarray(data["pred"])  # post_transforms: one bit per structure, on the input grid
+        returned = returned_structures(structures, data.get("structures"))
+        if returned != structures:  # a subset: renumbered, so values and bits follow the list returned
+            bitmask = returned.pack([structures.mask(bitmask, s.name) for s in returned])
+        encoding = check_encoding(data.get("label_encoding"))
+        volume = returned.labelmap(bitmask) if encoding == "labelmap" else bitmask
         source = data.get("image_path")
         read: InputRead | None = data.get("image_read")  # LoadCTImaged(keep_read=True)
         result = dict(data.get(self.output_json_key, {}))
@@ -232,7 +252,7 @@ class CTVInfer(BasicInferTask):
             "input": {
                 "image": os.path.basename(str(source)) if source else None,
                 "sha256": read.sha256 if read else None,
-                "shape": [int(s) for s in mask.shape],
+                "shape": [int(s) for s in bitmask.shape],
                 "affine": affine.tolist(),
             },
             "model": data.get("model_record"),
@@ -242,15 +262,49 @@ class CTVInfer(BasicInferTask):
                 "threshold": float(data.get("threshold", self.params.threshold)),
             },
         }
+        voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+        result["label_encoding"] = encoding
+        result["structures"] = []
+        for value, structure in enumerate(returned, start=1):
+            voxels = int(np.count_nonzero(bitmask & bitmask.dtype.type(1 << (value - 1))))
+            result["structures"].append(
+                {"name": structure.name, "value": value, "roi_type": structure.roi_type,
+                 "colour": list(structure.colour), "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 3)}
+            )  # fmt: skip
+        labels = {"encoding": encoding, "structures": [{k: s[k] for k in ("name", "value", "roi_type", "colour")}
+                                                       for s in result["structures"]]}  # fmt: skip
         if str(data.get("result_extension", "")).endswith(".nrrd"):
-            path = write_nrrd(mask, affine, compress=as_bool(data.get("result_compress", True)))
+            path = write_nrrd(volume, affine, compress=as_bool(data.get("result_compress", True)))
         else:
-            path = write_nifti(mask, affine, result["provenance"])
-        result["ctv_voxels"] = int(mask.sum())
-        result["ctv_volume_ml"] = float(mask.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)
+            path = write_nifti(volume, affine, result["provenance"], labels)
         fmt = data.get("result_format", "nifti")
         result["result_format"] = fmt
         if fmt != "nifti":
             os.unlink(path)
-            path, result["dicom"] = write_dicom_result(fmt, mask, read.series, self.rt_config, result["provenance"])
+            path, result["dicom"] = write_dicom_result(
+                fmt, bitmask, returned, read.series, self.rt_config, result["provenance"]
+            )
         return path, result
+
+
+def returned_structures(structures: Structures, requested: Any) -> Structures:
+    """The structures a request asks for (``structures``: names or synonyms), in the model's order; all
+    of them by default. A 422 names any the model does not contour."""
+    if requested is None:
+        return structures
+    if isinstance(requested, str):
+        requested = [n for n in requested.split(",") if n.strip()]
+    if not isinstance(requested, (list, tuple)) or not requested or not all(isinstance(n, str) for n in requested):
+        raise InvalidInputError(f"structures must be a non-empty list of structure names, got {requested!r}")
+    try:
+        return Structures(structures.subset(requested))
+    except ValueError as e:
+        raise InvalidInputError(str(e)) from e
+
+
+def check_encoding(encoding: Any) -> str:
+    """The request's ``label_encoding``: ``labelmap`` (default; viewers) or ``bitmask`` (lossless)."""
+    encoding = str(encoding or "labelmap").lower()
+    if encoding not in ENCODINGS:
+        raise InvalidInputError(f"label_encoding must be one of {ENCODINGS}, got {encoding!r}")
+    return encoding

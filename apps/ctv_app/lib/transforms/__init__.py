@@ -1,17 +1,16 @@
 from .geometry import RestoreGeometry, RestoreGeometryd
 from .pipeline import post_transforms, pre_transforms, train_transforms, val_transforms
-from .postprocessing import CleanMask, CleanMaskd, ConfineToBody, ConfineToBodyd
+from .postprocessing import ContourStructures, ContourStructuresd, clean_mask
 from .validation import ValidateCT, ValidateCTd
 
 __all__ = [
-    "CleanMask",
-    "CleanMaskd",
-    "ConfineToBody",
-    "ConfineToBodyd",
+    "ContourStructures",
+    "ContourStructuresd",
     "RestoreGeometry",
     "RestoreGeometryd",
     "ValidateCT",
     "ValidateCTd",
+    "clean_mask",
     "pre_transforms",
     "post_transforms",
     "train_transforms",

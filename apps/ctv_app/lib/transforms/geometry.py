@@ -14,7 +14,18 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, SpatialResample, Transform
 
-from .postprocessing import foreground_box
+
+def foreground_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None:
+    """Slices of the bounding box of ``mask`` grown by ``margin`` voxels, or None if it is empty."""
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
+
 
 
 def _axis_aligned(index_map: np.ndarray, tol: float = 1e-6) -> bool:
@@ -70,6 +81,21 @@ class RestoreGeometry(Transform):
         self.floor = floor
 
     def __call__(self, img: torch.Tensor, src_affine, dst_affine, dst_shape) -> MetaTensor:
+        dst_shape = tuple(int(s) for s in dst_shape)
+        values = torch.as_tensor(img, dtype=torch.float32)
+        out = torch.zeros((values.shape[0], *dst_shape), dtype=torch.float32)
+        restored = self.box(values, src_affine, dst_affine, dst_shape)
+        if restored is not None:
+            box, sub = restored
+            out[(slice(None), *box)] = sub
+        return MetaTensor(out, affine=torch.as_tensor(np.asarray(dst_affine, dtype=np.float64)))
+
+    def box(
+        self, img: torch.Tensor, src_affine, dst_affine, dst_shape
+    ) -> tuple[tuple[slice, slice, slice], torch.Tensor] | None:
+        """The destination box that needs resampling (all of it without ``floor``) and the values in it;
+        None when nothing is above ``floor``. Restoring structure by structure this way never allocates
+        a destination-sized array per structure."""
         src_affine = np.asarray(src_affine, dtype=np.float64)
         dst_affine = np.asarray(dst_affine, dtype=np.float64)
         dst_shape = tuple(int(s) for s in dst_shape)
@@ -78,7 +104,7 @@ class RestoreGeometry(Transform):
         if self.floor is not None:
             box = self._destination_box(values, src_affine, dst_affine, dst_shape)
             if box is None:
-                return MetaTensor(torch.zeros((values.shape[0], *dst_shape)), affine=torch.as_tensor(dst_affine))
+                return None
             lo, hi = box
         sub_affine = dst_affine.copy()
         sub_affine[:3, 3] = dst_affine[:3, :3] @ lo + dst_affine[:3, 3]
@@ -89,9 +115,7 @@ class RestoreGeometry(Transform):
             src = MetaTensor(values, affine=torch.as_tensor(src_affine))
             sub = self.resample(src, dst_affine=torch.as_tensor(sub_affine), spatial_size=[int(s) for s in hi - lo])
             sub = sub.as_tensor()
-        out = torch.zeros((values.shape[0], *dst_shape), dtype=torch.float32)
-        out[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = sub
-        return MetaTensor(out, affine=torch.as_tensor(dst_affine))
+        return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), sub
 
     def _destination_box(self, values, src_affine, dst_affine, dst_shape):
         box = foreground_box(np.asarray(values.amax(dim=0) > self.floor), margin=0)

@@ -6,8 +6,6 @@ import math
 
 from monai.transforms import (
     Activationsd,
-    AsDiscreted,
-    CastToTyped,
     CopyItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
@@ -23,13 +21,11 @@ from monai.transforms import (
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
-    SqueezeDimd,
 )
 
 from ..params import CTVParams
-from .geometry import RestoreGeometryd
 from .labels import MarkUncontouredd, StructureChannelsd
-from .postprocessing import CleanMaskd, ConfineToBodyd
+from .postprocessing import ContourStructuresd
 from .validation import LoadCTImaged, ValidateCTd
 
 # The CT as read (HU, on the input's grid), which ``post_transforms`` confines the result to the body by.
@@ -123,16 +119,13 @@ def val_transforms(params: CTVParams) -> list:
 
 
 def post_transforms(params: CTVParams) -> list:
-    """Probabilities -> input grid -> binary mask -> inside the body -> largest component -> holes filled.
+    """Logits -> probabilities -> each structure on the input grid, inside the body, cleaned by its rule
+    -> one bitmask volume (``structures.Structures``: bit value - 1 per structure; overlaps kept).
 
-    Needs the input CT under ``INPUT_HU_KEY`` (``pre_transforms(..., keep_input=True)``). Confined to
-    the body before the largest component is chosen, so a blob in the air cannot displace the CTV."""
+    Needs the input CT under ``INPUT_HU_KEY`` (``pre_transforms(..., keep_input=True)``)."""
     return [
         Activationsd(keys="pred", sigmoid=True),
-        RestoreGeometryd(keys="pred", ref_image="image", floor=params.threshold / 2),
-        AsDiscreted(keys="pred", threshold=params.threshold),
-        ConfineToBodyd(keys="pred", hu_key=INPUT_HU_KEY),
-        CleanMaskd(keys="pred"),
-        CastToTyped(keys="pred", dtype="uint8"),
-        SqueezeDimd(keys="pred", dim=0),
+        ContourStructuresd(
+            keys="pred", structures=params.structure_list, threshold=params.threshold, hu_key=INPUT_HU_KEY
+        ),
     ]

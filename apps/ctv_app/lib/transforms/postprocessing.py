@@ -1,5 +1,5 @@
-"""Binary mask clean-up: confine it to the patient's body, keep the largest connected component,
-fill enclosed holes.
+"""From per-structure probabilities to the structures returned: back on the input grid, confined to the
+patient's body, cleaned by each structure's rule (largest component or all), enclosed holes filled.
 
 Clean-up works inside the mask's bounding box (plus a one-voxel margin), which gives the same
 result as processing the whole volume (everything outside the box is background connected to
@@ -9,25 +9,16 @@ the border) at a fraction of the cost on 512x512xN planning CTs.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from scipy import ndimage
 
-
-def foreground_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None:
-    """Slices of the bounding box of ``mask`` grown by ``margin`` voxels, or None if it is empty."""
-    if not mask.any():
-        return None
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
+from ..structures import Structures
+from .geometry import RestoreGeometry, foreground_box
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -40,36 +31,17 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
-class CleanMask(Transform):
-    """Channel-first binary mask in, same shape out: largest 6-connected component, holes filled."""
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        mask = np.asarray(torch.as_tensor(img).detach().cpu()) > 0
-        out = np.zeros_like(mask)
-        for c in range(mask.shape[0]):
-            box = foreground_box(mask[c])
-            if box is None:
-                continue
-            out[c][box] = ndimage.binary_fill_holes(largest_component(mask[c][box]))
-        return _like(img, out)
-
-
-def _like(img: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
-    """``mask`` as float32, carrying ``img``'s metadata if it has any."""
-    values = torch.as_tensor(mask, dtype=torch.float32)
-    return MetaTensor(values, affine=img.affine, meta=img.meta) if isinstance(img, MetaTensor) else values
-
-
-class CleanMaskd(MapTransform):
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.clean = CleanMask()
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.clean(d[key])
-        return d
+def clean_mask(mask: np.ndarray, rule: str = "largest") -> np.ndarray:
+    """A boolean mask cleaned by a structure's rule (``structures.RULES``): ``largest`` keeps the largest
+    face-connected component (single-piece organs, the cervix CTV), ``all`` keeps every component
+    (nodal targets, bowel); enclosed holes are filled either way. Works inside the mask's box."""
+    out = np.zeros_like(mask, dtype=bool)
+    box = foreground_box(mask)
+    if box is None:
+        return out
+    inside = mask[box]
+    out[box] = ndimage.binary_fill_holes(largest_component(inside) if rule == "largest" else inside)
+    return out
 
 
 # Air is about -1000 HU and aerated lung -900 to -500; fat (about -100), soft tissue and bone lie above.
@@ -99,46 +71,77 @@ def fill_holes_per_slice(mask: np.ndarray, axis: int) -> np.ndarray:
     return mask | ~reaches_edge[labels]
 
 
-class ConfineToBody(Transform):
-    """Channel-first mask, and the CT it belongs to on the same grid (HU), in: the mask without any
-    voxel outside the patient's body. The body is the largest connected region above ``threshold``
-    (not the air, nor noise or a couch apart from the patient) with each axial slice's holes filled.
-    ``affine`` (RAS) says which axis is axial; by default the CT's own, else axis 2."""
+def patient_body(hu: np.ndarray, axis: int, reach: slice, threshold: float = BODY_HU) -> np.ndarray:
+    """The patient's body on the CT's grid, within ``reach`` along the axial ``axis`` (False elsewhere):
+    the largest connected region above ``threshold`` (not the air, nor noise or a couch apart from the
+    patient), each axial slice's holes filled (lungs, bowel gas, the airway are inside the body)."""
+    body = largest_component(hu > threshold)
+    slab = [slice(None)] * 3
+    slab[axis] = reach
+    out = np.zeros_like(body)
+    out[tuple(slab)] = fill_holes_per_slice(body[tuple(slab)], axis)
+    return out
 
-    def __init__(self, threshold: float = BODY_HU):
+
+class ContourStructures(Transform):
+    """Per-structure probabilities on the model's grid -> the structures on the input's grid, as a bitmask.
+
+    For each structure (``Structures`` order = channel order): the box of its probabilities above
+    ``threshold / 2`` is resampled to the input grid (``RestoreGeometry``), thresholded, confined to the
+    patient's body (``patient_body``, computed once for all structures), and cleaned by its rule, before
+    the largest component is chosen, so a blob in the air cannot displace a structure. Structures are
+    resampled one at a time within their own boxes, so neither time nor memory grows with a
+    destination-sized array per structure."""
+
+    def __init__(self, structures: Structures, threshold: float = 0.5, body_threshold: float = BODY_HU):
+        self.structures = structures
         self.threshold = threshold
+        self.body_threshold = body_threshold
+        self.restore = RestoreGeometry(floor=threshold / 2)
 
-    def __call__(self, img: torch.Tensor, hu: torch.Tensor, affine: np.ndarray | None = None) -> torch.Tensor:
-        mask = np.asarray(torch.as_tensor(img).detach().cpu()) > 0
-        if not mask.any():
-            return img
-        if affine is None:
-            affine = hu.affine if isinstance(hu, MetaTensor) else np.eye(4)
-        axis = axial_axis(affine)
+    def __call__(self, prob: torch.Tensor, src_affine, dst_affine, hu: torch.Tensor) -> np.ndarray:
         values = np.asarray(torch.as_tensor(hu).detach().cpu())
         values = values[0] if values.ndim == 4 else values
-        if values.shape != mask.shape[1:]:
-            raise ValueError(f"mask {mask.shape[1:]} and CT {values.shape} are not on one grid")
-        body = largest_component(values > self.threshold)
-        # Holes are filled per slice: only the slices the mask reaches need it.
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(4) if a != axis + 1)))
-        slab = [slice(None)] * 3
-        slab[axis] = slice(int(hits[0]), int(hits[-1]) + 1)
-        out = np.zeros_like(mask)
-        out[(slice(None), *slab)] = mask[(slice(None), *slab)] & fill_holes_per_slice(body[tuple(slab)], axis)
-        return _like(img, out)
+        if prob.shape[0] != len(self.structures):
+            raise ValueError(f"{prob.shape[0]} probability channels for {len(self.structures)} structures")
+        shape = values.shape
+        boxes: list[tuple[tuple[slice, ...], np.ndarray]] = []
+        for c in range(len(self.structures)):
+            restored = self.restore.box(prob[c : c + 1], src_affine, dst_affine, shape)
+            if restored is None:
+                boxes.append((None, None))
+                continue
+            box, sub = restored
+            boxes.append((box, sub[0].numpy() > self.threshold))
+        out = np.zeros(shape, dtype=self.structures.bitmask_dtype)
+        drawn = [(box, m) for box, m in boxes if box is not None and m.any()]
+        if not drawn:
+            return out
+        axis = axial_axis(dst_affine)
+        reach = slice(min(box[axis].start for box, _ in drawn), max(box[axis].stop for box, _ in drawn))
+        body = patient_body(values, axis, reach, self.body_threshold)
+        for c, (box, mask) in enumerate(boxes):
+            if box is None or not mask.any():
+                continue
+            kept = clean_mask(mask & body[box], self.structures[c].rule)
+            out[box][kept] |= out.dtype.type(1 << c)
+        return out
 
 
-class ConfineToBodyd(MapTransform):
-    """``ConfineToBody`` on ``keys``, with the CT (HU, on the masks' grid) under ``hu_key``."""
+class ContourStructuresd(MapTransform):
+    """``ContourStructures`` on ``keys`` (logits after the sigmoid), back onto the grid recorded in
+    ``ref_image``'s metadata by the loader, with the input CT (HU, on that grid) under ``hu_key``."""
 
-    def __init__(self, keys: KeysCollection, hu_key: str, threshold: float = BODY_HU):
+    def __init__(self, keys: KeysCollection, structures: Structures, threshold: float, hu_key: str, ref_image: str = "image"):
         super().__init__(keys)
         self.hu_key = hu_key
-        self.confine = ConfineToBody(threshold)
+        self.ref_image = ref_image
+        self.contour = ContourStructures(structures, threshold)
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, Any]:
         d = dict(data)
+        ref = d[self.ref_image]
         for key in self.key_iterator(d):
-            d[key] = self.confine(d[key], d[self.hu_key])
+            prob = torch.as_tensor(d[key]).detach().cpu().float()
+            d[key] = self.contour(prob, ref.affine, ref.meta["original_affine"], d[self.hu_key])
         return d
