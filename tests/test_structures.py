@@ -127,3 +127,36 @@ def test_loss_on_one_structure_is_the_monai_dice_plus_bce():
         logits, target
     )
     assert torch.allclose(DeepSupervisionLoss()(logits, target), expected, atol=1e-6)
+
+
+def test_a_single_structure_checkpoint_serves_and_other_structures_are_refused(tmp_path):
+    """Checkpoints from before structure sets (``labels: {"CTV": 1}``) load and serve; a server never swaps
+    in, nor starts with, weights of other structures than those asked for."""
+    from ctv_app.lib.checkpoint import save_checkpoint
+    from ctv_app.lib.configs.ctv import CTVConfig
+    from ctv_app.lib.networks import network_for
+    from ctv_datastore.phantom import make_phantom, save_nifti
+    from ctv_train.evaluate import served_infer_task
+
+    import nibabel as nib
+
+    single = CTVParams(structures=["CTV"], filters=(8, 16, 32), patch_size=(32, 32, 32))
+    legacy = {k: v for k, v in single.to_dict().items() if k != "structures"} | {"labels": {"CTV": 1}}
+    model = tmp_path / "ctv.pt"
+    torch.save({"model": network_for(single).state_dict(), "params": legacy, "meta": {}}, model)
+    image = str(tmp_path / "ct.nii.gz")
+    save_nifti(make_phantom(5), image)
+
+    task = served_infer_task(str(model))
+    result_path, result = task({"image": image, "device": "cpu"})
+    assert result["label_names"] == {"CTV": 1} and [s["name"] for s in result["structures"]] == ["CTV"]
+    assert set(np.unique(np.asarray(nib.load(result_path).dataobj))) <= {0, 1}
+
+    several = CTVParams(structures=["CTV", "Bladder"], filters=(8, 16, 32), patch_size=(32, 32, 32))
+    other = tmp_path / "other.pt"
+    save_checkpoint(str(other), network_for(several).state_dict(), several, {})
+    with pytest.raises(ValueError, match=r"it contours \['CTV', 'Bladder'\], this server serves \['CTV'\]"):
+        task.check_weights(str(other))
+    config = CTVConfig()
+    with pytest.raises(ValueError, match="ctv_structures asks for"):
+        config.init("ctv", str(tmp_path), {"ctv_model": str(model), "ctv_structures": '["CTV","Bladder"]'}, None)

@@ -234,11 +234,16 @@ def test_bad_model_uploads_are_refused_and_the_previous_model_keeps_serving(serv
     def other_architecture(c):
         c["params"]["filters"] = [8, 16, 32, 64]
 
+    def other_structures(c):  # a model of other structures than the one served: never swapped in
+        c["params"].pop("labels", None)
+        c["params"]["structures"] = ["CTV", "Bladder"] if len(c["params"].get("structures", [])) != 2 else ["CTV"]
+
     bad = {
         "garbage": (b"\x80\x02 definitely not torch", "refused"),
         "truncated": (checkpoint_bytes(lambda c: None)[:5000], "refused"),
         "missing layer": (checkpoint_bytes(drop_a_layer), "Missing key"),
         "other architecture": (checkpoint_bytes(other_architecture), "trained as"),
+        "other structures": (checkpoint_bytes(other_structures), "this server serves"),
     }
     for name, (data, words) in bad.items():
         r = requests.put(f"{served.url}/model/ctv", files={"file": ("ctv.pt", data)}, timeout=120)
@@ -366,7 +371,7 @@ def test_full_disk_during_label_save_is_a_clear_error_and_nothing_partial(small_
     nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), phantom.affine), studies / "disk_phantom.nii.gz")
     first, second = tmp_path / "v1.nii", tmp_path / "v2.nii"  # 1 MiB each, uncompressed
     nib.save(nib.Nifti1Image(np.zeros(phantom.image.shape, np.uint8), phantom.affine), first)
-    nib.save(nib.Nifti1Image((phantom.label > 0).astype(np.uint8), phantom.affine), second)
+    nib.save(nib.Nifti1Image(phantom.mask("CTV").astype(np.uint8), phantom.affine), second)
     with ServerProcess(studies, tmp_path / "server") as server:
 
         def save(path: Path) -> requests.Response:
