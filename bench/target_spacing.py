@@ -38,10 +38,10 @@ def main() -> None:
         dices, voxels, seconds = [], [], []
         for p in phantoms:
             aff = torch.as_tensor(p.affine)
-            lab = MetaTensor(torch.from_numpy(p.label[None].astype(np.float32)), affine=aff)
+            truth = p.mask("CTV")
+            lab = MetaTensor(torch.from_numpy(truth[None].astype(np.float32)), affine=aff)
             coarse = Spacing(pixdim=(s, s, s), mode="bilinear")(lab)
             back = RestoreGeometry()(coarse, coarse.affine, p.affine, p.label.shape)[0].numpy() > 0.5
-            truth = p.label > 0
             dices.append(2 * (back & truth).sum() / (back.sum() + truth.sum()))
             voxels.append(int(np.prod(coarse.shape[1:])))
         x = torch.rand(

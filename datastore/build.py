@@ -2,8 +2,8 @@
 
     python -m ctv_datastore.build --out datastore/demo --seeds 9000-9005 --labelled 9000-9002
 
-Images go to ``<out>/phantom_<seed>.nii.gz``, CTV labels for the ``--labelled`` seeds to
-``<out>/labels/final/``. Seeds below 9000 are for training; 9000 and up are held out.
+Images go to ``<out>/phantom_<seed>.nii.gz``, the label maps of the ``--labelled`` seeds (the cervix
+model's structures, values as in ``phantom.STRUCTURES``) to ``<out>/labels/final/``. Seeds below 9000 are for training; 9000 and up are held out.
 Everything written is SYNTHETIC (see phantom.py).
 """
 

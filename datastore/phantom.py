@@ -1,4 +1,4 @@
-"""Synthetic female pelvic CT phantom with a cervical-cancer CTV label.
+"""Synthetic female pelvic CT phantom labelled with the cervix model's structures.
 
 SYNTHETIC DATA. Nothing here comes from a patient. The phantom exists so that tests,
 benchmarks and the demo weights have unlimited, reproducible, correctly labelled
@@ -8,17 +8,34 @@ trained on it is not a clinical model.
 Anatomy: body outline (subcutaneous fat, muscle), a fat-filled pelvic cavity holding the
 uterus, cervix and vagina (random size, position, anteversion and lateral tilt), a bladder of
 variable filling, a rectum with gas, pelvic bones (iliac wings, sacrum, femoral heads and
-necks, pubic rami); above the pelvis lumbar spine, psoas, kidneys, liver and bowel loops,
-none of which is CTV. Partial-volume blur and correlated noise of 10-22 HU.
+necks, pubic rami), a sigmoid colon rising from the rectum to the left iliac fossa in its fat
+sheath; above the pelvis lumbar spine, psoas, kidneys, liver and small-bowel loops. Partial-volume
+blur and correlated noise of 10-22 HU.
 
 Anatomy is defined in millimetres in patient RAS space (x: right->left,
 y: posterior->anterior, z: inferior->superior), origin near the pelvic centre, so the
 same seed gives the same patient at any matrix size and spacing.
 
-CTV rule (stated once, here):
-    core = uterus + cervix + upper vagina (the upper 20 mm of the vaginal tube)
-    CTV  = core grown by a parametrial margin (10 mm left-right, 5 mm antero-posterior
-           and cranio-caudal), kept inside the pelvic cavity, minus bone, bladder and rectum.
+The label is a label map of the cervix model's structures, each voxel the value of the one
+structure it is in (``structures.CERVIX`` order: CTV=1, Bladder=2, Rectum=3, Femur_Head_L=4,
+Femur_Head_R=5, Colon_Sigmoid=6, Bag_Bowel=7). The rules make the structures disjoint, so the
+label map holds each of them whole. Rules (stated once, here):
+
+    CTV           core = uterus + cervix + upper vagina (the upper 20 mm of the vaginal tube);
+                  CTV = core grown by a parametrial margin (10 mm left-right, 5 mm antero-posterior
+                  and cranio-caudal), kept inside the pelvic cavity, minus bone, bladder and rectum.
+    Bladder       the urine-filled bladder, minus rectum and bone.
+    Rectum        the rectal tube (wall and lumen with its gas and stool), minus bone.
+    Femur_Head_L  the spherical head of the left femur (patient's left, +x in RAS), cortex and
+    Femur_Head_R  marrow; likewise the right (-x). The neck below the head is bone but no structure.
+    Colon_Sigmoid the sigmoid tube (wall and lumen) from the top of the rectum to the left iliac
+                  fossa, minus CTV, bladder, rectum and bone.
+    Bag_Bowel     the peritoneal space holding the small-bowel loops: the loops and the fat within
+                  10 mm of them, inside the abdominal cavity (not liver, kidneys, psoas, body wall),
+                  minus bone and all of the structures above.
+
+A seed gives the same CTV, bladder, rectum and bones as before the organs at risk were labelled
+(the sigmoid's shape comes from a random stream of its own).
 """
 
 from __future__ import annotations
@@ -27,6 +44,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from ctv_app.lib.structures import CERVIX, Structures
 
 AIR_HU = -1000.0
 FAT_HU = -95.0
@@ -44,15 +63,24 @@ SMALL_SPACING = (3.5, 3.5, 5.0)
 FULL_SHAPE = (512, 512, 120)
 FULL_SPACING = (0.977, 0.977, 3.0)
 
+# The label map's structures and values (``CERVIX`` order, value = position + 1).
+STRUCTURES = Structures(CERVIX)
+FEMUR_HEAD_RADIUS_MM = 24.0
+BOWEL_BAG_MARGIN_MM = 10.0
+
 
 @dataclass
 class Phantom:
-    """One synthetic case: ``image`` in HU and ``label`` (CTV=1), both indexed (i, j, k)."""
+    """One synthetic case: ``image`` in HU and ``label`` (a label map of ``STRUCTURES``), both indexed (i, j, k)."""
 
     image: np.ndarray  # int16 HU
-    label: np.ndarray  # uint8 0/1
+    label: np.ndarray  # uint8 label map, STRUCTURES' values (CTV=1)
     affine: np.ndarray  # 4x4 voxel -> RAS mm, LPS-ordered axes like a DICOM-derived NIfTI
     seed: int
+
+    def mask(self, name: str) -> np.ndarray:
+        """One structure's voxels (boolean)."""
+        return self.label == STRUCTURES.value(name)
 
 
 class _Grid:
@@ -147,8 +175,11 @@ def make_phantom(
     img = np.full(grid.shape, AIR_HU, dtype=np.float32)
     organ = {
         k: np.zeros(grid.shape, dtype=bool)
-        for k in ("cavity", "bone", "bladder", "rectum", "uterus", "cervix", "vagina_upper")
-    }
+        for k in (
+            "cavity", "bone", "bladder", "rectum", "uterus", "cervix", "vagina_upper",
+            "abdomen", "solid", "bowel", "Femur_Head_L", "Femur_Head_R",
+        )
+    }  # fmt: skip
 
     def put(mask_sl, value, name=None):
         sl, m = mask_sl[0], mask_sl[1]
@@ -234,7 +265,9 @@ def make_phantom(
     # Pelvic bones are painted after the soft tissue so that they win where shapes overlap.
     for side in (-1.0, 1.0):
         fh_c = np.array([side * 92.0 * size, 8.0, -60.0])
-        bone(paint.ellipsoid(fh_c, (24, 24, 24)), paint.ellipsoid(fh_c, (20, 20, 20)))
+        head = paint.ellipsoid(fh_c, (FEMUR_HEAD_RADIUS_MM,) * 3)
+        bone(head, paint.ellipsoid(fh_c, (20, 20, 20)))
+        organ["Femur_Head_L" if side > 0 else "Femur_Head_R"][head[0]] |= head[1]  # +x is the patient's left
         neck_end = fh_c + np.array([side * 45.0, -5.0, -45.0])
         bone(paint.capsule(fh_c, neck_end, 15.0)[:2], paint.capsule(fh_c, neck_end, 11.0)[:2])
         # Superior pubic ramus towards the symphysis.
@@ -264,6 +297,21 @@ def make_phantom(
     ctv = grown & organ["cavity"] & ~organ["bone"] & ~organ["bladder"] & ~organ["rectum"]
     ctv |= core & ~organ["bladder"] & ~organ["rectum"] & ~organ["bone"]
 
+    # Organs at risk, by the rules in the module docstring; painted last so that the image shows
+    # exactly what is labelled (the sigmoid yields to the CTV, bladder, rectum and bone).
+    bladder = organ["bladder"] & ~organ["rectum"] & ~organ["bone"]
+    rectum = organ["rectum"] & ~organ["bone"]
+    taken = ctv | organ["bladder"] | organ["rectum"] | organ["bone"]
+    sigmoid = _paint_sigmoid(paint, img, taken, organ["bowel"], rc_pts[-1], np.random.default_rng([seed, 2]))
+    bag = _bowel_bag(grid, organ, taken | sigmoid)
+    masks = {
+        "CTV": ctv, "Bladder": bladder, "Rectum": rectum, "Femur_Head_L": organ["Femur_Head_L"],
+        "Femur_Head_R": organ["Femur_Head_R"], "Colon_Sigmoid": sigmoid, "Bag_Bowel": bag,
+    }  # fmt: skip
+    label = np.zeros(grid.shape, dtype=np.uint8)
+    for name in STRUCTURES.names:
+        label[masks[name]] = STRUCTURES.value(name)
+
     # Scanner: partial-volume blur (~1.2 mm) then correlated quantum noise.
     blur = [1.2 / s for s in grid.spacing]
     img = ndimage.gaussian_filter(img, blur, truncate=2.0)
@@ -274,18 +322,95 @@ def make_phantom(
     img = img + noise * (img > -800)  # little noise in air, as on a real scanner after reconstruction
     return Phantom(
         image=np.clip(np.rint(img), -1024, 3071).astype(np.int16),
-        label=ctv.astype(np.uint8),
+        label=label,
         affine=grid.affine,
         seed=seed,
     )
 
 
+def _paint_sigmoid(
+    paint: _Painter, img: np.ndarray, taken: np.ndarray, bowel: np.ndarray, start: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """The sigmoid colon: a tube from the top of the rectum (``start``) up over the pelvic organs and
+    down to the left iliac fossa, in a fat sheath (its mesocolon) that leaves the small-bowel loops
+    (``bowel``) visible; painted where ``taken`` is not.
+    Returns its mask. Its own random stream (``rng``) leaves the rest of the phantom as it was."""
+    grid = paint.grid
+    radius = rng.uniform(10.0, 14.0)
+    # Control points (RAS mm): rising behind the uterus, crossing to the left above it, looping
+    # down into the left iliac fossa and up again towards the descending colon.
+    ctrl = np.array([
+        start,
+        start + [rng.uniform(0, 10), rng.uniform(0, 10), rng.uniform(28, 38)],
+        [rng.uniform(5, 30), rng.uniform(-25, -5), rng.uniform(100, 120)],
+        [rng.uniform(45, 65), rng.uniform(-15, 5), rng.uniform(75, 95)],
+        [rng.uniform(60, 75), rng.uniform(-25, -10), rng.uniform(110, 130)],
+    ])  # fmt: skip
+    path = _catmull_rom(ctrl, 6)
+    gas = rng.uniform(0.0, 0.8)
+    content_hu = rng.uniform(-60.0, 20.0)  # stool and fluid
+    sigmoid = np.zeros(grid.shape, dtype=bool)
+
+    def put(mask_sl, value, keep=taken):
+        sl, m = mask_sl[0], mask_sl[1] & ~keep[mask_sl[0]]
+        img[sl][m] = value
+        return sl, m
+
+    segments = list(zip(path[:-1], path[1:]))
+    for p0, p1 in segments:
+        put(paint.capsule(p0, p1, radius + 8.0)[:2], FAT_HU, taken | bowel)
+    for p0, p1 in segments:
+        sl, m = put(paint.capsule(p0, p1, radius)[:2], MUSCLE_HU)
+        sigmoid[sl] |= m
+    for p0, p1 in segments:
+        lumen_sl, lumen_m = paint.capsule(p0, p1, radius - 3.0)[:2]
+        put((lumen_sl, lumen_m), content_hu)
+        y = grid.axes[1][lumen_sl[1]].reshape(1, -1, 1)
+        put((lumen_sl, lumen_m & (y > (p0[1] + p1[1]) / 2 + radius * (1 - 2 * gas))), GAS_HU)
+    return sigmoid
+
+
+def _catmull_rom(points: np.ndarray, per_segment: int) -> np.ndarray:
+    """A smooth (Catmull-Rom) curve through ``points``, ends padded by reflection, ``per_segment`` steps each."""
+    pts = np.vstack([2 * points[0] - points[1], points, 2 * points[-1] - points[-2]])
+    out = []
+    for i in range(1, len(pts) - 2):
+        p0, p1, p2, p3 = pts[i - 1 : i + 3]
+        for t in np.linspace(0.0, 1.0, per_segment, endpoint=False):
+            t2, t3 = t * t, t * t * t
+            out.append(
+                0.5 * (2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t2 + (3 * p1 - p0 - 3 * p2 + p3) * t3)
+            )
+    out.append(points[-1])
+    return np.array(out)
+
+
+def _bowel_bag(grid: _Grid, organ: dict[str, np.ndarray], taken: np.ndarray) -> np.ndarray:
+    """Bag_Bowel by its rule: the loops and the peritoneal fat within ``BOWEL_BAG_MARGIN_MM`` of them,
+    minus ``taken`` (the other structures and bone)."""
+    loops = organ["bowel"] & ~taken
+    if not loops.any():
+        return loops
+    # Grow inside the loops' bounding box padded by the margin (the full grid's distance map costs seconds).
+    pad = [int(np.ceil(BOWEL_BAG_MARGIN_MM / s)) + 1 for s in grid.spacing]
+    idx = np.nonzero(loops.any(axis=(1, 2))), np.nonzero(loops.any(axis=(0, 2))), np.nonzero(loops.any(axis=(0, 1)))
+    box = tuple(
+        slice(max(int(i[0][0]) - p, 0), min(int(i[0][-1]) + 1 + p, n)) for i, p, n in zip(idx, pad, grid.shape)
+    )
+    near = ndimage.distance_transform_edt(~loops[box], sampling=grid.spacing) <= BOWEL_BAG_MARGIN_MM
+    peritoneal = (organ["abdomen"] | organ["cavity"]) & ~organ["solid"]
+    bag = loops.copy()
+    bag[box] |= near & peritoneal[box]
+    return bag & ~taken
+
+
 def _paint_abdomen(paint: _Painter, put, bone, rng: np.random.Generator, size: float) -> None:
-    """Above the pelvis: lumbar spine, liver, kidneys and bowel, none of them CTV.
+    """Above the pelvis: lumbar spine, liver, kidneys and small-bowel loops (organ masks "abdomen": the
+    abdominal cavity, "solid": liver, kidneys and psoas, "bowel": the loops).
 
     The liver's HU overlaps the uterus's on purpose: a model must use context, not intensity.
     """
-    put(paint.ellipsoid((0, 5, 215), (140 * size, 95 * size, 130)), FAT_HU + 5.0)
+    put(paint.ellipsoid((0, 5, 215), (140 * size, 95 * size, 130)), FAT_HU + 5.0, "abdomen")
     for z in np.arange(110.0, 420.0, 34.0):  # vertebral bodies with discs between them
         c = np.array([0.0, -55.0 * size, z])
         bone(
@@ -294,18 +419,19 @@ def _paint_abdomen(paint: _Painter, put, bone, rng: np.random.Generator, size: f
         )
         put(paint.capsule(c + [0, -22, -8], c + [0, -38, -8], 7.0)[:2], CORTICAL_HU, "bone")  # spinous process
     for side in (-1.0, 1.0):
-        put(paint.ellipsoid((side * 38.0, -38.0 * size, 200.0), (16, 18, 120)), MUSCLE_HU)  # psoas
+        put(paint.ellipsoid((side * 38.0, -38.0 * size, 200.0), (16, 18, 120)), MUSCLE_HU, "solid")  # psoas
         put(
             paint.ellipsoid((side * 68.0 * size, -42.0, rng.uniform(150, 185)), (28, 22, 52), _rotation(0, side * 15)),
             rng.uniform(28.0, 40.0),
+            "solid",
         )
     liver_c = np.array([-62.0 * size, 12.0, rng.uniform(215.0, 250.0)])
-    put(paint.ellipsoid(liver_c, np.array([85.0, 78.0, 72.0]) * size), rng.uniform(50.0, 72.0))
+    put(paint.ellipsoid(liver_c, np.array([85.0, 78.0, 72.0]) * size), rng.uniform(50.0, 72.0), "solid")
     for _ in range(int(rng.integers(4, 9))):
         p0 = np.array([rng.uniform(-80, 80), rng.uniform(-15, 60), rng.uniform(125, 230)])
         p1 = p0 + rng.uniform(-45, 45, 3)
         r = rng.uniform(10.0, 17.0)
-        put(paint.capsule(p0, p1, r)[:2], MUSCLE_HU - 5.0)
+        put(paint.capsule(p0, p1, r)[:2], MUSCLE_HU - 5.0, "bowel")
         put(paint.capsule(p0, p1, r - 3.0)[:2], GAS_HU if rng.random() < 0.5 else rng.uniform(0.0, 25.0))
 
 

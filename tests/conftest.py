@@ -65,7 +65,7 @@ def write_dicom_studies(folder: Path) -> None:
     write_ct_series(phantom.image, phantom.affine, str(series))
     # This server's own auto-contour of it, saved in the datastore: never a training label (issue 16 item 4).
     (folder / "structure_sets").mkdir()
-    write_rtstruct([ROI("CTV", phantom.label > 0)], *read_ct_geometry(str(series)), str(folder / OWN_RTSTRUCT))
+    write_rtstruct([ROI("CTV", phantom.mask("CTV"))], *read_ct_geometry(str(series)), str(folder / OWN_RTSTRUCT))
     tilted = make_phantom(DICOM_PHANTOM_SEED + 100, shape=(48, 48, 24))
     shear = tilted.affine.copy()
     shear[1, 2] = 0.2 * shear[2, 2]  # each slice 0.2 slice-spacings further along y: a tilted gantry

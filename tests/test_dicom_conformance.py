@@ -53,7 +53,7 @@ def two_overlapping_structures(tmp_path: Path) -> tuple[Path, dict[str, np.ndarr
     p = make_phantom(11, shape=(384, 384, 20), spacing=(1.0, 1.0, 5.0))
     folder = tmp_path / "ct"
     write_ct_series(p.image, p.affine, str(folder))
-    ctv = p.label > 0
+    ctv = p.mask("CTV")
     ptv = ndimage.binary_dilation(ctv, structure=np.ones((5, 5, 1), bool))  # 2 voxels each way
     assert ctv.any() and (ptv & ctv).sum() == ctv.sum() < ptv.sum()
     return folder, {"CTV": ctv, "PTV": ptv}

@@ -404,7 +404,7 @@ def test_disk_filling_up_mid_save_leaves_no_trace(small_disk, tmp_path, monkeypa
     phantom = make_phantom(HELD_OUT_SEED_START, shape=(128, 128, 64))
     nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), phantom.affine), studies / "disk_phantom.nii.gz")
     label = tmp_path / "label.nii"
-    nib.save(nib.Nifti1Image((phantom.label > 0).astype(np.uint8), phantom.affine), label)
+    nib.save(nib.Nifti1Image(phantom.mask("CTV").astype(np.uint8), phantom.affine), label)
     store = CTVDatastore(str(studies), label_values={1}, auto_reload=False)
     monkeypatch.setattr(datastore, "_check_free_space", lambda folder, needed: None)
     fill(small_disk, leave_bytes=1_500_000)  # room for the history copy, not for the label file too
