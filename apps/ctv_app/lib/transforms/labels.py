@@ -43,7 +43,8 @@ class StructureChannels(Transform):
         channels, contained = decode_label(values[0], self.structures, encoding, label_structures)
         out = torch.as_tensor(channels)
         if isinstance(label, MetaTensor):
-            out = MetaTensor(out, affine=label.affine, meta=label.meta)
+            out = MetaTensor(out)
+            out.copy_meta_from(label)  # the label's grid and the transforms applied to it
         return out, contained
 
 
