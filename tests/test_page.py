@@ -1,8 +1,10 @@
 """The contouring page at /ctv/ in headless Chromium (Debian's), driven by Playwright; and its API.
 
 Uploads the real CT, sees the contour drawn on the canvas, pages with the keyboard, plays, downloads
-and checks the files, and sees a corrupt upload refused. Screenshots go to runs/screenshots/
-(CTV_SCREENSHOTS overrides). Two users uploading at once stay apart.
+and checks the files, and sees a corrupt upload refused. With a multi-structure model: a legend row per
+structure (colour, name, volume), each structure drawn in its colour, and one toggled off gone from the
+overlay while the structures it overlapped show. Screenshots go to runs/screenshots/ (CTV_SCREENSHOTS
+overrides). Two users uploading at once stay apart.
 """
 
 from __future__ import annotations
@@ -20,9 +22,16 @@ import pydicom
 import pytest
 import requests
 
+from ctv_app.lib.structures import Structures
+from ctv_app.lib.web import display_volume
+
+from . import structure_sets
 from .conftest import HELD_OUT_SEEDS, VH
 from .support import REAL_CT
 from .test_ohif import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS
+
+# The multi-structure test model and its server (fixtures).
+structures_model, structures_server = structure_sets.structures_model, structure_sets.structures_server
 
 pytestmark = pytest.mark.skipif(not REAL_CT.exists(), reason="../shared/data is not present")
 
@@ -116,9 +125,11 @@ def test_page_upload_view_navigate_download(server, tmp_path):
             timings = page.evaluate("() => window.ctvTimings")
             print(f"slice switch: median {np.median(timings):.1f} ms, max {np.max(timings):.1f} ms over {len(timings)}")
 
-            # Downloads: the NIfTI result on the input's grid, naming the input's sha256 and the model.
+            # Downloads: the NIfTI results (label map, bitmask) on the input's grid, naming the input's sha256
+            # and the model.
             links = page.locator("#downloads a")
-            assert [links.nth(i).get_attribute("data-format") for i in range(links.count())] == ["nifti"]
+            formats = [links.nth(i).get_attribute("data-format") for i in range(links.count())]
+            assert formats == ["nifti", "nifti_bitmask"]
             with page.expect_download() as download:
                 links.first.click()
             saved = tmp_path / "ctv.nii.gz"
@@ -149,6 +160,134 @@ def test_page_upload_view_navigate_download(server, tmp_path):
     assert embedded["input"]["sha256"] in provenance_text and embedded["model"]["sha256"] in provenance_text
 
 
+# What the main canvas shows of one structure (``bit``) on the current slice, against the page's bitmask:
+# ``expected``: pixels in any structure shown; ``tinted``: pixels not grey; ``alone``/``alone_grey``: pixels of
+# this structure in no other structure shown, and how many of them are grey; ``shared``/``shared_tinted``:
+# pixels of it also in another structure shown; ``top``/``top_colour``: its outline pixels where no
+# structure listed before it is shown (drawn last, opaque), and how many of them have its exact colour.
+STRUCTURE_PIXELS = """(bit) => {
+    const s = window.ctvState, {rows, cols} = s.meta, n = rows * cols, off = s.slice * n, m = s.mask;
+    const shown = s.structures.filter((x) => !s.hidden.has(x.name));
+    const visible = shown.reduce((a, x) => a | (1 << (x.value - 1)), 0), others = visible & ~bit;
+    const me = s.structures.find((x) => (1 << (x.value - 1)) === bit);
+    const before = shown.filter((x) => x.value < me.value).reduce((a, x) => a | (1 << (x.value - 1)), 0);
+    const c = document.getElementById('view-main'), d = c.getContext('2d').getImageData(0, 0, cols, rows).data;
+    const r = {expected: 0, tinted: 0, alone: 0, alone_grey: 0, shared: 0, shared_tinted: 0, top: 0, top_colour: 0};
+    for (let i = 0; i < n; i++) {
+        const v = m[off + i], p = 4 * i, tinted = d[p] !== d[p + 1] || d[p + 1] !== d[p + 2];
+        if (v & visible) r.expected++;
+        if (tinted) r.tinted++;
+        if (!(v & bit)) continue;
+        if (v & others) { r.shared++; if (tinted) r.shared_tinted++; } else { r.alone++; if (!tinted) r.alone_grey++; }
+        const row = (i / cols) | 0, col = i - row * cols;
+        const edge = col === 0 || col === cols - 1 || row === 0 || row === rows - 1 || !(m[off + i - 1] & bit) ||
+            !(m[off + i + 1] & bit) || !(m[off + i - cols] & bit) || !(m[off + i + cols] & bit);
+        if (edge && !(v & before)) {
+            r.top++;
+            if (d[p] === me.colour[0] && d[p + 1] === me.colour[1] && d[p + 2] === me.colour[2]) r.top_colour++;
+        }
+    }
+    return r; }"""
+# The slice where a structure shows most of itself alone or on top of the others.
+SLICE_OF_STRUCTURE = """(bit) => { const s = window.ctvState, n = s.meta.rows * s.meta.cols, m = s.mask;
+    const me = s.structures.find((x) => (1 << (x.value - 1)) === bit);
+    const before = s.structures.filter((x) => x.value < me.value).reduce((a, x) => a | (1 << (x.value - 1)), 0);
+    let best = 0, most = -1;
+    for (let k = 0; k < s.meta.slices; k++) { let v = 0;
+        for (let i = k * n; i < (k + 1) * n; i++) if ((m[i] & bit) && !(m[i] & before)) v++;
+        if (v > most) { most = v; best = k; } }
+    return best; }"""
+
+
+def test_page_legend_and_toggles_show_every_structure(structures_server, tmp_path):
+    """A model of several overlapping structures: the legend lists each (colour, name, volume), each is
+    drawn in its colour, and one toggled off leaves the overlay while the structures it overlapped show."""
+    from playwright.sync_api import sync_playwright
+
+    server = structures_server
+    labels = requests.get(f"{server.url}/info/", timeout=60).json()["models"]["ctv"]["labels"]
+    names = sorted(labels, key=labels.get)
+    assert len(names) > 1
+    with sync_playwright() as p:
+        browser, page = browser_page(p)
+        try:
+            page.goto(f"{server.url}/ctv/")
+            upload(page, REAL_CT)
+            page.wait_for_selector("#viewer-panel:not([hidden])")
+            page.wait_for_function("() => window.ctvState.mask !== null")
+            structures = page.evaluate("() => window.ctvState.structures")
+            assert [(s["name"], s["value"]) for s in structures] == [(n, labels[n]) for n in names]
+
+            # The legend: every structure of the model, in its order, with its colour and volume.
+            rows = page.locator("#structures tr")
+            assert [rows.nth(i).get_attribute("data-structure") for i in range(rows.count())] == names
+            for i, s in enumerate(structures):
+                row = rows.nth(i)
+                assert s["voxels"] > 0, f"the test model gives no {s['name']}"
+                assert row.locator(".name").inner_text() == s["name"]
+                assert row.locator(".volume").inner_text() == f"{s['volume_ml']:.1f} ml"
+                swatch = row.locator(".swatch").evaluate("e => e.style.background")
+                assert swatch == "rgb({}, {}, {})".format(*s["colour"])
+                assert row.locator("input[type=checkbox]").is_checked()
+            # The page's bitmask holds each structure whole: its voxel count is the result's.
+            counts = page.evaluate("""() => { const s = window.ctvState;
+                return s.structures.map((x) => { let v = 0; const bit = 1 << (x.value - 1);
+                    for (let i = 0; i < s.mask.length; i++) if (s.mask[i] & bit) v++; return v; }); }""")
+            assert counts == [s["voxels"] for s in structures]
+            page.evaluate(f"() => showSlice({page.evaluate(BUSIEST_SLICE)})")
+            page.screenshot(path=SCREENSHOTS / "page_5_structures.png")
+
+            overlapped = 0
+            for s in structures:
+                bit = 1 << (s["value"] - 1)
+                toggle = page.locator(f'#structures tr[data-structure="{s["name"]}"] input')
+                page.evaluate(f"() => showSlice({page.evaluate(SLICE_OF_STRUCTURE, bit)})")
+                shown = page.evaluate(STRUCTURE_PIXELS, bit)
+                # Drawn: exactly the pixels of the structures shown are tinted; its outline is its own colour.
+                assert shown["tinted"] == shown["expected"] > 0, (s["name"], shown)
+                assert shown["top"] > 0 and shown["top_colour"] == shown["top"], (s["name"], shown)
+                assert shown["alone_grey"] == 0, (s["name"], shown)
+                toggle.click()
+                hidden = page.evaluate(STRUCTURE_PIXELS, bit)
+                if s["name"] == names[0]:
+                    page.screenshot(path=SCREENSHOTS / "page_6_structure_hidden.png")
+                toggle.click()
+                # Hidden: its colour is gone; where it was alone the CT shows, where it overlapped another
+                # structure that one shows (the page has every structure whole, not a label map).
+                assert hidden["tinted"] == hidden["expected"], (s["name"], hidden)
+                assert hidden["top_colour"] == 0 and hidden["alone_grey"] == hidden["alone"], (s["name"], hidden)
+                assert hidden["shared_tinted"] == hidden["shared"], (s["name"], hidden)
+                overlapped += hidden["shared"] > 0
+            assert overlapped > 0  # the test model's structures overlap: the toggles showed what lies beneath
+
+            links = page.locator("#downloads a")
+            saved = {}
+            for i in range(links.count()):
+                fmt = links.nth(i).get_attribute("data-format")
+                with page.expect_download() as download:
+                    links.nth(i).click()
+                saved[fmt] = tmp_path / f"{fmt}.nii.gz"
+                download.value.save_as(saved[fmt])
+            view = bytes(page.evaluate("() => Array.from(new Uint8Array(window.ctvState.mask.buffer))"))
+        finally:
+            browser.close()
+
+    # The files: the bitmask holds every structure whole (overlaps included); the label map is its
+    # first-listed structure per voxel; both carry the structures in their header.
+    assert set(saved) == {"nifti", "nifti_bitmask"}
+    bitmask_image, labelmap_image = nib.load(saved["nifti_bitmask"]), nib.load(saved["nifti"])
+    bitmask, labelmap = np.asarray(bitmask_image.dataobj), np.asarray(labelmap_image.dataobj)
+    model = Structures([{k: s[k] for k in ("name", "roi_type", "colour")} for s in structures])
+    assert [int(np.count_nonzero(model.mask(bitmask, n))) for n in names] == [s["voxels"] for s in structures]
+    assert np.count_nonzero([model.mask(bitmask, n) for n in names], axis=0).max() > 1  # overlaps kept
+    np.testing.assert_array_equal(labelmap, model.labelmap(bitmask))
+    for image, encoding in ((bitmask_image, "bitmask"), (labelmap_image, "labelmap")):
+        header = json.loads(image.header.extensions[0].get_content())
+        assert header["encoding"] == encoding and [s["name"] for s in header["structures"]] == names
+    # What the page drew from is that bitmask, in display orientation.
+    assert view == display_volume(bitmask, bitmask_image.affine).astype(bitmask.dtype.newbyteorder("<")).tobytes()
+
+
 def test_dicom_zip_gets_rtstruct_and_seg_naming_its_input(server, tmp_path):
     """API level: a zipped DICOM series gives NIfTI, RTSTRUCT and SEG, each naming the input."""
     archive = tmp_path / "vh.zip"
@@ -162,7 +301,7 @@ def test_dicom_zip_gets_rtstruct_and_seg_naming_its_input(server, tmp_path):
     case_id, result_id = r.json()["case"]["id"], r.json()["result"]["id"]
     case = wait_done(s, server.url, case_id, result_id)
     result = next(x for x in case["results"] if x["id"] == result_id)
-    assert set(result["files"]) == {"nifti", "rtstruct", "dicom_seg"}
+    assert set(result["files"]) == {"nifti", "nifti_bitmask", "rtstruct", "dicom_seg"}
     assert case["input"]["sha256"] == sha256(archive)
     contoured = case["input"]["contoured_sha256"]
     for fmt, text_of in (("rtstruct", "StructureSetDescription"), ("dicom_seg", "ImageComments")):

@@ -2,9 +2,11 @@
 
 The page is static (``apps/ctv_app/web/``); everything it shows comes from this API. Contouring
 runs the same infer task as ``/infer/ctv``, one case at a time in a background worker, so the
-page polls the result's stage. Slices are rendered in the browser from two byte volumes the
-server prepares once per case: the CT windowed to uint8 and each contour, both in display
-orientation (axial, patient right on the left of the screen, anterior up).
+page polls the result's stage. Slices are rendered in the browser from volumes the server prepares
+once per case, in display orientation (axial, patient right on the left of the screen, anterior
+up): the CT windowed to uint8, and each result's structures as a bitmask (bit ``value - 1`` set
+where a voxel is in that structure, so overlapping structures are each shown whole and one hidden
+on the page reveals the one beneath). The legend's names, colours and volumes are the result's.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from .datastore import check_label
 from .dicom.results import check_referenceable, write_dicom_result
 from .dicom.series import read_series_headers
 from .errors import ConflictError, CTVError, ImageNotFoundError, InvalidInputError, NotAuthorisedError, ServerBusyError
+from .infers.ctv import write_nifti
 from .provenance import input_sha256
 from .security import current_user
+from .structures import CATALOGUE, Structures
 from .transforms.validation import load_ct
 
 logger = logging.getLogger(__name__)
@@ -42,7 +46,10 @@ logger = logging.getLogger(__name__)
 WEB_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "web")
 OWNER_COOKIE = "ctv_owner"
 OWNER_HEADER = "X-CTV-Owner"
-FILE_NAMES = {"nifti": "ctv.nii.gz", "rtstruct": "ctv_rtstruct.dcm", "dicom_seg": "ctv_seg.dcm"}
+# ``nifti``: the label map viewers read (the first-listed structure where structures overlap);
+# ``nifti_bitmask``: every structure whole (docs/model.md, "Structure sets").
+FILE_NAMES = {"nifti": "ctv.nii.gz", "nifti_bitmask": "ctv_bitmask.nii.gz", "rtstruct": "ctv_rtstruct.dcm",
+              "dicom_seg": "ctv_seg.dcm"}  # fmt: skip
 
 
 def display_volume(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -117,18 +124,25 @@ class ContouringService:
         started = time.monotonic()
         try:
             self.store.set_result(case, result_id, status="running", stage="contouring")
-            request = {"model": self.model, "image": case.input_path, "result_format": "nifti"}
+            # The lossless form: every other file (label map, RTSTRUCT, SEG) is written from it.
+            request = {"model": self.model, "image": case.input_path, "result_format": "nifti",
+                       "label_encoding": "bitmask"}  # fmt: skip
             out = when_admitted(lambda: self.app.infer(request))  # a full queue: wait for a turn
             params = out["params"]
             provenance = params["provenance"]
             if provenance["input"]["sha256"] != case.record["input"]["contoured_sha256"]:
                 raise RuntimeError("the contoured input is not this case's input")
             self.store.set_result(case, result_id, stage="writing")
-            files = {"nifti": os.path.join(work, FILE_NAMES["nifti"])}
-            shutil.move(out["file"], files["nifti"])
+            files = {fmt: os.path.join(work, FILE_NAMES[fmt]) for fmt in ("nifti", "nifti_bitmask")}
+            shutil.move(out["file"], files["nifti_bitmask"])
+            bitmask = np.asarray(nib.load(files["nifti_bitmask"]).dataobj)
+            structures = result_structures(params)
+            described = [{k: s[k] for k in ("name", "value", "roi_type", "colour")} for s in params["structures"]]
+            path = write_nifti(structures.labelmap(bitmask), np.asarray(provenance["input"]["affine"]), provenance,
+                               {"encoding": "labelmap", "structures": described})  # fmt: skip
+            shutil.move(path, files["nifti"])
             notes = {}
             if case.is_dicom:
-                mask = np.asarray(nib.load(files["nifti"]).dataobj)
                 # The headers are read once more here; their digest shows they are the bytes contoured.
                 series = read_series_headers(case.input_path)
                 if series.sha256 != provenance["input"]["sha256"]:
@@ -139,14 +153,14 @@ class ContouringService:
                     notes["dicom_refused"] = str(e)
                 else:
                     for fmt in ("rtstruct", "dicom_seg"):
-                        path, _ = write_dicom_result(fmt, mask, series, self.rt_config, provenance)
+                        path, _ = write_dicom_result(fmt, bitmask, structures, series, self.rt_config, provenance)
                         files[fmt] = os.path.join(work, FILE_NAMES[fmt])
                         shutil.move(path, files[fmt])
             names = self.store.publish_files(case, result_id, files)
             self.store.set_result(
                 case, result_id, status="done", stage="done", files=names, **notes,
                 model=provenance["model"]["sha256"], input_sha256=provenance["input"]["sha256"],
-                ctv_volume_ml=params.get("ctv_volume_ml"), latencies=params.get("latencies"),
+                structures=params["structures"], latencies=params.get("latencies"),
             )  # fmt: skip
         except Exception as e:  # the page shows it; the server and the other cases carry on
             logger.exception(f"contouring case {case.id} failed")
@@ -158,11 +172,12 @@ class ContouringService:
 
     # --- what the viewer draws -------------------------------------------------------------------
     def view_bytes(self, case: Case, what: str, result_id: str | None = None) -> str:
-        """Path of a cached uint8 display volume: the windowed CT, a result's mask, or the annotation.
+        """Path of a cached display volume: the windowed CT (uint8), a result's structures (the bitmask:
+        little-endian uint8, 16 or 32 by the number of structures), or the annotation (uint8, 0/1).
         One file each, named only by ids of the case's own record (``result_id`` for a mask)."""
         cache = os.path.join(case.folder, "view")
         os.makedirs(cache, exist_ok=True)
-        name = f"mask_{case.result(result_id)['id']}.u8" if what == "mask" else f"{what}.u8"
+        name = f"mask_{case.result(result_id)['id']}.bitmask" if what == "mask" else f"{what}.u8"
         path = os.path.join(cache, name)
         if not os.path.exists(path):
             image = load_ct(case.input_path)
@@ -171,8 +186,12 @@ class ContouringService:
                 lo, hi = self.window
                 data = np.clip((np.asarray(image[0]) - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
             elif what == "mask":
-                nifti = os.path.join(case.result_folder(result_id), case.result(result_id)["files"]["nifti"])
-                data = (np.asarray(nib.load(nifti).dataobj) > 0).astype(np.uint8)
+                files, folder = case.result(result_id)["files"], case.result_folder(result_id)
+                if "nifti_bitmask" in files:
+                    data = np.asarray(nib.load(os.path.join(folder, files["nifti_bitmask"])).dataobj)
+                    data = data.astype(data.dtype.newbyteorder("<"))
+                else:  # a result from before structure sets: one CTV mask, which is bit 0
+                    data = (np.asarray(nib.load(os.path.join(folder, files["nifti"])).dataobj) > 0).astype(np.uint8)
             else:
                 data = (np.asarray(nib.load(os.path.join(case.folder, "annotation.nii.gz")).dataobj) > 0).astype(np.uint8)
             tmp = path + f".{secrets.token_hex(4)}.tmp"
@@ -190,6 +209,26 @@ class ContouringService:
             "spacing_mm": display_spacing(affine),
             "window": {"name": "soft tissue (the model's window)", "level": (lo + hi) / 2, "width": hi - lo},
         }  # fmt: skip
+
+
+def result_structures(result: dict[str, Any]) -> Structures:
+    """The structures of a result (``result``: its result JSON) as the model that made it describes them
+    (with the SNOMED code and rule the DICOM writers need), in the result's order."""
+    model = Structures(result["provenance"]["model"]["params"]["structures"])
+    return Structures(model.subset([s["name"] for s in result["structures"]]))
+
+
+def public(case: Case) -> dict[str, Any]:
+    """What the page and the client see of a case. A result from before structure sets (one CTV mask and
+    its ``ctv_volume_ml``) is described as that one structure, so the page still shows it."""
+    record = case.public()
+    record["results"] = [dict(r) for r in record["results"]]  # never change the stored record here
+    for r in record["results"]:
+        if r.get("status") == "done" and "structures" not in r:
+            ctv = CATALOGUE["CTV"]
+            r["structures"] = [{"name": ctv.name, "value": 1, "roi_type": ctv.roi_type, "colour": list(ctv.colour),
+                                "volume_ml": r.get("ctv_volume_ml")}]  # fmt: skip
+    return record
 
 
 def owner_of(request: Request) -> str:
@@ -245,15 +284,15 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
         except ServerBusyError:  # the queue filled while this upload was checked: keep no case without a result
             shutil.rmtree(case.folder, ignore_errors=True)
             raise
-        return JSONResponse({"case": case.public(), "result": result}, status_code=201)
+        return JSONResponse({"case": public(case), "result": result}, status_code=201)
 
     @router.get("/api/cases")
     def history(owner: str = Depends(owner_of)) -> list[dict[str, Any]]:
-        return [c.public() for c in service.store.list(owner)]
+        return [public(c) for c in service.store.list(owner)]
 
     @router.get("/api/cases/{case_id}")
     def case(case_id: str, owner: str = Depends(owner_of)) -> dict[str, Any]:
-        return service.store.get(owner, case_id).public()
+        return public(service.store.get(owner, case_id))
 
     @router.post("/api/cases/{case_id}/contour")
     def recontour(case_id: str, owner: str = Depends(owner_of)) -> dict[str, Any]:
@@ -276,7 +315,7 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
         if os.path.exists(cached):
             os.unlink(cached)
         service.store.update(case, lambda r: r.update(annotation={"name": file.filename}))
-        return case.public()
+        return public(case)
 
     @router.get("/api/cases/{case_id}/view")
     def view(case_id: str, owner: str = Depends(owner_of)) -> dict[str, Any]:

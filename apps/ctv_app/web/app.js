@@ -1,12 +1,15 @@
-// The contouring page: upload, progress, history, slice viewer, downloads. Everything comes from /ctv/api/.
+// The contouring page: upload, progress, history, slice viewer, legend, downloads. Everything comes from
+// /ctv/api/: structure names, colours and volumes are the result's own (the model's description).
 "use strict";
 
 const API = "/ctv/api";
-const AUTO_RGB = [255, 128, 0];
 const ANNOTATION_RGB = [0, 200, 255];
 const $ = (id) => document.getElementById(id);
 
-const state = { case: null, meta: null, image: null, mask: null, annotation: null, slice: 0, timer: null };
+// mask: the result's structures as a bitmask (bit value - 1 of a voxel set where it is in that structure);
+// hidden: names of the structures toggled off (kept across results and cases).
+const state = { case: null, meta: null, image: null, mask: null, structures: [], hidden: new Set(), annotation: null,
+  slice: 0, timer: null };
 window.ctvState = state; // for tests: what the page is showing
 window.ctvTimings = []; // ms from a slice change to its pixels on the canvases (read by tests and bench)
 
@@ -95,6 +98,13 @@ async function refreshHistory() {
 // --- viewer --------------------------------------------------------------------------------------
 async function bytes(path) { return new Uint8Array(await (await api(path)).arrayBuffer()); }
 
+// A bitmask volume: 1, 2 or 4 little-endian bytes a voxel (up to 8, 16 or 32 structures).
+async function bitmask(path) {
+  const buffer = await (await api(path)).arrayBuffer();
+  const width = buffer.byteLength / (state.meta.slices * state.meta.rows * state.meta.cols);
+  return width === 1 ? new Uint8Array(buffer) : width === 2 ? new Uint16Array(buffer) : new Uint32Array(buffer);
+}
+
 async function openCase(caseId, resultId) {
   stopPlay();
   const c = await (await api(`/cases/${caseId}`)).json();
@@ -130,17 +140,20 @@ async function openCase(caseId, resultId) {
 async function loadResult() {
   const resultId = $("result").value;
   const c = state.case;
-  state.mask = resultId ? await bytes(`/cases/${c.id}/view/mask?result=${resultId}`) : null;
+  state.mask = resultId ? await bitmask(`/cases/${c.id}/view/mask?result=${resultId}`) : null;
   const result = c.results.find((r) => r.id === resultId);
+  state.structures = result ? result.structures : [];
+  showLegend();
   const rows = [["input", c.input.name], ["input sha256", c.input.sha256]];
   if (c.input.contoured_sha256 !== c.input.sha256) rows.push(["series sha256", c.input.contoured_sha256]);
-  if (result) rows.push(["model sha256", result.model], ["CTV volume", `${result.ctv_volume_ml.toFixed(1)} ml`]);
+  if (result) rows.push(["model sha256", result.model]);
   $("provenance").replaceChildren(...rows.flatMap(([k, v]) => {
     const dt = document.createElement("dt"); dt.textContent = k;
     const dd = document.createElement("dd"); dd.textContent = v; dd.className = k.includes("sha") ? "sha" : "";
     return [dt, dd];
   }));
-  const labels = { nifti: "NIfTI", rtstruct: "RTSTRUCT", dicom_seg: "DICOM SEG" };
+  const labels = { nifti: "NIfTI label map", nifti_bitmask: "NIfTI bitmask (overlaps kept)", rtstruct: "RTSTRUCT",
+    dicom_seg: "DICOM SEG" };
   $("downloads").replaceChildren(...Object.keys(result ? result.files : {}).map((fmt) => {
     const li = document.createElement("li");
     const a = document.createElement("a");
@@ -154,6 +167,33 @@ async function loadResult() {
   if (state.meta) showSlice(state.slice);
 }
 
+// One row per structure of the result: show/hide, colour, name, volume.
+function showLegend() {
+  $("structures").replaceChildren(...state.structures.map((s) => {
+    const row = document.createElement("tr");
+    row.dataset.structure = s.name;
+    row.innerHTML = `<td><input type="checkbox"></td><td><span class="swatch"></span></td><td class="name"></td>
+      <td class="volume"></td>`;
+    const toggle = row.querySelector("input");
+    toggle.checked = !state.hidden.has(s.name);
+    toggle.setAttribute("aria-label", `show ${s.name}`);
+    toggle.onchange = () => {
+      if (toggle.checked) state.hidden.delete(s.name); else state.hidden.add(s.name);
+      if (state.meta) showSlice(state.slice);
+    };
+    row.querySelector(".swatch").style.background = `rgb(${s.colour.join(", ")})`;
+    row.querySelector(".name").textContent = s.name;
+    row.querySelector(".name").title = s.roi_type;
+    row.querySelector(".volume").textContent = s.volume_ml == null ? "" : `${s.volume_ml.toFixed(1)} ml`;
+    return row;
+  }));
+}
+
+// The structures shown, as [bit, colour] layers; the first-listed (the targets) drawn last, on top.
+function shownLayers() {
+  return state.structures.filter((s) => !state.hidden.has(s.name)).map((s) => [1 << (s.value - 1), s.colour]).reverse();
+}
+
 function applyLayout() {
   const side = $("layout").value === "side";
   $("figure-image").hidden = !side;
@@ -162,6 +202,7 @@ function applyLayout() {
   if (state.meta) showSlice(state.slice);
 }
 
+// overlays: [volume, layers]; a layer [bit, rgb] tints the voxels with that bit set, its outline opaque.
 function draw(canvasId, k, overlays) {
   const { rows, cols } = state.meta;
   const n = rows * cols, offset = k * n;
@@ -173,15 +214,20 @@ function draw(canvasId, k, overlays) {
     const g = img[offset + i], p = 4 * i;
     px[p] = g; px[p + 1] = g; px[p + 2] = g; px[p + 3] = 255;
   }
-  for (const [mask, rgb] of overlays) {
-    if (!mask) continue;
+  for (const [mask, layers] of overlays) {
+    if (!mask || !layers.length) continue;
+    const any = layers.reduce((bits, [bit]) => bits | bit, 0);
     for (let i = 0; i < n; i++) {
-      if (!mask[offset + i]) continue;
-      const r = (i / cols) | 0, c = i - r * cols;
-      const edge = c === 0 || c === cols - 1 || r === 0 || r === rows - 1 ||
-        !mask[offset + i - 1] || !mask[offset + i + 1] || !mask[offset + i - cols] || !mask[offset + i + cols];
-      const a = edge ? 1.0 : 0.35, p = 4 * i;
-      px[p] = px[p] * (1 - a) + rgb[0] * a; px[p + 1] = px[p + 1] * (1 - a) + rgb[1] * a; px[p + 2] = px[p + 2] * (1 - a) + rgb[2] * a;
+      const v = mask[offset + i] & any;
+      if (!v) continue;
+      const r = (i / cols) | 0, c = i - r * cols, border = c === 0 || c === cols - 1 || r === 0 || r === rows - 1;
+      for (const [bit, rgb] of layers) {
+        if (!(v & bit)) continue;
+        const edge = border || !(mask[offset + i - 1] & bit) || !(mask[offset + i + 1] & bit) ||
+          !(mask[offset + i - cols] & bit) || !(mask[offset + i + cols] & bit);
+        const a = edge ? 1.0 : 0.35, p = 4 * i;
+        px[p] = px[p] * (1 - a) + rgb[0] * a; px[p + 1] = px[p + 1] * (1 - a) + rgb[1] * a; px[p + 2] = px[p + 2] * (1 - a) + rgb[2] * a;
+      }
     }
   }
   ctx.putImageData(out, 0, 0);
@@ -193,12 +239,13 @@ function showSlice(k) {
   state.slice = Math.max(0, Math.min(m.slices - 1, k));
   $("slice").value = state.slice;
   $("slice-label").textContent = `slice ${state.slice + 1} / ${m.slices}`;
+  const auto = [state.mask, shownLayers()], annotation = [state.annotation, [[1, ANNOTATION_RGB]]];
   if ($("layout").value === "side") {
-    draw("view-main", state.slice, [[state.mask, AUTO_RGB]]);
+    draw("view-main", state.slice, [auto]);
     draw("view-image", state.slice, []);
-    if (state.annotation) draw("view-annotation", state.slice, [[state.annotation, ANNOTATION_RGB]]);
+    if (state.annotation) draw("view-annotation", state.slice, [annotation]);
   } else {
-    draw("view-main", state.slice, [[state.mask, AUTO_RGB], [state.annotation, ANNOTATION_RGB]]);
+    draw("view-main", state.slice, [auto, annotation]);
   }
   window.ctvTimings.push(performance.now() - t0);
   document.body.dataset.slice = state.slice;

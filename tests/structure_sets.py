@@ -1,0 +1,42 @@
+"""A multi-structure model made for the tests, and a server serving it (for the page, client and viewer tests).
+
+The checkpoint holds the cervix model's structures (``structures.CERVIX``) with seeded random weights: its
+structures are large, noisy and overlap a lot, which is what format and viewer tests need (every
+structure present, overlaps to keep), never a measure of accuracy. It is written to a temp folder:
+the tracked ``apps/ctv_app/model/ctv.pt`` is never touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .support import ServerProcess
+
+
+def write_structures_checkpoint(path: Path, seed: int = 0) -> Path:
+    import torch
+
+    from ctv_app.lib.checkpoint import save_checkpoint
+    from ctv_app.lib.networks import network_for
+    from ctv_app.lib.params import CTVParams
+
+    torch.manual_seed(seed)
+    params = CTVParams()  # the default structures: the cervix set
+    meta = {"epoch": 0, "note": "random weights, for tests"}
+    save_checkpoint(str(path), network_for(params).state_dict(), params, meta)
+    return path
+
+
+@pytest.fixture(scope="session")
+def structures_model(tmp_path_factory) -> Path:
+    return write_structures_checkpoint(tmp_path_factory.mktemp("structures_model") / "ctv.pt")
+
+
+@pytest.fixture(scope="session")
+def structures_server(studies, structures_model, tmp_path_factory):
+    """The real server on the test datastore, serving the multi-structure test model."""
+    workdir = tmp_path_factory.mktemp("structures_server")
+    with ServerProcess(studies, workdir, conf={"ctv_model": str(structures_model)}) as proc:
+        yield proc
