@@ -2,67 +2,57 @@
 
 The DICOM formats reference the source series' SOP instances and frame of reference, so they
 need a DICOM CT series as input; a NIfTI input gets NIfTI only (a 422 says why otherwise).
-How contours are named and drawn is the department's choice, set with ``--conf``:
+Both carry every structure of the result: one ROI (RTSTRUCT) or one segment (SEG) each, named,
+typed and coloured as the model's ``Structures`` describe them (``lib/structures.py``, carried in
+the checkpoint), each from its own mask, so overlapping structures are kept whole. The synonyms
+under which clinical RTSTRUCTs name a structure come from there too. What stays the department's
+choice is set with ``--conf``:
 
-    --conf rt_roi_name CTV                          TG-263 name of the written ROI
-    --conf rt_roi_colour [255,128,0]                its display colour (RGB)
-    --conf rt_structure_set_label CTV_AUTO
-    --conf rt_roi_labels {"CTV":1,"CTV_High":1}     clinical ROI names read as training labels
-    --conf rt_raster_rule centre                    centre | touch (rtstruct.py)
+    --conf rt_structure_set_label AUTO_CONTOUR      StructureSetLabel of the RTSTRUCTs written
+    --conf rt_raster_rule centre                    centre | touch: how clinical contours are read (rtstruct.py)
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from ..errors import InvalidInputError
+from ..structures import Structures
 from .rtstruct import RASTER_RULES, ROI, write_rtstruct
 from .seg import write_seg
 from .series import SeriesRead, find_ct_series
 
 RESULT_FORMATS = ("nifti", "dicom_seg", "rtstruct")
-# TG-263: at most 16 characters, letters, digits and _ ^ - (no spaces).
-_TG263_NAME = re.compile(r"^[A-Za-z0-9_^-]{1,16}$")
-DEFAULT_ROI_LABELS = {"CTV": 1, "CTV_High": 1, "CTV_Low": 1, "CTVp": 1, "CTVp_High": 1, "CTV_Primary": 1}
+# Settings of the single-structure server, now described by the model's structures.
+_REMOVED_CONF = ("rt_roi_name", "rt_roi_colour", "rt_roi_labels")
 
 
 @dataclass
 class RTConfig:
-    roi_name: str = "CTV"
-    roi_colour: tuple[int, int, int] = (255, 128, 0)
-    structure_set_label: str = "CTV_AUTO"
-    roi_labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_ROI_LABELS))
+    structure_set_label: str = "AUTO_CONTOUR"
     raster_rule: str = "centre"
 
     def __post_init__(self) -> None:
-        if not _TG263_NAME.match(self.roi_name):
-            raise ValueError(f"rt_roi_name {self.roi_name!r} is not a TG-263 name (<= 16 of A-Z a-z 0-9 _ ^ -)")
-        self.roi_colour = tuple(int(c) for c in self.roi_colour)
-        if len(self.roi_colour) != 3 or not all(0 <= c <= 255 for c in self.roi_colour):
-            raise ValueError(f"rt_roi_colour must be three values 0-255, got {self.roi_colour}")
+        if not 0 < len(self.structure_set_label) <= 16:  # SH
+            raise ValueError(f"rt_structure_set_label must be 1-16 characters, got {self.structure_set_label!r}")
         if self.raster_rule not in RASTER_RULES:
             raise ValueError(f"rt_raster_rule must be one of {RASTER_RULES}, got {self.raster_rule!r}")
-        self.roi_labels = {str(k): int(v) for k, v in self.roi_labels.items()}
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> "RTConfig":
-        values: dict[str, Any] = {}
-        for name in ("roi_name", "structure_set_label", "raster_rule"):
-            if f"rt_{name}" in conf:
-                values[name] = conf[f"rt_{name}"]
-        for name in ("roi_colour", "roi_labels"):
-            if f"rt_{name}" in conf:
-                values[name] = json.loads(conf[f"rt_{name}"])
-        return cls(**values)
+        if removed := [key for key in _REMOVED_CONF if key in conf]:
+            raise ValueError(
+                f"--conf {', '.join(removed)} no longer exist: ROI names, colours and the clinical names read as "
+                "labels are the model's structures (lib/structures.py, docs/dicom.md)"
+            )
+        return cls(**{key: conf[f"rt_{key}"] for key in ("structure_set_label", "raster_rule") if f"rt_{key}" in conf})
 
 
 def is_dicom_source(image_path: Any) -> bool:
@@ -106,38 +96,49 @@ def check_referenceable(headers: list[Dataset], where: str) -> None:
 
 
 def write_dicom_result(
-    fmt: str, mask: np.ndarray, series: SeriesRead, config: RTConfig, provenance: dict[str, Any]
+    fmt: str,
+    bitmask: np.ndarray,
+    structures: Structures,
+    series: SeriesRead,
+    config: RTConfig,
+    provenance: dict[str, Any],
 ) -> tuple[str, dict[str, Any]]:
-    """Write ``mask`` (on the series' grid) as DICOM SEG or RTSTRUCT referencing ``series``, the headers
-    read with the input the mask was computed from (never read again here); returns path and UIDs."""
+    """Write a result as DICOM SEG or RTSTRUCT referencing ``series``, the headers read with the input the
+    result was computed from (never read again here); returns the path and what was written.
+
+    ``bitmask`` (on the series' grid) holds ``structures`` by bit (``Structures.pack``); each of them
+    becomes one ROI / one segment, in that order, empty ones included (rtstruct.py and seg.py say how)."""
     geometry, headers = series.geometry, series.headers
     check_referenceable(headers, f"series {series.series_uid}")  # these headers, as read
+    if tuple(bitmask.shape) != tuple(geometry.shape):
+        raise InvalidInputError(f"result shape {bitmask.shape} is not the CT series shape {geometry.shape}")
+    masks = [(s, structures.mask(bitmask, s.name)) for s in structures]
     model = provenance.get("model") or {}
     model_version = str(model.get("sha256", "unknown"))
     software = provenance.get("software", {}).get("ctv-label", "unknown")
-    fd, path = tempfile.mkstemp(suffix=".dcm")
-    os.close(fd)
-    labels = {config.roi_name: 1}
+    what = structures[0].name if len(structures) == 1 else f"{len(structures)} structures"
     description = (
         f"Auto-generated by ctv-label {software}; model sha256 {model_version}; "
-        f"input sha256 {provenance.get('input', {}).get('sha256')}. Not approved for treatment planning."
+        f"input sha256 {provenance.get('input', {}).get('sha256')}; "
+        f"structures {', '.join(structures.names)}. Not approved for treatment planning."
     )
+    fd, path = tempfile.mkstemp(suffix=".dcm")
+    os.close(fd)
     if fmt == "rtstruct":
         ds = write_rtstruct(
-            [ROI(config.roi_name, mask == labels[config.roi_name], config.roi_colour, "CTV")],
+            [ROI.of(s, mask) for s, mask in masks],
             geometry,
             headers,
             path,
             structure_set_label=config.structure_set_label,
             description=description,
             software_versions=[f"ctv-label {software}", f"model {model_version[:12]}"],
-            series_description=f"AUTO {config.roi_name} model {model_version[:12]} UNAPPROVED",
+            series_description=f"AUTO {what} model {model_version[:12]} UNAPPROVED",
         )
     else:
         ds = write_seg(
-            mask, geometry, headers, path, labels, model_version, software,
-            series_description=f"AUTO {config.roi_name} model {model_version[:12]}"[:64], colour=config.roi_colour,
-            comments=description,
+            masks, geometry, headers, path, model_version, software,
+            series_description=f"AUTO {what} model {model_version[:12]}", comments=description,
         )  # fmt: skip
     info = {
         "format": fmt,
@@ -146,5 +147,7 @@ def write_dicom_result(
         "SeriesInstanceUID": str(ds.SeriesInstanceUID),
         "StudyInstanceUID": str(ds.StudyInstanceUID),
         "referenced_series": str(headers[0].SeriesInstanceUID),
+        "structures": structures.names,
+        "empty": [s.name for s, mask in masks if not mask.any()],
     }
     return path, info

@@ -1,6 +1,14 @@
 """RTSTRUCT: write structures (a mask each) as an RT Structure Set on their CT series, read one back,
 and decide whether a structure set may become a training label (``training_label``).
 
+Written: one ROI per structure (``ROI.of``: its TG-263 name, RT ROI interpreted type and colour, from
+``lib/structures.py``), each from its own mask, so structures that overlap are each kept whole. A
+structure with no voxels keeps its ROI with no contours (ROIContourSequence item without a
+ContourSequence, as planning systems export an ROI that was named but not drawn): the planner sees
+that the model looked for it and found nothing. Read for training: every ROI whose name means one of
+the model's structures (``Structures.find``: TG-263 name or synonym, any case) becomes that
+structure's mask; ROIs that mean none are ignored, and a structure no ROI draws is not contained.
+
 Contour convention (written and read): every boundary of a label on a slice is its own
 CLOSED_PLANAR contour, outer boundaries and hole boundaries alike, with no keyhole cuts. A point
 belongs to the ROI when it lies inside an odd number of that slice's contours (even-odd rule),
@@ -30,6 +38,7 @@ from skimage.draw import polygon as fill_polygon
 from skimage.measure import approximate_polygon, find_contours
 
 from ..errors import InvalidInputError
+from ..structures import Structure, Structures
 from .seg import MANUFACTURER, MANUFACTURER_MODEL_NAME
 from .series import LPS_TO_RAS, CTGeometry
 
@@ -52,6 +61,11 @@ class ROI:
     mask: np.ndarray
     colour: tuple[int, int, int] = (255, 128, 0)
     interpreted_type: str = "CTV"
+
+    @classmethod
+    def of(cls, structure: Structure, mask: np.ndarray) -> "ROI":
+        """A structure's ROI: name, RTROIInterpretedType and ROIDisplayColor as ``structure`` describes it."""
+        return cls(structure.name, mask, structure.colour, structure.roi_type)
 
 
 @dataclass
@@ -102,12 +116,13 @@ def write_rtstruct(
     geometry: CTGeometry,
     headers: Sequence[Dataset],
     path: str,
-    structure_set_label: str = "CTV_AUTO",
+    structure_set_label: str = "AUTO_CONTOUR",
     description: str = "",
     software_versions: Sequence[str] = (),
     series_description: str = "",
 ) -> Dataset:
-    """Write ``rois`` (each its own mask on ``geometry``) as an UNAPPROVED, AUTOMATIC RTSTRUCT."""
+    """Write ``rois`` (each its own mask on ``geometry``, so they may overlap) as an UNAPPROVED, AUTOMATIC
+    RTSTRUCT; an ROI with an empty mask is written without contours (module doc)."""
     for roi in rois:
         if tuple(roi.mask.shape) != tuple(geometry.shape):
             raise InvalidInputError(f"{roi.name}: mask shape {roi.mask.shape} is not the series shape {geometry.shape}")
@@ -139,7 +154,7 @@ def write_rtstruct(
     ds.FrameOfReferenceUID = ct.FrameOfReferenceUID
     ds.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", "")
     ds.StructureSetLabel = structure_set_label[:16]
-    ds.StructureSetName = "CTV auto-contour"
+    ds.StructureSetName = "Auto-contour"
     ds.StructureSetDescription = description[:1024]
     ds.ApprovalStatus = "UNAPPROVED"
 
@@ -258,6 +273,44 @@ def _touched_voxels(ij: np.ndarray, cols: int, rows: int) -> tuple[np.ndarray, n
     return idx[:, 0], idx[:, 1]
 
 
+def _check_rule(rule: str) -> None:
+    if rule not in RASTER_RULES:
+        raise InvalidInputError(f"unknown rasterisation rule {rule!r}; use one of {RASTER_RULES}")
+
+
+def _check_frame(structure_set: StructureSet, headers: Sequence[Dataset]) -> None:
+    ct_frame = str(headers[0].get("FrameOfReferenceUID", ""))
+    if structure_set.frame_of_reference_uid and structure_set.frame_of_reference_uid != ct_frame:
+        raise InvalidInputError(
+            f"the RTSTRUCT is drawn in frame of reference {structure_set.frame_of_reference_uid}, "
+            f"the CT series is in {ct_frame}"
+        )
+
+
+def roi_mask(roi: StructureROI, geometry: CTGeometry, rule: str = "centre") -> tuple[np.ndarray, int]:
+    """The voxels (i, j, k) one ROI covers by ``rule`` (module doc), and how many of its contours lie on
+    no slice of ``geometry``."""
+    _check_rule(rule)
+    to_voxel = np.linalg.inv(_lps_affine(geometry))
+    half_gap = 0.5 * float(np.median(np.diff(geometry.positions_mm))) if len(geometry.positions_mm) > 1 else 1.0
+    cols, rows = geometry.shape[0], geometry.shape[1]
+    inside = np.zeros(geometry.shape, dtype=bool)
+    touched = np.zeros(geometry.shape, dtype=bool)
+    off_series = 0
+    for points in roi.contours:
+        distance = float(np.mean(points @ geometry.normal))
+        k = int(np.argmin(np.abs(geometry.positions_mm - distance)))
+        if abs(geometry.positions_mm[k] - distance) > half_gap:
+            off_series += 1  # drawn on no slice of this series
+            continue
+        voxels = (to_voxel @ np.column_stack([points, np.ones(len(points))]).T).T
+        rr, cc = fill_polygon(voxels[:, 1], voxels[:, 0], shape=(rows, cols))
+        inside[cc, rr, k] ^= True  # even-odd: a contour inside a contour is a hole
+        if rule == "touch":
+            touched[_touched_voxels(voxels[:, :2], cols, rows) + (k,)] = True
+    return inside | touched, off_series
+
+
 def rasterise(
     structure_set: StructureSet,
     geometry: CTGeometry,
@@ -265,67 +318,55 @@ def rasterise(
     roi_labels: Mapping[str, int],
     rule: str = "centre",
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Label mask (i, j, k) on the CT grid from the ROIs named in ``roi_labels`` (case-insensitive).
+    """Label map (i, j, k) on the CT grid of the ROIs named in ``roi_labels`` (exact names, any case): a
+    reader of RTSTRUCTs by ROI name (``training_label`` reads them by structure).
 
-    Returns the mask and what was used: ``{"rois": {name: value}, "ignored": [names], "voxels": {name:
+    Returns the map and what was used: ``{"rois": {name: value}, "ignored": [names], "voxels": {name:
     voxels it covers}, "off_series": {name: contours on no slice of the series}}``. ROIs later in
-    ``roi_labels`` win where structures overlap. ``rule`` is ``centre`` or ``touch`` (module doc).
+    ``roi_labels`` win where structures overlap (``roi_mask`` gives each ROI whole).
     """
-    if rule not in RASTER_RULES:
-        raise InvalidInputError(f"unknown rasterisation rule {rule!r}; use one of {RASTER_RULES}")
-    ct_frame = str(headers[0].get("FrameOfReferenceUID", ""))
-    if structure_set.frame_of_reference_uid and structure_set.frame_of_reference_uid != ct_frame:
-        raise InvalidInputError(
-            f"the RTSTRUCT is drawn in frame of reference {structure_set.frame_of_reference_uid}, "
-            f"the CT series is in {ct_frame}"
-        )
+    _check_rule(rule)
+    _check_frame(structure_set, headers)
     wanted = {k.lower(): (rank, int(v)) for rank, (k, v) in enumerate(roi_labels.items())}
     matched = sorted(
         ((wanted[r.name.lower()], r) for r in structure_set.rois if r.name.lower() in wanted), key=lambda x: x[0][0]
     )
     mask = np.zeros(geometry.shape, dtype=np.uint8)
-    to_voxel = np.linalg.inv(_lps_affine(geometry))
-    half_gap = 0.5 * float(np.median(np.diff(geometry.positions_mm))) if len(geometry.positions_mm) > 1 else 1.0
-    cols, rows = geometry.shape[0], geometry.shape[1]
     voxels_of, off_series = {}, {}
     for (_, value), roi in matched:
-        inside = np.zeros(geometry.shape, dtype=bool)
-        touched = np.zeros(geometry.shape, dtype=bool)
-        for points in roi.contours:
-            distance = float(np.mean(points @ geometry.normal))
-            k = int(np.argmin(np.abs(geometry.positions_mm - distance)))
-            if abs(geometry.positions_mm[k] - distance) > half_gap:
-                off_series[roi.name] = off_series.get(roi.name, 0) + 1  # drawn on no slice of this series
-                continue
-            voxels = (to_voxel @ np.column_stack([points, np.ones(len(points))]).T).T
-            rr, cc = fill_polygon(voxels[:, 1], voxels[:, 0], shape=(rows, cols))
-            inside[cc, rr, k] ^= True  # even-odd: a contour inside a contour is a hole
-            if rule == "touch":
-                touched[_touched_voxels(voxels[:, :2], cols, rows) + (k,)] = True
-        mask[inside | touched] = value
-        voxels_of[roi.name] = int((inside | touched).sum())
+        covered, off = roi_mask(roi, geometry, rule)
+        if off:
+            off_series[roi.name] = off
+        mask[covered] = value
+        voxels_of[roi.name] = int(covered.sum())
     used = {roi.name: value for (_, value), roi in matched}
     ignored = [r.name for r in structure_set.rois if r.name not in used]
     return mask, {"rois": used, "ignored": ignored, "voxels": voxels_of, "off_series": off_series}
 
 
-def check_clinical(structure_set: StructureSet, roi_labels: Mapping[str, int]) -> None:
-    """InvalidInputError saying why, unless ``structure_set`` holds a clinician's contours of ROIs in ``roi_labels``.
+def _meant(structure_set: StructureSet, structures: Structures) -> list[tuple[StructureROI, Structure]]:
+    """The ROIs whose names mean one of ``structures`` (TG-263 name or synonym, any case), each with it."""
+    return [(roi, s) for roi in structure_set.rois if (s := structures.find(roi.name)) is not None]
+
+
+def check_clinical(structure_set: StructureSet, structures: Structures) -> None:
+    """InvalidInputError saying why, unless ``structure_set`` holds a clinician's contours of ``structures``.
 
     A training label must be a clinician's contour: not this server's own output, not AUTOMATIC
-    unless a clinician APPROVED the set, not REJECTED. Every ROI it uses must have contours in a
-    stated frame of reference: an empty ROI would teach the model that the structure is absent.
+    unless a clinician APPROVED the set, not REJECTED. At least one ROI meaning one of the structures
+    must have contours, in a stated frame of reference. An ROI that means a structure but has no
+    contours (named, never drawn, as planning templates leave them) is left out: that structure was
+    not contoured, which does not mean it is absent, so the label does not contain it.
     """
     if structure_set.manufacturer == MANUFACTURER:
         raise InvalidInputError(f"written by this server ({MANUFACTURER}): an auto-contour, not a clinician's")
     if structure_set.approval_status == "REJECTED":
         raise InvalidInputError("its ApprovalStatus is REJECTED")
-    wanted = {name.lower() for name in roi_labels}
-    used = [r for r in structure_set.rois if r.name.lower() in wanted]
-    if not used:
+    meant = _meant(structure_set, structures)
+    if not meant:
         names = [r.name for r in structure_set.rois]
-        raise InvalidInputError(f"no ROI named in rt_roi_labels {sorted(roi_labels)} (it has {names})")
-    automatic = [r.name for r in used if r.generation_algorithm == "AUTOMATIC"]
+        raise InvalidInputError(f"no ROI means one of the structures {structures.names} (its ROIs: {names})")
+    automatic = [roi.name for roi, _ in meant if roi.generation_algorithm == "AUTOMATIC"]
     if automatic and structure_set.approval_status != "APPROVED":
         raise InvalidInputError(
             f"ROI {', '.join(automatic)} was generated AUTOMATIC and the set is "
@@ -333,26 +374,56 @@ def check_clinical(structure_set: StructureSet, roi_labels: Mapping[str, int]) -
         )
     if not structure_set.frame_of_reference_uid:
         raise InvalidInputError("it has no frame of reference (FrameOfReferenceUID): its contours cannot be placed")
-    for roi in used:
-        if not roi.contours:
-            raise InvalidInputError(f"ROI '{roi.name}' has no contours: it would be an all-zero label")
+    if not any(roi.contours for roi, _ in meant):
+        empty = ", ".join(f"'{roi.name}'" for roi, _ in meant)
+        raise InvalidInputError(
+            f"ROI {empty} {'has' if len(meant) == 1 else 'have'} no contours: it would be a label of no structure"
+        )
 
 
 def training_label(
     structure_set: StructureSet,
     geometry: CTGeometry,
     headers: Sequence[Dataset],
-    roi_labels: Mapping[str, int],
+    structures: Structures,
     rule: str = "centre",
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """``rasterise``, for a structure set that may train the model (``check_clinical``, and every contour
-    on a slice of this series, every ROI covering voxels); else InvalidInputError saying why not."""
-    check_clinical(structure_set, roi_labels)
-    mask, found = rasterise(structure_set, geometry, headers, roi_labels, rule)
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The structures a clinician's structure set draws, as boolean (i, j, k) masks on the CT grid, by name
+    in ``structures``' order; InvalidInputError saying why when it may not train the model.
+
+    Every ROI whose name means one of ``structures`` becomes that structure's mask (several ROIs
+    meaning one structure, e.g. ``CTV_45Gy`` and ``CTV_High``: their union); each ROI is rasterised
+    alone, so structures that overlap are each whole. Refused: what ``check_clinical`` refuses, contours
+    on no slice of this series, an ROI that covers no voxel. ``used``: ``{"rois": {ROI name: structure},
+    "ignored": [ROI names meaning none of them], "not_contoured": [ROI names meaning one, without
+    contours], "voxels": {structure: voxels}}``.
+    """
+    check_clinical(structure_set, structures)
+    _check_rule(rule)
+    _check_frame(structure_set, headers)
+    meant = _meant(structure_set, structures)
+    drawn = [(roi, s) for roi, s in meant if roi.contours]
+    masks: dict[str, np.ndarray] = {}
+    off_series, empty = {}, []
+    for roi, structure in drawn:
+        mask, off = roi_mask(roi, geometry, rule)
+        if off:
+            off_series[roi.name] = off
+        if not mask.any():
+            empty.append(roi.name)
+        masks[structure.name] = masks[structure.name] | mask if structure.name in masks else mask
     series = headers[0].get("SeriesInstanceUID", "")
-    if found["off_series"]:
-        off = ", ".join(f"{count} of ROI '{name}'" for name, count in found["off_series"].items())
+    if off_series:
+        off = ", ".join(f"{count} of ROI '{name}'" for name, count in off_series.items())
         raise InvalidInputError(f"contours ({off}) lie on no slice of series {series}")
-    if empty := [name for name, voxels in found["voxels"].items() if not voxels]:
+    if empty:
         raise InvalidInputError(f"ROI {', '.join(empty)} covers no voxel of series {series}")
-    return mask, found
+    masks = {name: masks[name] for name in structures.names if name in masks}
+    meant_rois = {roi.name for roi, _ in meant}
+    used = {
+        "rois": {roi.name: structure.name for roi, structure in drawn},
+        "ignored": [r.name for r in structure_set.rois if r.name not in meant_rois],
+        "not_contoured": [roi.name for roi, _ in meant if not roi.contours],
+        "voxels": {name: int(mask.sum()) for name, mask in masks.items()},
+    }
+    return masks, used

@@ -1,4 +1,12 @@
-"""DICOM SEG of a label mask on its CT series (highdicom), for viewers such as OHIF."""
+"""DICOM SEG of structures on their CT series (highdicom), for viewers such as OHIF and as the PACS's labels.
+
+One BINARY segment per structure, each from its own mask, so segments may overlap (a PTV holds its
+CTV, a CTV touches the bladder wall). A segment is described by its ``Structure``
+(``lib/structures.py``): label = TG-263 name, segmented property category RT Target (DCM 130041)
+for targets (CTV, PTV, GTV) and Anatomical Structure (SCT 123037004, CID 7150) for the others,
+segmented property type = the structure's SNOMED CT code, display colour = its colour as CIELab.
+A structure with no voxels keeps its (empty) segment: every frame is written (``omit_empty_frames``
+False), so the SEG says the structure was looked for."""
 
 from __future__ import annotations
 
@@ -7,14 +15,15 @@ from typing import Sequence
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from ..errors import InvalidInputError
+from ..structures import Structure, Structures
 from .series import CTGeometry
 
-# CID 9580 "RT Segmentation Property Category" / CID 9534 "Radiotherapy Target"
-RT_TARGET = Code("130041", "DCM", "RT Target")
-CTV = Code("228792002", "SCT", "Clinical Target Volume")
+RT_TARGET = Code("130041", "DCM", "RT Target")  # CID 9502/9503: the category of CTV, PTV, GTV
+ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")  # CID 7150: organs, the body
 AI_FAMILY = Code("113037", "DCM", "Pattern recognition")  # CID 7162 Artificial Intelligence
 # Every DICOM object this server writes (SEG, RTSTRUCT) names it so: how its own output is recognised.
 MANUFACTURER = "ctv-label"
@@ -32,23 +41,35 @@ def dicom_lab(rgb: Sequence[int]) -> list[int]:
     return list(hd.color.CIELabColor(*lab).value)
 
 
+def segment_codes(structure: Structure) -> tuple[Code, Code]:
+    """(segmented property category, type) of a structure's segment. A structure described without a
+    SNOMED CT code (a department's own) is typed by its RT ROI type: CID 9534's CTV/PTV/GTV, or the
+    generic Anatomical Structure."""
+    category = RT_TARGET if structure.is_target else ANATOMICAL_STRUCTURE
+    value, meaning = structure.code
+    if value:
+        return category, Code(value, "SCT", meaning or structure.name)
+    return category, getattr(codes.SCT, structure.roi_type) if structure.is_target else ANATOMICAL_STRUCTURE
+
+
 def write_seg(
-    mask: np.ndarray,
+    masks: Sequence[tuple[Structure, np.ndarray]],
     geometry: CTGeometry,
     headers: Sequence[Dataset],
     path: str,
-    labels: dict[str, int],
     model_version: str | None,
     software_version: str,
-    series_description: str = "AUTO-GENERATED CTV, NOT APPROVED",
-    colour: Sequence[int] = (255, 128, 0),
+    series_description: str = "AUTO-GENERATED CONTOURS, NOT APPROVED",
     comments: str = "",
 ) -> Dataset:
-    """One binary segment per label (CTV coded as SCT 228792002 in the RT Target category).
+    """One BINARY segment per (structure, boolean (i, j, k) mask), in that order (module doc).
 
-    ``model_version`` names the model that drew it; None marks a clinician's (MANUAL) contour."""
-    if tuple(mask.shape) != tuple(geometry.shape):
-        raise InvalidInputError(f"mask shape {mask.shape} is not the CT series shape {geometry.shape}")
+    ``model_version`` names the model that drew them; None marks a clinician's (MANUAL) contours."""
+    if not masks:
+        raise InvalidInputError("a SEG needs at least one structure")
+    for structure, mask in masks:
+        if tuple(mask.shape) != tuple(geometry.shape):
+            raise InvalidInputError(f"{structure.name}: mask shape {mask.shape}, series shape {geometry.shape}")
     if model_version is None:
         algorithm, algorithm_type = None, hd.seg.SegmentAlgorithmTypeValues.MANUAL
     else:
@@ -56,20 +77,22 @@ def write_seg(
         algorithm = hd.AlgorithmIdentificationSequence(
             name="ctv-label SE-DynUNet", version=model_version[:64], family=AI_FAMILY
         )
-    descriptions, frames = [], []
-    for number, (name, value) in enumerate(labels.items(), start=1):
+    columns, rows, slices = geometry.shape
+    pixels = np.empty((slices, rows, columns, len(masks)), dtype=bool)  # (frames, rows, cols, segments)
+    descriptions = []
+    for number, (structure, mask) in enumerate(masks, start=1):
+        category, property_type = segment_codes(structure)
         description = hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=name.upper() if name.lower() == "ctv" else name,
-            segmented_property_category=RT_TARGET,
-            segmented_property_type=CTV,
+            segment_label=structure.name,
+            segmented_property_category=category,
+            segmented_property_type=property_type,
             algorithm_type=algorithm_type,
             algorithm_identification=algorithm,
         )
-        description.RecommendedDisplayCIELabValue = dicom_lab(colour)
+        description.RecommendedDisplayCIELabValue = dicom_lab(structure.colour)
         descriptions.append(description)
-        frames.append(np.moveaxis(mask == value, 2, 0).transpose(0, 2, 1))  # (k, i, j) -> (k, rows, cols)
-    pixels = np.stack(frames, axis=-1).astype(np.uint8)  # (frames, rows, cols, segments)
+        pixels[..., number - 1] = np.asarray(mask, dtype=bool).transpose(2, 1, 0)  # (i, j, k) -> (k, rows, cols)
     seg = hd.seg.Segmentation(
         source_images=list(headers),
         pixel_array=pixels,
@@ -83,7 +106,7 @@ def write_seg(
         manufacturer_model_name=MANUFACTURER_MODEL_NAME,
         software_versions=software_version,
         device_serial_number=(model_version or "manual")[:16],
-        series_description=series_description,
+        series_description=series_description[:64],
         omit_empty_frames=False,
     )
     if comments:
@@ -92,21 +115,29 @@ def write_seg(
     return seg
 
 
-def read_seg_mask(path: str, headers: Sequence[Dataset], labels: dict[str, int]) -> np.ndarray:
-    """A SEG on this CT series as a label mask (i, j, k); segments are matched to labels by label name."""
+def read_seg(path: str, headers: Sequence[Dataset], structures: Structures) -> dict[str, np.ndarray]:
+    """A SEG on this CT series as structure name -> boolean (i, j, k) mask, in ``structures``' order.
+
+    Segments are matched to structures by their label (``structures.find``: TG-263 name or synonym,
+    any case); several segments meaning one structure give their union; segments meaning none are
+    left out, and so is a structure no segment means. A segment that is present but empty is kept
+    (empty): the SEG contains that structure."""
     seg = hd.seg.segread(path)
-    uids = [str(h.SOPInstanceUID) for h in headers]
-    mask = np.zeros((int(headers[0].Columns), int(headers[0].Rows), len(headers)), dtype=np.uint8)
-    by_name = {k.lower(): v for k, v in labels.items()}
+    numbers: dict[int, str] = {}
     for segment in seg.SegmentSequence:
-        value = by_name.get(str(segment.SegmentLabel).lower())
-        if value is None:
-            continue
-        pixels = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=uids,
-            segment_numbers=[int(segment.SegmentNumber)],
-            ignore_spatial_locations=True,
-            assert_missing_frames_are_empty=True,  # frames a viewer left out are empty
-        )[..., 0]
-        mask[np.moveaxis(pixels, 0, 2).transpose(1, 0, 2) > 0] = value
-    return mask
+        structure = structures.find(str(segment.SegmentLabel))
+        if structure is not None:
+            numbers[int(segment.SegmentNumber)] = structure.name
+    if not numbers:
+        return {}
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(h.SOPInstanceUID) for h in headers],
+        segment_numbers=list(numbers),
+        ignore_spatial_locations=True,
+        assert_missing_frames_are_empty=True,  # frames a viewer left out are empty
+    )  # (slices, rows, cols, segments)
+    masks: dict[str, np.ndarray] = {}
+    for index, name in enumerate(numbers.values()):
+        mask = pixels[..., index].transpose(2, 1, 0) > 0  # -> (i, j, k)
+        masks[name] = masks[name] | mask if name in masks else mask
+    return {name: masks[name] for name in structures.names if name in masks}
