@@ -19,13 +19,16 @@ from dicompylercore import dicomparser, dvhcalc
 from rt_utils import RTStructBuilder
 from scipy import ndimage
 
+from ctv_app.lib.dicom.results import RTConfig, write_dicom_result
 from ctv_app.lib.dicom.rtstruct import ROI, write_rtstruct
 from ctv_app.lib.dicom.seg import write_seg
 from ctv_app.lib.dicom.series import read_ct_geometry
+from ctv_app.lib.structures import CATALOGUE
 from ctv_datastore.dicom_export import write_ct_series
 from ctv_datastore.phantom import make_phantom
 
 from .conftest import DICOM_PHANTOM_SEED
+from .test_structure_outputs import PROVENANCE, STRUCTURES, overlapping_structures
 
 DICOM_ID = f"dicom_phantom_{DICOM_PHANTOM_SEED:05d}"
 
@@ -78,22 +81,30 @@ def test_server_dicom_results_pass_dciodvfy(client, fmt):
 
 
 # --- the writers, with more than one structure --------------------------------------------------------
-def test_rtstruct_with_two_overlapping_structures_passes_dciodvfy(tmp_path):
-    _, path, _ = write_two_structure_rtstruct(tmp_path)
-    assert [r.ROIName for r in pydicom.dcmread(path).StructureSetROISequence] == ["CTV", "PTV"]
-    errors, _ = dciodvfy(path)
-    assert errors == []
+@pytest.mark.parametrize("fmt", ["rtstruct", "dicom_seg"])
+def test_structure_set_results_pass_dciodvfy(tmp_path, fmt):
+    """A result of six structures that overlap (two nested PTVs, a CTV into the bladder), one of them
+    empty: an ROI without contours, an empty segment. No error, no warning."""
+    _, series, masks = overlapping_structures(tmp_path)
+    bitmask = STRUCTURES.pack([masks[name] for name in STRUCTURES.names])
+    path, info = write_dicom_result(fmt, bitmask, STRUCTURES, series, RTConfig(), PROVENANCE)
+    ds = pydicom.dcmread(path)
+    items = ds.StructureSetROISequence if fmt == "rtstruct" else ds.SegmentSequence
+    assert [str(item.get("ROIName", item.get("SegmentLabel"))) for item in items] == STRUCTURES.names
+    assert info["empty"] == ["Femur_Head_L"]
+    errors, warnings = dciodvfy(path)
+    assert errors == [] and warnings == []
+    Path(path).unlink()
 
 
-@pytest.mark.parametrize("model_version", ["f" * 64, None], ids=["automatic", "manual"])
-def test_seg_with_two_segments_passes_dciodvfy(tmp_path, model_version):
-    """The SEG of a model result (AUTOMATIC) and of a saved final label sent to the PACS (MANUAL)."""
+def test_manual_seg_passes_dciodvfy(tmp_path):
+    """The SEG of a clinician's saved final label sent to the PACS (MANUAL): two overlapping segments."""
     folder, masks = two_overlapping_structures(tmp_path)
     geometry, headers = read_ct_geometry(str(folder))
-    label_map = masks["PTV"].astype(np.uint8) + masks["CTV"]  # 1 PTV ring, 2 CTV
+    structures = [(CATALOGUE["PTV_7000"], masks["PTV"]), (CATALOGUE["CTV"], masks["CTV"])]
     path = tmp_path / "seg.dcm"
-    write_seg(label_map, geometry, headers, str(path), {"PTV": 1, "CTV": 2}, model_version, "0.1.0")
-    assert len(pydicom.dcmread(path).SegmentSequence) == 2
+    write_seg(structures, geometry, headers, str(path), None, "0.1.0")
+    assert [s.SegmentAlgorithmType for s in pydicom.dcmread(path).SegmentSequence] == ["MANUAL", "MANUAL"]
     errors, _ = dciodvfy(path)
     assert errors == []
 

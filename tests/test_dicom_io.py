@@ -22,12 +22,13 @@ from monailabel.tasks.infer.basic_infer import CallBackTypes
 from pydicom.uid import generate_uid
 
 from ctv_app.lib.datastore import CTVDatastore
-from ctv_app.lib.dicom.results import RTConfig, check_result_format
+from ctv_app.lib.dicom.results import check_result_format
 from ctv_app.lib.dicom.rtstruct import ROI, rasterise, read_rtstruct, write_rtstruct
 from ctv_app.lib.dicom.seg import write_seg
 from ctv_app.lib.dicom.series import read_ct_geometry, read_ct_series
 from ctv_app.lib.errors import InvalidInputError
 from ctv_app.lib.provenance import input_sha256
+from ctv_app.lib.structures import CATALOGUE
 from ctv_datastore.dicom_export import write_ct_series
 from ctv_datastore.phantom import make_phantom
 
@@ -70,10 +71,11 @@ def plastimatch_masks(rtstruct: Path, ct_dir: Path, out: Path, xor: bool = True)
 
 
 def phantom_series(tmp_path: Path, seed: int = 5, shape=(64, 56, 24)) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A SYNTHETIC phantom as a DICOM series: its folder, HU volume and CTV mask."""
     p = make_phantom(seed, shape=shape, spacing=(5.0, 5.0, 8.0))
     folder = tmp_path / f"phantom_{seed}"
     write_ct_series(p.image, p.affine, str(folder))
-    return folder, p.image, p.label
+    return folder, p.image, p.mask("CTV")
 
 
 # --- series geometry -------------------------------------------------------------------------------
@@ -280,14 +282,14 @@ def test_rtstruct_references_and_labels(tmp_path):
     folder, image, label = phantom_series(tmp_path)
     geometry, headers = read_ct_geometry(str(folder))
     path = tmp_path / "rs.dcm"
-    config = RTConfig()
+    ctv = CATALOGUE["CTV"]
     write_rtstruct(
-        [ROI(config.roi_name, label == 1, config.roi_colour, "CTV")], geometry, headers, str(path),
+        [ROI.of(ctv, label)], geometry, headers, str(path),
         description="model sha256 abc", series_description="AUTO CTV model abc123 UNAPPROVED",
     )  # fmt: skip
     ds = pydicom.dcmread(path)
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3" and ds.Modality == "RTSTRUCT"
-    assert ds.ApprovalStatus == "UNAPPROVED" and ds.StructureSetLabel == "CTV_AUTO"
+    assert ds.ApprovalStatus == "UNAPPROVED" and ds.StructureSetLabel == "AUTO_CONTOUR"
     assert "abc123" in ds.SeriesDescription and ds.StudyInstanceUID == headers[0].StudyInstanceUID
     frame = ds.ReferencedFrameOfReferenceSequence[0]
     assert frame.FrameOfReferenceUID == headers[0].FrameOfReferenceUID
@@ -298,7 +300,7 @@ def test_rtstruct_references_and_labels(tmp_path):
     assert roi.ROIName == "CTV" and roi.ReferencedFrameOfReferenceUID == headers[0].FrameOfReferenceUID
     assert ds.RTROIObservationsSequence[0].RTROIInterpretedType == "CTV"
     contours = ds.ROIContourSequence[0]
-    assert list(contours.ROIDisplayColor) == list(config.roi_colour)
+    assert list(contours.ROIDisplayColor) == list(ctv.colour)
     sop_by_z = {round(float(h.ImagePositionPatient[2]), 2): h.SOPInstanceUID for h in headers}
     slices_with_ctv = {k for k in range(label.shape[2]) if label[:, :, k].any()}
     assert len({c.ContourImageSequence[0].ReferencedSOPInstanceUID for c in contours.ContourSequence}) == len(
@@ -356,7 +358,7 @@ def test_eclipse_rtstruct_rois_names_and_colours():
 def test_dicom_seg_readable_by_highdicom(tmp_path):
     folder, _, label = phantom_series(tmp_path)
     geometry, headers = read_ct_geometry(str(folder))
-    write_seg(label, geometry, headers, str(tmp_path / "seg.dcm"), {"CTV": 1}, "f" * 64, "0.1.0")
+    write_seg([(CATALOGUE["CTV"], label)], geometry, headers, str(tmp_path / "seg.dcm"), "f" * 64, "0.1.0")
     seg = hd.seg.segread(str(tmp_path / "seg.dcm"))
     segment = seg.SegmentSequence[0]
     assert segment.SegmentLabel == "CTV" and segment.SegmentAlgorithmType == "AUTOMATIC"
@@ -448,20 +450,20 @@ def test_folder_datastore_finds_series_and_imports_clinical_rtstruct(tmp_path):
     c, _, c_label = phantom_series(root / "export", seed=3)  # a study export: two CT series and an RTSTRUCT
     phantom_series(root / "export", seed=4)
     g, h = read_ct_geometry(str(c))
-    write_rtstruct([ROI("CTV_High", c_label == 1)], g, h, str(root / "export" / "RS_clinical.dcm"))
+    write_rtstruct([ROI("CTV_High", c_label)], g, h, str(root / "export" / "RS_clinical.dcm"))
     clinician_approved(root / "export" / "RS_clinical.dcm")
     uid = {folder: str(pydicom.dcmread(next(folder.glob("*.dcm"))).SeriesInstanceUID) for folder in (a, b, c)}
 
-    store = CTVDatastore(str(root), label_values=[1], rt_config=RTConfig(), auto_reload=False)
+    store = CTVDatastore(str(root), ["CTV"], auto_reload=False)
     images = set(store.list_images())
     assert {"visible_human", uid[a], uid[b], uid[c]} <= images and len(images) == 5
     assert os.path.isdir(store.get_image_uri(uid[a]))
     assert read_ct_series(store.get_image_uri(uid[a])).volume.shape == (64, 56, 24)
-    # The clinical RTSTRUCT (ROI "CTV_High", in the default table) is now the series' final label.
+    # The clinical RTSTRUCT (ROI "CTV_High", a CTV synonym) is now the series' final label.
     info = store.get_label_info(uid[c], "final")
-    assert info["annotator"].startswith("rtstruct:") and info["rois"] == {"CTV_High": 1}
+    assert info["annotator"].startswith("rtstruct:") and info["rois"] == {"CTV_High": "CTV"}
     np.testing.assert_array_equal(np.asarray(nib.load(store.get_label_uri(uid[c], "final")).dataobj), c_label)
-    assert not store.get_label_by_image_id("visible_human", "final")  # BODY/SpinalCord are not CTV names
+    assert not store.get_label_by_image_id("visible_human", "final")  # BODY/SpinalCord do not mean CTV
     # A label on the wrong grid for a DICOM image is refused.
     wrong = tmp_path / "wrong.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), wrong)
@@ -471,7 +473,7 @@ def test_folder_datastore_finds_series_and_imports_clinical_rtstruct(tmp_path):
 
 # --- which structure sets may become training labels (issue 16 item 4) ----------------------------------
 VARIAN_RS = VH / "RS_Body_SpinalCord.dcm"
-CORD_ONLY = RTConfig(roi_labels={"SpinalCord": 1})  # the Varian set's cord stands in for a clinical CTV
+CORD_ONLY = ["SpinalCord"]  # the structures of these stores: the Varian set's cord stands in for a clinical CTV
 
 
 def _set_all(ds: pydicom.Dataset, sequence: str, keyword: str, value) -> None:
@@ -540,7 +542,7 @@ def test_structure_set_that_is_not_a_clinical_label_is_skipped_with_its_reason(t
     change, reason = REFUSED_STRUCTURE_SETS[case]
     ds = pydicom.dcmread(VARIAN_RS)
     change(ds)
-    store = CTVDatastore(str(_series_with(tmp_path, ds)), label_values=[1], rt_config=CORD_ONLY, auto_reload=False)
+    store = CTVDatastore(str(_series_with(tmp_path, ds)), CORD_ONLY, auto_reload=False)
     assert not store.get_label_by_image_id("visible_human", "final")
     [skipped] = _skipped(store)
     assert skipped["file"] == "visible_human/RS.dcm" and reason in skipped["reason"], skipped
@@ -554,7 +556,7 @@ def test_our_own_auto_contour_is_not_imported_as_a_clinical_label(tmp_path):
     geometry, headers = read_ct_geometry(str(root / "visible_human"))
     cord = np.asarray(nib.load(VH / "Mask.nii.gz").dataobj) == 1
     write_rtstruct([ROI("CTV", cord)], geometry, headers, str(root / "visible_human" / "RS_auto.dcm"))
-    store = CTVDatastore(str(root), label_values=[1], rt_config=RTConfig(), auto_reload=False)
+    store = CTVDatastore(str(root), ["CTV"], auto_reload=False)
     assert not store.get_label_by_image_id("visible_human", "final")
     [skipped] = _skipped(store)
     assert skipped["file"] == "visible_human/RS_auto.dcm" and "written by this server" in skipped["reason"]
@@ -568,9 +570,9 @@ def test_clinical_structure_set_is_still_imported(tmp_path, approved):
     if approved:
         _set_all(ds, "StructureSetROISequence", "ROIGenerationAlgorithm", "AUTOMATIC")
         ds.ApprovalStatus, ds.ReviewDate, ds.ReviewTime, ds.ReviewerName = "APPROVED", "20260101", "120000", "Dr^A"
-    store = CTVDatastore(str(_series_with(tmp_path, ds)), label_values=[1], rt_config=CORD_ONLY, auto_reload=False)
+    store = CTVDatastore(str(_series_with(tmp_path, ds)), CORD_ONLY, auto_reload=False)
     info = store.get_label_info("visible_human", "final")
-    assert info["rois"] == {"SpinalCord": 1} and info["source_rtstruct"] == ds.SOPInstanceUID
+    assert info["rois"] == {"SpinalCord": "SpinalCord"} and info["source_rtstruct"] == ds.SOPInstanceUID
     label = np.asarray(nib.load(store.get_label_uri("visible_human", "final")).dataobj)
     assert dice(label, np.asarray(nib.load(VH / "Mask.nii.gz").dataobj) == 1) >= 0.85  # Mask: touch rule
     assert _skipped(store) == []
