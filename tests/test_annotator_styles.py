@@ -70,7 +70,7 @@ def test_review_finds_restyled_labels(tmp_path):
     # not what it finds (docs/noisy_labels.md, section 2).
     styles = ("tight", "missing_slices")
     record = make_styled_datastore(str(tmp_path / "clean"), str(tmp_path / "studies"), 0.5, 0, styles)
-    store = CTVDatastore(str(tmp_path / "studies"), label_values=[1], auto_reload=False)
+    store = CTVDatastore(str(tmp_path / "studies"), structures=["CTV"], auto_reload=False)
     params = CTVParams(filters=(8, 16, 32, 64), patch_size=(32, 32, 32), target_spacing=(6, 6, 6))
     served = tmp_path / "model" / "ctv.pt"
     request = {"max_epochs": EPOCHS, "train_batch_size": 4, "patches_per_volume": 2, "val_split": 0.2}

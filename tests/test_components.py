@@ -261,7 +261,7 @@ def test_datastore_refuses_bad_labels_and_keeps_every_version(tmp_path):
 
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 10), np.int16), affine), tmp_path / "case1.nii.gz")
-    store = CTVDatastore(str(tmp_path), label_values=[1], auto_reload=False)
+    store = CTVDatastore(str(tmp_path), structures=["CTV"], auto_reload=False)
 
     def label(data, aff=affine, name="upload.nii.gz"):
         path = tmp_path / "uploads" / name

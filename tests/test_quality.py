@@ -91,7 +91,7 @@ def test_ctv_trainer_trains_with_quality_weighting_and_publishes_its_qam(tmp_pat
     from ctv_datastore.build import build
 
     build(str(tmp_path / "studies"), [31, 32, 33, 34, 35], labelled={31, 32, 33, 34, 35})
-    store = CTVDatastore(str(tmp_path / "studies"), label_values=[1], auto_reload=False)
+    store = CTVDatastore(str(tmp_path / "studies"), structures=["CTV"], auto_reload=False)
     params = CTVParams(filters=(8, 16, 32), patch_size=(32, 32, 32), target_spacing=(6, 6, 6))
     served = tmp_path / "model" / "ctv.pt"
     task = CTVTrain(served_path=str(served), params=params)

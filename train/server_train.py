@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     config = CTVConfig()
     config.init("ctv", os.path.dirname(os.path.abspath(args.model)), {"ctv_model": args.model, **dict(args.conf)}, None)
     task = config.trainer()
-    datastore = CTVDatastore(args.studies, label_values=set(config.labels.values()), auto_reload=False)
+    datastore = CTVDatastore(args.studies, structures=config.params.structure_list, auto_reload=False)
 
     request = copy.deepcopy(task._config)
     request.update({k: parse_value(v) for k, v in (p.split("=", 1) for p in args.param)})

@@ -41,6 +41,7 @@ from ctv_app.lib.errors import CTVError, ImageNotFoundError, InvalidInputError
 from ctv_app.lib.params import as_bool, check_infer_request
 from ctv_app.lib.provenance import software_versions
 from ctv_app.lib.security import Users, configured_origins, trust_forwarded_headers_from, trusted_proxies
+from ctv_app.lib.structures import Structure, Structures
 from ctv_app.lib.web import ContouringService
 
 logger = logging.getLogger(__name__)
@@ -125,13 +126,21 @@ class CTVApp(MONAILabelApp):
             methods.update(config.scoring_method() or {})
         return methods
 
+    def known_structures(self) -> Structures:
+        """The structures the datastore's labels may contain: the served models' together, in order
+        (the first model's first), each once."""
+        known: dict[str, Structure] = {}
+        for config in self.models.values():
+            for structure in config.params.structure_list:
+                known.setdefault(structure.name, structure)
+        return Structures(known.values())
+
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             return self._init_dicomweb()
-        label_values = {v for config in self.models.values() for v in config.labels.values()}
         return CTVDatastore(
             self.studies,
-            label_values=label_values,
+            structures=self.known_structures(),
             rt_config=RTConfig.from_conf(self.conf),
             recover="monailabel.app" in sys.modules,  # the server, not its training subprocess
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
@@ -167,12 +176,10 @@ class CTVApp(MONAILabelApp):
             wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
             stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
         )
-        labels = {name: value for config in self.models.values() for name, value in config.labels.items()}
         return CTVDicomWebDatastore(
             client,
             search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
-            label_values=set(labels.values()),
-            labels=labels,
+            structures=self.known_structures(),
             cache_path=(settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None,
             software_version=software_versions()["ctv-label"],
         )

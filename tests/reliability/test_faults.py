@@ -35,7 +35,7 @@ IMAGE = "big_phantom"
 SAVER = r"""
 import itertools, sys
 from ctv_app.lib.datastore import CTVDatastore
-store = CTVDatastore(sys.argv[1], label_values={1}, auto_reload=False)
+store = CTVDatastore(sys.argv[1], structures=["CTV"], auto_reload=False)
 for n in itertools.count():
     store.save_label(sys.argv[2], sys.argv[3 + n % (len(sys.argv) - 3)], "final", {"annotator": f"loop{n}"})
     print(n, flush=True)
@@ -45,7 +45,7 @@ for n in itertools.count():
 def consistent(studies: Path) -> dict:
     """Open the datastore as a restarted server does and check every promise about its labels."""
     json.loads((studies / "datastore_v2.json").read_text())  # the index is whole
-    store = CTVDatastore(str(studies), label_values={1}, recover=True, auto_reload=False)
+    store = CTVDatastore(str(studies), structures=["CTV"], recover=True, auto_reload=False)
     info = store.get_label_info(IMAGE, "final")
     label = studies / "labels" / "final" / f"{IMAGE}.nii"
     assert file_sha256(label) == info["sha256"]
@@ -127,7 +127,7 @@ def test_recovery_never_deletes_history_because_of_an_index_value(tmp_path, corr
     studies.mkdir()
     phantom = make_phantom(HELD_OUT_SEED_START, shape=(32, 32, 16))
     nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), phantom.affine), studies / "small.nii.gz")
-    store = CTVDatastore(str(studies), label_values={1}, auto_reload=False)
+    store = CTVDatastore(str(studies), structures=["CTV"], auto_reload=False)
     for k in range(3):
         mask = np.zeros(phantom.image.shape, np.uint8)
         mask[8 : 20 + k, 8:24, 4:12] = 1
@@ -140,7 +140,7 @@ def test_recovery_never_deletes_history_because_of_an_index_value(tmp_path, corr
     index = json.loads(index_path.read_text())
     index["objects"]["small"]["labels"]["final"]["info"].update(corrupted)
     index_path.write_text(json.dumps(index))
-    CTVDatastore(str(studies), label_values={1}, recover=True, auto_reload=False)
+    CTVDatastore(str(studies), structures=["CTV"], recover=True, auto_reload=False)
     assert {p.name: p.read_bytes() for p in history.iterdir()} == kept
 
 
@@ -405,7 +405,7 @@ def test_disk_filling_up_mid_save_leaves_no_trace(small_disk, tmp_path, monkeypa
     nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), phantom.affine), studies / "disk_phantom.nii.gz")
     label = tmp_path / "label.nii"
     nib.save(nib.Nifti1Image(phantom.mask("CTV").astype(np.uint8), phantom.affine), label)
-    store = CTVDatastore(str(studies), label_values={1}, auto_reload=False)
+    store = CTVDatastore(str(studies), structures=["CTV"], auto_reload=False)
     monkeypatch.setattr(datastore, "_check_free_space", lambda folder, needed: None)
     fill(small_disk, leave_bytes=1_500_000)  # room for the history copy, not for the label file too
     with pytest.raises(datastore.StorageFullError, match="disk is full"):

@@ -18,12 +18,15 @@ import shutil
 import tempfile
 import threading
 import time
-from typing import Any, Iterable
+import zipfile
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping
 
 import nibabel as nib
 import numpy as np
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from .checkpoint import file_sha256
@@ -33,6 +36,8 @@ from .dicom.scan import VIEW_FOLDER, DicomScanner, FoundStructureSet, link_view
 from .dicom.series import read_ct_geometry
 from .errors import ImageNotFoundError, InvalidInputError, StorageFullError
 from .security import annotator_of
+from .structures import ENCODINGS, MAX_STRUCTURES, Structures, normalise_name
+from .transforms.labels import label_datalist_keys
 from .transforms.validation import load_ct
 
 logger = logging.getLogger(__name__)
@@ -43,7 +48,9 @@ _SERIES_VIEW_EXT = ".dicom_series"  # marks an image that is a link folder under
 # A change on disk rescans the datastore this long after it: a series copied in is one rescan, not one a file.
 RESCAN_DELAY_S = 1.0
 # What the server records with each saved label; a client may not set these (PUT /datastore/label/info).
-SERVER_LABEL_FIELDS = frozenset({"annotator", "version", "sha256", "previous_sha256", "ts", "name"})
+# ``encoding`` and ``structures`` say how the trainer reads the label: computed from the file at each save.
+SERVER_LABEL_FIELDS = frozenset({"annotator", "version", "sha256", "previous_sha256", "ts", "name", "encoding",
+                                 "structures"})  # fmt: skip
 _VERSION_FILE = re.compile(r"v(\d+)_")  # .label_history/<tag>/<image>/v0001_<time>.json and its label copy
 
 
@@ -131,10 +138,8 @@ def _check_free_space(folder: str, needed: int) -> None:
         raise OSError(errno.ENOSPC, f"{needed:,} bytes needed in {folder}")
 
 
-def check_label(
-    label_filename: str, image_id: str, image_path: str, label_values: set[int], name: str | None = None
-) -> np.ndarray:
-    """The label's data if it is a NIfTI of known integer values on its image's grid; a 422 otherwise.
+def read_label_on_grid(label_filename: str, image_id: str, image_path: str, name: str | None = None) -> np.ndarray:
+    """The label's data if it is a NIfTI of integer values on its image's grid; a 422 otherwise.
 
     ``image_path`` is a NIfTI file or a DICOM series folder (skipped if it does not exist); ``name``:
     what the client called the file, shown in messages instead of the server's (temporary) path."""
@@ -162,38 +167,219 @@ def check_label(
             raise InvalidInputError(f"label for '{image_id}' is not on its image's grid (the affines differ)")
     if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
         raise InvalidInputError(f"label for '{image_id}' must hold integer label values")
+    return data
+
+
+def check_label(
+    label_filename: str, image_id: str, image_path: str, label_values: set[int], name: str | None = None
+) -> np.ndarray:
+    """``read_label_on_grid``, and a 422 naming any value not in ``label_values`` (a label map)."""
+    data = read_label_on_grid(label_filename, image_id, image_path, name)
     unknown = {int(v) for v in np.unique(data)} - set(label_values)
     if unknown:
-        raise InvalidInputError(
-            f"label for '{image_id}' holds values {sorted(unknown)}; known: {sorted(label_values)}"
-        )
+        raise InvalidInputError(f"label for '{image_id}' holds values {sorted(unknown)}; known: {sorted(label_values)}")
     return data
+
+
+@dataclass(frozen=True)
+class LabelContents:
+    """How a saved label is encoded and which structures it contains (TG-263 name -> its value in the
+    file: a label-map value, or bit value - 1), in the datastore's order. Recorded with the label
+    (``encoding``, ``structures``) and read back by the trainer (``transforms.labels.label_datalist_keys``)."""
+
+    encoding: str
+    structures: dict[str, int]
+
+    def masks(self, data: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+        """Each contained structure's voxels (one at a time: a CT's worth of booleans each)."""
+        values = np.asarray(data).astype(np.int64, copy=False)
+        for name, value in self.structures.items():
+            yield name, (values & (1 << (value - 1))) != 0 if self.encoding == "bitmask" else values == value
+
+
+def _named_values(label_info: Mapping[str, Any], known: Structures, image_id: str) -> dict[str, int] | None:
+    """The structures a save names, TG-263 name -> value, from MONAI Label's ``label_names`` ({name:
+    value}) or 3D Slicer's ``label_info`` ([{"name", "idx"}]); None if it names none. A 422 names any
+    name that means no known structure (synonyms count), and values that are not one per structure."""
+    names = label_info.get("label_names")
+    if names is None and label_info.get("label_info") is not None:  # Slicer's onSaveLabel
+        items = label_info["label_info"]
+        if not isinstance(items, list) or not all(isinstance(i, Mapping) and {"name", "idx"} <= set(i) for i in items):
+            raise InvalidInputError('label_info must be a list of {"name": ..., "idx": ...} (3D Slicer\'s form)')
+        names = {str(i["name"]): i["idx"] for i in items}
+    if names is None:
+        return None
+    if not isinstance(names, Mapping):
+        raise InvalidInputError(f"label_names must be a JSON object {{name: value}}, not {type(names).__name__}")
+    named: dict[str, int] = {}
+    given: dict[str, str] = {}  # TG-263 name -> the name the client used
+    unknown = []
+    for raw, value in names.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInputError(f"label_names: the value of {raw!r} must be a whole number >= 0, got {value!r}")
+        if value == 0:
+            if normalise_name(raw) == "background":
+                continue  # MONAI Label's apps list the background too
+            raise InvalidInputError(f"label_names: {raw!r} has value 0, which is the background")
+        structure = known.find(str(raw))
+        if structure is None:
+            unknown.append(str(raw))
+        elif structure.name in named:
+            raise InvalidInputError(
+                f"label_names {given[structure.name]!r} and {raw!r} both mean structure {structure.name}"
+            )
+        else:
+            named[structure.name], given[structure.name] = value, str(raw)
+    if unknown:
+        raise InvalidInputError(
+            f"label for '{image_id}' names structure{'s' if len(unknown) > 1 else ''} {unknown}, which "
+            f"{'mean' if len(unknown) > 1 else 'means'} none this server knows: {known.names} (TG-263 names, "
+            "synonyms)"
+        )
+    if not named:
+        raise InvalidInputError(f"label_names for '{image_id}' names no structure")
+    by_value: dict[int, list[str]] = {}
+    for name, value in named.items():
+        by_value.setdefault(value, []).append(name)
+    if shared := {v: n for v, n in by_value.items() if len(n) > 1}:
+        raise InvalidInputError(f"label_names give several structures one value: {shared}")
+    return {name: named[name] for name in known.names if name in named}
+
+
+def label_contents(data: np.ndarray, label_info: Mapping[str, Any], known: Structures, image_id: str) -> LabelContents:
+    """Which of the ``known`` structures a label contains, from its data and the names the save gives
+    (``label_names`` / Slicer's ``label_info``); a 422 naming what does not fit.
+
+    - ``encoding`` ``labelmap`` (default; what viewers send): each voxel one value. With names, it
+      contains the named structures and every value in it must be one of theirs; without, the known
+      structures' own values, and it contains those whose values occur.
+    - ``encoding`` ``bitmask`` (lossless, overlaps kept): bit value - 1 set where the voxel is in that
+      structure; ``label_names`` are required, and every bit set must be one of theirs."""
+    encoding = label_info.get("encoding") or "labelmap"
+    if encoding not in ENCODINGS:
+        raise InvalidInputError(f"label encoding {encoding!r} is not one of {ENCODINGS}")
+    named = _named_values(label_info, known, image_id)
+    values = {int(v) for v in np.unique(data)}
+    if encoding == "labelmap":
+        allowed = known.labels if named is None else named
+        if unknown := sorted(values - {0, *allowed.values()}):
+            whose = "this server's structures" if named is None else "label_names"
+            raise InvalidInputError(
+                f"label for '{image_id}' holds values {unknown}, which no structure has (values of {whose}: {allowed})"
+            )
+        if named is None:
+            named = {name: value for name, value in known.labels.items() if value in values}
+        return LabelContents("labelmap", named)
+    if named is None:
+        raise InvalidInputError(
+            f"a bitmask label for '{image_id}' needs label_names: {{structure: value}}, the bit of each (value - 1)"
+        )
+    if too_wide := {n: v for n, v in named.items() if v > MAX_STRUCTURES}:
+        raise InvalidInputError(f"label_names {too_wide}: a bitmask has bit values 1 to {MAX_STRUCTURES}")
+    if values and min(values) < 0:
+        raise InvalidInputError(f"bitmask label for '{image_id}' holds negative values")
+    bits = 0
+    for v in values:
+        bits |= v
+    unnamed = bits & ~sum(1 << (v - 1) for v in named.values())
+    if unnamed:
+        extra = [b + 1 for b in range(unnamed.bit_length()) if unnamed >> b & 1]
+        raise InvalidInputError(
+            f"bitmask label for '{image_id}' sets bit value{'s' if len(extra) > 1 else ''} {extra} (bit value - 1), "
+            f"which no structure in label_names has: {named}"
+        )
+    return LabelContents("bitmask", named)
+
+
+def check_structure_label(
+    label_filename: str, image_id: str, image_path: str, label_info: Mapping[str, Any], known: Structures
+) -> tuple[np.ndarray, LabelContents]:
+    """A label a datastore may save: on its image's grid (``read_label_on_grid``) and of known
+    structures (``label_contents``); a 422 naming the problem otherwise."""
+    if "structures" in label_info:
+        raise InvalidInputError(
+            "label info 'structures' is recorded by the server from the label and the names it gives: "
+            "name the label's structures with label_names {name: value}"
+        )
+    data = read_label_on_grid(label_filename, image_id, image_path)
+    return data, label_contents(data, label_info, known, image_id)
+
+
+def recorded_info(label_info: Mapping[str, Any], contents: LabelContents) -> dict[str, Any]:
+    """The info saved with a label: what the client sent, the names it gave replaced by the structures
+    they mean (``encoding``, ``structures``: server fields, never set any other way)."""
+    info = {k: v for k, v in label_info.items() if k not in ("label_names", "label_info")}
+    info.update(encoding=contents.encoding, structures=dict(contents.structures))
+    return info
+
+
+def structure_datalist(store: LocalDatastore, full_path: bool = True) -> list[dict[str, Any]]:
+    """MONAI Label's training pairs, each with its label's ``label_datalist_keys`` (how it is encoded,
+    which structures it contains), so the trainer decodes every label by its own structures."""
+    tag = DefaultLabelTag.FINAL
+    image_dir, label_dir = store._datastore.image_path(), store._datastore.label_path(tag)
+    entries = []
+    for image_id, obj in store._datastore.filter_by_tag(tag).items():
+        label = obj.labels[tag]
+        entry = {
+            "image": os.path.realpath(os.path.join(image_dir, store._filename(image_id, obj.image.ext))),
+            "label": os.path.realpath(os.path.join(label_dir, store._filename(image_id, label.ext))),
+        }
+        if not full_path:
+            root = os.path.realpath(store._datastore_path)
+            entry = {k: os.path.relpath(v, root) for k, v in entry.items()}
+        entries.append({**entry, **label_datalist_keys(label.info)})
+    return entries
+
+
+def dataset_archive(store: LocalDatastore, limit_cases: int | None) -> str:
+    """MONAI Label's dataset archive (``image/`` and ``label/`` of each training pair, ``metadata.json``
+    with each label's info: its ``encoding`` and ``structures``); MONAI Label's own would add every key
+    of a datalist entry as a file."""
+    pairs = store.datalist()
+    if not pairs:
+        raise ImageNotFoundError("no labelled images to export: the dataset archive holds image-label pairs")
+    if limit_cases and 0 < limit_cases < len(pairs):
+        pairs = pairs[:limit_cases]
+    fd, path = tempfile.mkstemp(suffix=".zip")
+    os.close(fd)
+    with zipfile.ZipFile(path, mode="w") as archive:
+        for pair in pairs:
+            for key in ("image", "label"):
+                archive.write(pair[key], arcname=os.path.join(key, os.path.basename(pair[key])))
+        archive.writestr("metadata.json", store._datastore.model_dump_json(exclude={"base_path"}))
+    return path
 
 
 class CTVDatastore(LocalDatastore):
     """LocalDatastore with validated, versioned, atomic label saves and an atomic JSON index.
 
+    ``structures``: the structures labels may contain (the served models' together; a label-map value
+    without names means the structure at that position). A saved label is a label map or a bitmask of
+    them (``label_contents``), stored as uploaded.
+
     Images are NIfTI/NRRD files or DICOM CT series (``dicom/scan.py`` says how series are found).
-    An RTSTRUCT that references a series and names an ROI in ``rt_config.roi_labels`` becomes
-    that series' ``final`` label unless it already has one, so clinical contours train the model;
-    only a clinician's (``rtstruct.training_label``): the others are listed with why in ``json()``.
+    An RTSTRUCT that references a series and has ROIs meaning some of ``structures`` (synonyms count)
+    becomes that series' ``final`` label, a bitmask of all of them, unless the series has one, so
+    clinical contours train the model; only a clinician's (``rtstruct.training_label``): the others
+    are listed with why in ``json()``.
 
     Label info records ``annotator`` (the ``annotator`` save param, else ``user``, else
-    ``"unknown"``), ``version`` (1, 2, ... per image and tag), ``sha256`` and ``previous_sha256``
-    (``SERVER_LABEL_FIELDS``). A label file whose bytes no version holds (put in labels/ by hand, or
-    imported) becomes a version of its own before a save replaces it.
+    ``"unknown"``), ``version`` (1, 2, ... per image and tag), ``sha256``, ``previous_sha256``,
+    ``encoding`` and ``structures`` (``SERVER_LABEL_FIELDS``). A label file whose bytes no version
+    holds (put in labels/ by hand, or imported) becomes a version of its own before a save replaces it.
     """
 
     def __init__(
         self,
         datastore_path: str,
-        label_values: Iterable[int],
+        structures: Structures | Iterable[str],
         rt_config: RTConfig | None = None,
         recover: bool = False,
         **kwargs,
     ):
         """``recover``: finish or undo saves a crash interrupted (the serving process only, at start)."""
-        self.label_values = {0, *(int(v) for v in label_values)}
+        self.structures = structures if isinstance(structures, Structures) else Structures(structures)
         self.rt_config = rt_config or RTConfig()
         self._scanner = DicomScanner(datastore_path)
         self._structure_sets: list = []
@@ -295,20 +481,21 @@ class CTVDatastore(LocalDatastore):
                 if image_id is None:
                     raise InvalidInputError(f"its series {found.referenced_series_uid} is not in this datastore")
                 structure_set = read_rtstruct(found.path)
-                check_clinical(structure_set, self.rt_config.roi_labels)
+                check_clinical(structure_set, self.structures)
                 if final:
                     raise InvalidInputError(f"'{image_id}' already has a final label, which is kept")
                 geometry, headers = read_ct_geometry(self.get_image_uri(image_id))
-                mask, used = training_label(
-                    structure_set, geometry, headers, self.rt_config.roi_labels, self.rt_config.raster_rule
+                masks, used = training_label(
+                    structure_set, geometry, headers, self.structures, self.rt_config.raster_rule
                 )
             except Exception as e:
                 skipped[found.path] = self._skip_structure_set(found, e)
                 continue
             fd, tmp = tempfile.mkstemp(suffix=".nii.gz")
             os.close(fd)
-            try:
-                nib.save(nib.Nifti1Image(mask, geometry.affine), tmp)
+            try:  # a bitmask: the structures a clinical set draws overlap (a CTV and the bladder wall)
+                bitmask = self.structures.pack([masks.get(name) for name in self.structures.names])
+                nib.save(nib.Nifti1Image(bitmask, geometry.affine), tmp)
                 self.save_label(
                     image_id,
                     tmp,
@@ -318,6 +505,8 @@ class CTVDatastore(LocalDatastore):
                         "source_rtstruct": found.sop_instance_uid,
                         "rois": used["rois"],
                         "raster_rule": self.rt_config.raster_rule,
+                        "encoding": "bitmask",
+                        "label_names": {name: v for name, v in self.structures.labels.items() if name in masks},
                     },
                 )
                 logger.info(f"RTSTRUCT {found.path} imported as the final label of {image_id}: {used['rois']}")
@@ -372,10 +561,11 @@ class CTVDatastore(LocalDatastore):
                 self._datastore.objects.pop(image_id, None)
                 self._update_datastore_file(lock=False)
 
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        return structure_datalist(self, full_path)
+
     def get_dataset_archive(self, limit_cases: int | None) -> str:
-        if not self.datalist():
-            raise ImageNotFoundError("no labelled images to export: the dataset archive holds image-label pairs")
-        return super().get_dataset_archive(limit_cases)
+        return dataset_archive(self, limit_cases)
 
     # --- labels --------------------------------------------------------------------------------
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
@@ -387,9 +577,12 @@ class CTVDatastore(LocalDatastore):
         ext = next((e for e in _NIFTI if label_filename.endswith(e)), None)
         if ext is None:
             raise InvalidInputError(f"label for '{image_id}' must be a NIfTI file (.nii or .nii.gz)")
-        self._check_label(image_id, label_filename)
+        label_info = dict(label_info or {})
+        _, contents = check_structure_label(
+            label_filename, image_id, self.get_image_uri(image_id), label_info, self.structures
+        )
 
-        info = dict(label_info or {})
+        info = recorded_info(label_info, contents)
         info["annotator"] = annotator_of(info)
         info["sha256"] = file_sha256(label_filename)
 
@@ -402,7 +595,10 @@ class CTVDatastore(LocalDatastore):
             raise StorageFullError(
                 f"label for '{image_id}' not saved: the datastore's disk is full; the previous version is unchanged"
             ) from e
-        logger.info(f"label {label_tag}/{image_id} v{info['version']} saved by {info['annotator']}")
+        logger.info(
+            f"label {label_tag}/{image_id} v{info['version']} saved by {info['annotator']}: "
+            f"{contents.encoding} of {list(contents.structures)}"
+        )
         return image_id
 
     def _write_label(self, image_id: str, label_filename: str, label_tag: str, info: dict[str, Any], ext: str) -> None:
@@ -518,9 +714,6 @@ class CTVDatastore(LocalDatastore):
             if match and int(match.group(1)) == current + 1:
                 logger.warning(f"removing {os.path.join(folder, name)}: its save never replaced the label")
                 os.unlink(os.path.join(folder, name))
-
-    def _check_label(self, image_id: str, label_filename: str) -> None:
-        check_label(label_filename, image_id, self.get_image_uri(image_id), self.label_values)
 
     # --- the JSON index --------------------------------------------------------------------------
     def _update_datastore_file(self, lock: bool = True) -> None:

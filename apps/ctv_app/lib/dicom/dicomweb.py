@@ -4,8 +4,11 @@ MONAI Label's DICOMWebDatastore, changed where a department needs it to be safe:
 - a series is read as DICOM by this app's reader (geometry checks, HU), not converted by ITK;
 - a series is downloaded to a partial folder and renamed when complete, so an interrupted
   download is never taken for the whole series;
-- a saved label is checked against its series (422 otherwise) before anything is sent, and the
-  final label is stored in the PACS as a DICOM SEG written here (highdicom), marked MANUAL;
+- a saved label is checked against its series and the known structures (422 otherwise, as the
+  folder datastore: ``datastore.check_structure_label``) before anything is sent, and the final
+  label is stored in the PACS as a DICOM SEG written here (highdicom), marked MANUAL, one segment
+  per structure the label contains (segments may overlap); training reads it back as a label of
+  those structures;
 - ``store_result`` sends an inference result (SEG or RTSTRUCT) back with STOW-RS.
 """
 
@@ -29,10 +32,11 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
-from ..datastore import check_label
+from ..datastore import LabelContents, check_structure_label, dataset_archive, recorded_info, structure_datalist
 from ..errors import CTVError, ImageNotFoundError, InvalidInputError
 from ..security import annotator_of
-from .seg import MANUFACTURER, read_seg_mask, write_seg
+from ..structures import Structures
+from .seg import MANUFACTURER, read_seg, write_seg
 from .series import read_ct_geometry
 
 logger = logging.getLogger(__name__)
@@ -52,13 +56,12 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
         self,
         client: DICOMwebClient,
         search_filter: dict[str, Any],
-        label_values: set[int],
-        labels: dict[str, int],
+        structures: Structures,
         cache_path: str | None = None,
         software_version: str = "unknown",
     ):
-        self.label_values = {0, *label_values}
-        self.labels = labels
+        """``structures``: those labels may contain (the served models' together), as ``CTVDatastore``."""
+        self.structures = structures
         self.software_version = software_version
         super().__init__(client, search_filter, cache_path, fetch_by_frame=False, convert_to_nifti=False)
 
@@ -129,17 +132,27 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
         if label_filename.endswith(".bin"):  # raw uint8 voxels from a viewer (OHIF's MONAI Label client)
             converted = label_filename = self._binary_to_nifti(label_filename, folder, image_id)
         try:
-            mask = check_label(label_filename, image_id, folder, self.label_values)
-            info = dict(label_info or {})
+            label_info = dict(label_info or {})
+            data, contents = check_structure_label(label_filename, image_id, folder, label_info, self.structures)
+            info = recorded_info(label_info, contents)
             info["annotator"] = annotator_of(info)
             if label_tag == DefaultLabelTag.FINAL:
+                if not contents.structures:
+                    raise InvalidInputError(
+                        f"label for '{image_id}' contains no structure: a SEG needs at least one (an empty "
+                        "structure is saved by naming it in label_names)"
+                    )
                 geometry, headers = read_ct_geometry(folder)
+                by_name = {s.name: s for s in self.structures}
+                description = f"{', '.join(contents.structures)} by {info['annotator']}"
+                if len(description) > 64:  # SeriesDescription (LO)
+                    description = f"{len(contents.structures)} structures by {info['annotator']}"[:64]
                 fd, seg_path = tempfile.mkstemp(suffix=".dcm")
                 os.close(fd)
                 try:
                     write_seg(
-                        mask.astype("uint8"), geometry, headers, seg_path, self.labels, None, self.software_version,
-                        series_description=f"CTV by {info['annotator']}"[:64],
+                        [(by_name[name], mask) for name, mask in contents.masks(data)], geometry, headers, seg_path,
+                        None, self.software_version, series_description=description,
                     )  # fmt: skip
                     info.update(self.store_result(seg_path))
                 finally:
@@ -218,13 +231,18 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
         return [uid for uid in self.list_images() if uid not in labelled]
 
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
-        """Training pairs: each labelled series and its newest clinician SEG, as NIfTI."""
+        """Training pairs: each labelled series and its newest clinician SEG, as NIfTI of its structures."""
         for image, seg in self._label_segs().items():
             self.get_label_uri(seg, DefaultLabelTag.FINAL, image_id=image)
-        return LocalDatastore.datalist(self, full_path)
+        return structure_datalist(self, full_path)
+
+    def get_dataset_archive(self, limit_cases: int | None) -> str:
+        return dataset_archive(self, limit_cases)
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
-        """With ``image_id``: the SEG series ``label_id`` from the PACS as NIfTI on the image's grid.
+        """With ``image_id``: the SEG series ``label_id`` from the PACS as NIfTI on the image's grid, a
+        label of the structures its segments mean: a label map in the known structures' values, or a
+        bitmask where segments overlap; the index records which (``encoding``, ``structures``).
         Without: the local label of image ``label_id`` (MONAI Label's usual meaning)."""
         if label_tag != DefaultLabelTag.FINAL or not image_id:
             return LocalDatastore.get_label_uri(self, label_id, label_tag)
@@ -234,14 +252,34 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
         image_folder = self.get_image_uri(image_id)
         geometry, headers = read_ct_geometry(image_folder)
         seg_file = os.path.join(label_dir, sorted(os.listdir(label_dir))[0])
-        mask = read_seg_mask(seg_file, headers, self.labels)
+        data, contents = self._encode(read_seg(seg_file, headers, self.structures), geometry.shape)
         path = os.path.join(self._datastore.label_path(label_tag), f"{image_id}.nii.gz")
-        nib.save(nib.Nifti1Image(mask, geometry.affine), path + ".tmp.nii.gz")
+        nib.save(nib.Nifti1Image(data, geometry.affine), path + ".tmp.nii.gz")
         os.replace(path + ".tmp.nii.gz", path)
         obj = self._datastore.objects[image_id]  # get_image_uri indexed it
-        if obj.labels.get(label_tag) is None or obj.labels[label_tag].info.get("SeriesInstanceUID") != label_id:
-            with FileLock(self._lock_file):  # a SEG stored by someone else, or a newer one: index it
+        with FileLock(self._lock_file):
+            label = obj.labels.get(label_tag)
+            if label is None or label.info.get("SeriesInstanceUID") != label_id:
+                # a SEG stored by someone else, or a newer one: index it
                 info = {"ts": int(time.time()), "name": os.path.basename(path), "SeriesInstanceUID": label_id}
+            else:  # the SEG a save here stored: keep what the save recorded
+                info = dict(label.info)
+            info.update(encoding=contents.encoding, structures=contents.structures)  # what the file now holds
+            if label is None or info != label.info:
                 obj.labels[label_tag] = DataModel(info=info, ext=".nii.gz")
                 self._update_datastore_file(lock=False)
         return path
+
+    def _encode(self, masks: dict[str, np.ndarray], shape: tuple[int, ...]) -> tuple[np.ndarray, LabelContents]:
+        """Structure masks as one label file: a label map in the known structures' values, which viewers
+        read, unless two overlap; then the lossless bitmask."""
+        values = {name: self.structures.value(name) for name in masks}
+        covered = np.zeros(shape, np.uint8)
+        for mask in masks.values():
+            covered += mask
+        if covered.max(initial=0) > 1:
+            return self.structures.pack([masks.get(n) for n in self.structures.names]), LabelContents("bitmask", values)
+        labelmap = np.zeros(shape, np.uint8)
+        for name, mask in masks.items():
+            labelmap[mask] = values[name]
+        return labelmap, LabelContents("labelmap", values)
