@@ -1,14 +1,24 @@
 """``ctv``: the command-line client hospital scripts use, built on the server's REST API.
 
-    ctv infer PATH... --server URL --out DIR [--format nifti,rtstruct,seg]
+    ctv infer PATH... --server URL --out DIR [--format nifti,bitmask,rtstruct,seg]
     ctv status | ctv train [--epochs N] | ctv next [--strategy uncertain]
 
 ``infer`` takes NIfTI files, folders holding one DICOM series (sent as a zip), or the ids of
 studies in the server's datastore (e.g. SeriesInstanceUIDs of a DICOMweb datastore). Each case
 goes through the contouring page's API (/ctv/api: one contouring, every format, kept in the
-server's history); results land in OUT/<case>/ with a manifest.json naming the input sha256 and
-the model. A case whose manifest already lists the asked formats for the same input is skipped,
-so a batch can be re-run after an interruption. Exit status 1 when any case failed.
+server's history); results land in OUT/<case>/ with a manifest.json naming the input sha256, the
+model and every structure (name, value, type, colour, voxels, volume in ml). A case whose manifest
+already lists the asked formats for the same input is skipped, so a batch can be re-run after an
+interruption. OUT/structures.csv lists the volume of every structure of every case of the batch.
+Exit status 1 when any case failed.
+
+Every format holds every structure the model contours:
+  nifti    ctv.nii.gz, the label map viewers read: each voxel the value of one structure (0 none);
+           where structures overlap, the first-listed one (the model lists its targets first)
+  bitmask  ctv_bitmask.nii.gz, lossless: bit (value - 1) set where a voxel is in that structure,
+           so overlapping structures are each whole (uint8 up to 8 structures, uint16 up to 16)
+  rtstruct one ROI per structure; seg: one segment per structure (both need a DICOM input)
+Values, names and colours are in manifest.json and in each NIfTI's header extension (JSON).
 
 Authentication: ``--token`` (or CTV_TOKEN) is sent as a bearer token, for servers started with
 MONAI Label's auth; ``--user``/``--password`` (or CTV_USER/CTV_PASSWORD) fetch one.
@@ -17,6 +27,7 @@ MONAI Label's auth; ``--user``/``--password`` (or CTV_USER/CTV_PASSWORD) fetch o
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import io
 import json
@@ -31,9 +42,13 @@ from typing import Any
 
 import requests
 from monailabel.client import MONAILabelClient
+from requests.adapters import HTTPAdapter
 from tqdm import tqdm
+from urllib3.util.retry import Retry
 
-FORMATS = {"nifti": "nifti", "rtstruct": "rtstruct", "seg": "dicom_seg", "dicom_seg": "dicom_seg"}
+FORMATS = {"nifti": "nifti", "bitmask": "nifti_bitmask", "nifti_bitmask": "nifti_bitmask", "rtstruct": "rtstruct",
+           "seg": "dicom_seg", "dicom_seg": "dicom_seg"}  # fmt: skip
+VOLUME_COLUMNS = ("case", "structure", "value", "roi_type", "voxels", "volume_ml")
 OWNER_HEADER = "X-CTV-Owner"
 
 
@@ -83,6 +98,11 @@ class CTVClient:
     def __init__(self, server: str, owner: str, token: str | None = None, timeout_s: float = 3600):
         self.server = server.rstrip("/")
         self.session = requests.Session()
+        # A server busy writing a result may close a kept-alive connection just as the next poll goes out
+        # ("connection reset"): GETs read state only, so they are tried again instead of failing the case.
+        retry = Retry(total=5, backoff_factor=0.5, status=0, allowed_methods=frozenset({"GET"}))
+        for scheme in ("http://", "https://"):
+            self.session.mount(scheme, HTTPAdapter(max_retries=retry))
         self.session.headers[OWNER_HEADER] = owner
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
@@ -165,10 +185,26 @@ def infer_one(client: CTVClient, source: Source, formats: list[str], folder: Pat
         "source": source.spec, "source_sha256": local_sha, "case": case["id"], "result": result["id"],
         "input_sha256": case["input"]["sha256"], "contoured_sha256": case["input"].get("contoured_sha256"),
         "model_sha256": result["model"], "files": files, "not_available": [f for f in formats if f not in files],
+        "structures": result["structures"],
     }  # fmt: skip
     tmp = folder / "manifest.json.part"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, folder / "manifest.json")  # written last: a case counts as done only when complete
+
+
+def write_volumes(out: Path, folders: list[Path]) -> Path:
+    """OUT/structures.csv: one row per structure of each case's manifest (this batch's cases, done now or before)."""
+    path = out / "structures.csv"
+    tmp = path.with_suffix(".csv.part")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(VOLUME_COLUMNS)
+        for folder in folders:
+            manifest = json.loads((folder / "manifest.json").read_text())
+            for s in manifest.get("structures", []):  # none in a manifest written before structure sets
+                writer.writerow([folder.name, s["name"], s["value"], s["roi_type"], s["voxels"], s["volume_ml"]])
+    os.replace(tmp, path)
+    return path
 
 
 def infer(args: argparse.Namespace, client: CTVClient) -> int:
@@ -176,6 +212,7 @@ def infer(args: argparse.Namespace, client: CTVClient) -> int:
     out = Path(args.out)
     failed: dict[str, str] = {}
     done = skipped = 0
+    finished: list[Path] = []
     bar = tqdm(args.paths, unit="case", file=sys.stderr, disable=args.quiet)
     for spec in bar:
         source = Source(spec)
@@ -184,14 +221,18 @@ def infer(args: argparse.Namespace, client: CTVClient) -> int:
         local_sha = source.local_sha256()
         if already_done(folder, local_sha, formats):
             skipped += 1
+            finished.append(folder)
             continue
         try:
             infer_one(client, source, formats, folder, local_sha)
             done += 1
+            finished.append(folder)
         except (CaseFailed, requests.RequestException, OSError) as e:
             failed[spec] = str(e)
     bar.close()
     print(f"{done} contoured, {skipped} already done, {len(failed)} failed")
+    if finished:
+        print(f"structure volumes: {write_volumes(out, finished)}")
     for spec, why in failed.items():
         print(f"FAILED {spec}: {why}")
     return 1 if failed else 0
@@ -230,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("infer", help="contour cases and download the results")
     p.add_argument("paths", nargs="+", help="NIfTI files, DICOM series folders, or datastore study ids")
     p.add_argument("--out", required=True)
-    p.add_argument("--format", default="nifti", help="comma-separated: nifti, rtstruct, seg")
+    p.add_argument("--format", default="nifti,bitmask", help="comma-separated, each with every structure: nifti "
+                   "(label map), bitmask (lossless, overlaps kept), rtstruct, seg (DICOM input); default: %(default)s")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=infer)
     commands.add_parser("status", help="models, datastore size, training state").set_defaults(run=status)
@@ -245,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     unknown = [f for f in getattr(args, "format", "").split(",") if f.strip() and f.strip() not in FORMATS]
     if unknown:
-        parser.error(f"unknown formats {unknown}; use nifti, rtstruct, seg")
+        parser.error(f"unknown formats {unknown}; use nifti, bitmask, rtstruct, seg")
     token = args.token
     if not token and args.user:
         token = MONAILabelClient(args.server).auth_token(args.user, args.password).get("access_token")

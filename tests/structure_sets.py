@@ -1,9 +1,10 @@
 """A multi-structure model made for the tests, and a server serving it (for the page, client and viewer tests).
 
 The checkpoint holds the cervix model's structures (``structures.CERVIX``) with seeded random weights: its
-structures are large, noisy and overlap a lot, which is what format and viewer tests need (every
-structure present, overlaps to keep), never a measure of accuracy. It is written to a temp folder:
-the tracked ``apps/ctv_app/model/ctv.pt`` is never touched.
+structures are large, blotchy and overlap a lot, which is what format and viewer tests need (every
+structure present, overlaps to keep), never a measure of accuracy. It works on a 12 mm grid: fast,
+and its blotches are coarse enough that an RTSTRUCT of them is written in seconds. It is written to a
+temp folder: the tracked ``apps/ctv_app/model/ctv.pt`` is never touched.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def write_structures_checkpoint(path: Path, seed: int = 0) -> Path:
     from ctv_app.lib.params import CTVParams
 
     torch.manual_seed(seed)
-    params = CTVParams()  # the default structures: the cervix set
+    params = CTVParams(target_spacing=(12.0, 12.0, 12.0))  # the default structures: the cervix set
     meta = {"epoch": 0, "note": "random weights, for tests"}
     save_checkpoint(str(path), network_for(params).state_dict(), params, meta)
     return path
