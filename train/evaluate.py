@@ -1,9 +1,11 @@
-"""Dice of a checkpoint on held-out synthetic phantoms, through the served infer pipeline.
+"""Dice per structure of a checkpoint on held-out synthetic phantoms, through the served infer pipeline.
 
     python -m ctv_train.evaluate --model apps/ctv_app/model/ctv.pt --seeds 9000-9019
 
 Runs the app's CTVInfer task in-process (same pre-processing, sliding window, restore to the
-input grid and post-processing as /infer/ctv) and compares with the phantom ground truth.
+input grid, post-processing and writer as /infer/ctv), asks for the lossless ``bitmask``
+result and compares each structure the model contours with the ground truth. Prints a table
+(mean +- sd and min per structure), then the whole result as JSON on the last line.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ import argparse
 import json
 import os
 import tempfile
+from typing import Mapping
 
 import nibabel as nib
 import numpy as np
 
 from ctv_app.lib.configs.ctv import CTVConfig
 from ctv_app.lib.infers.ctv import CTVInfer
+from ctv_app.lib.structures import decode_label
 from ctv_datastore.build import build, parse_seeds
+from ctv_datastore.phantom import STRUCTURES as PHANTOM_STRUCTURES
 
 from .data import find_pairs
 from .metrics import dice
@@ -42,23 +47,44 @@ def served_infer_task(model: str, conf: dict[str, str] | None = None) -> CTVInfe
     return config.infer()
 
 
-def evaluate_pairs(model: str, pairs: list[dict[str, str]], conf: dict[str, str] | None = None) -> dict:
-    """Dice per ``{"id", "image", "label"}`` pair, predicted by the served infer task in-process."""
+def evaluate_pairs(
+    model: str,
+    pairs: list[dict[str, str]],
+    conf: dict[str, str] | None = None,
+    label_structures: Mapping[str, int] | None = None,
+) -> dict:
+    """Dice per ``{"id", "image", "label"}`` pair and structure, predicted by the served infer task in-process.
+
+    ``label_structures``: the structures the truth label maps hold, name -> value (None: the model's own
+    values; ``structures.decode_label``). A structure a case's truth does not contain is not scored for it.
+    ``structures`` holds each structure's summary; the top-level summary is of each case's mean Dice over
+    the structures scored for it (for a single-structure model, that structure's Dice)."""
     task = served_infer_task(model, conf)
-    scores = {}
+    structures = task.served("cpu").params.structure_list
+    per_structure: dict[str, dict[str, float]] = {name: {} for name in structures.names}
+    per_case = {}
     for pair in pairs:
-        result_path, _ = task({"image": pair["image"], "device": "cpu"})
-        pred = np.asarray(nib.load(result_path).dataobj)
+        result_path, _ = task({"image": pair["image"], "device": "cpu", "label_encoding": "bitmask"})
+        bitmask = np.asarray(nib.load(result_path).dataobj)
         os.unlink(result_path)
-        scores[pair["id"]] = dice(pred, np.asarray(nib.load(pair["label"]).dataobj))
-    return summarise(scores)
+        stored = np.asarray(nib.load(pair["label"]).dataobj)
+        truth, contained = decode_label(stored, structures, "labelmap", label_structures)
+        case = {}
+        for c, name in enumerate(structures.names):
+            if contained[c]:
+                case[name] = per_structure[name][pair["id"]] = dice(structures.mask(bitmask, name), truth[c])
+        per_case[pair["id"]] = float(np.mean(list(case.values())))
+    return {
+        **summarise(per_case),
+        "structures": {name: summarise(scores) for name, scores in per_structure.items() if scores},
+    }
 
 
 def evaluate(model: str, seeds: list[int], conf: dict[str, str] | None = None) -> dict:
-    """Dice on freshly generated held-out phantoms."""
+    """Dice per structure on freshly generated held-out phantoms (SYNTHETIC)."""
     with tempfile.TemporaryDirectory() as tmp:
         build(tmp, seeds, labelled=set(seeds))
-        return evaluate_pairs(model, find_pairs(tmp), conf)
+        return evaluate_pairs(model, find_pairs(tmp), conf, PHANTOM_STRUCTURES.labels)
 
 
 def main() -> None:
@@ -68,9 +94,11 @@ def main() -> None:
     ap.add_argument("--conf", default="{}", help='JSON of --conf overrides, e.g. {"ctv_flip_tta": "true"}')
     args = ap.parse_args()
     result = evaluate(args.model, parse_seeds(args.seeds), json.loads(args.conf))
-    print(
-        f"Dice on {result['n']} held-out phantoms: {result['mean']:.3f} +- {result['sd']:.3f} (min {result['min']:.3f})"
-    )
+    print(f"Dice on {result['n']} held-out phantoms (SYNTHETIC), through the served pipeline:")
+    print("| structure | mean +- sd | min |\n|---|---|---|")
+    for name, s in result["structures"].items():
+        print(f"| {name} | {s['mean']:.3f} +- {s['sd']:.3f} | {s['min']:.3f} |")
+    print(f"| mean over structures | {result['mean']:.3f} +- {result['sd']:.3f} | {result['min']:.3f} |")
     print(json.dumps(result))
 
 
