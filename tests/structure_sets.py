@@ -41,3 +41,32 @@ def structures_server(studies, structures_model, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("structures_server")
     with ServerProcess(studies, workdir, conf={"ctv_model": str(structures_model)}) as proc:
         yield proc
+
+
+@pytest.fixture(scope="session")
+def structures_dicomweb_server(orthanc, uploaded, structures_model, tmp_path_factory):
+    """The server on the test Orthanc (as ``dicomweb_server``: access control on), serving the test model."""
+    from .conftest import DICOMWEB_ANNOTATOR
+
+    workdir = tmp_path_factory.mktemp("structures_dicomweb_server")
+    env = {
+        "MONAI_LABEL_DICOMWEB_USERNAME": orthanc.user,
+        "MONAI_LABEL_DICOMWEB_PASSWORD": orthanc.password,
+        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(workdir / "cache"),
+        "CTV_AUTH_TOKENS": "{}:annotator:{}".format(*DICOMWEB_ANNOTATOR),
+    }
+    with ServerProcess(orthanc.dicomweb_url, workdir, conf={"ctv_model": str(structures_model)}, env=env) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def structures_dw_client(structures_dicomweb_server, tmp_path_factory):
+    """MONAI Label's client on it, logged in as the Slicer plugin does."""
+    from monailabel.client import MONAILabelClient
+
+    from .conftest import DICOMWEB_ANNOTATOR
+
+    tmpdir = str(tmp_path_factory.mktemp("structures_dw_client"))
+    client = MONAILabelClient(structures_dicomweb_server.url, tmpdir=tmpdir)
+    client.update_auth(client.auth_token(*DICOMWEB_ANNOTATOR))
+    return client
