@@ -173,11 +173,18 @@ def test_restore_with_floor_gives_the_same_mask_as_a_full_resample():
     prob = torch.zeros(1, 50, 45, 40)
     prob[0, 20:30, 18:27, 15:22] = 0.9
     prob[0, 25, 22, 18] = 0.4
+    # Stray regions, one box each: far away, at the destination's edge, and one whose box overlaps the blob's.
+    prob[0, 2:4, 2:5, 30:33] = 0.8
+    prob[0, 25, 10, 10] = 0.6
+    prob[0, 22, 16, 23] = 0.3
     dst_shape = (200, 180, 50)
     full = RestoreGeometry()(prob, src_affine, dst_affine, dst_shape)
-    cropped = RestoreGeometry(floor=0.25)(prob, src_affine, dst_affine, dst_shape)
+    restore = RestoreGeometry(floor=0.25)
+    cropped = restore(prob, src_affine, dst_affine, dst_shape)
     assert (full > 0.5).sum() > 1000
     assert torch.equal(full.as_tensor() > 0.5, cropped.as_tensor() > 0.5)
+    pieces = restore.pieces(prob, src_affine, dst_affine, dst_shape)
+    assert len(pieces) == 4 and sum(sub.numel() for _, sub in pieces) < full.numel() / 20
     empty = RestoreGeometry(floor=0.25)(torch.zeros(1, 8, 8, 8), src_affine, dst_affine, dst_shape)
     assert empty.shape == (1, *dst_shape) and empty.sum() == 0
 

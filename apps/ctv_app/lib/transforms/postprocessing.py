@@ -83,11 +83,16 @@ def patient_body(hu: np.ndarray, axis: int, reach: slice, threshold: float = BOD
     return out
 
 
+def enclosing_box(boxes: list[tuple[slice, ...]]) -> tuple[slice, ...]:
+    """The smallest box holding all of ``boxes``."""
+    return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(len(boxes[0])))
+
+
 class ContourStructures(Transform):
     """Per-structure probabilities on the model's grid -> the structures on the input's grid, as a bitmask.
 
-    For each structure (``Structures`` order = channel order): the box of its probabilities above
-    ``threshold / 2`` is resampled to the input grid (``RestoreGeometry``), thresholded, confined to the
+    For each structure (``Structures`` order = channel order): the boxes of its probabilities above
+    ``threshold / 2`` are resampled to the input grid (``RestoreGeometry``), thresholded, confined to the
     patient's body (``patient_body``, computed once for all structures), and cleaned by its rule, before
     the largest component is chosen, so a blob in the air cannot displace a structure. Structures are
     resampled one at a time within their own boxes, so neither time nor memory grows with a
@@ -105,24 +110,26 @@ class ContourStructures(Transform):
         if prob.shape[0] != len(self.structures):
             raise ValueError(f"{prob.shape[0]} probability channels for {len(self.structures)} structures")
         shape = values.shape
-        boxes: list[tuple[tuple[slice, ...], np.ndarray]] = []
+        # Per structure, the pieces of it above the threshold: (destination box, mask in that box).
+        pieces: list[list[tuple[tuple[slice, ...], np.ndarray]]] = []
         for c in range(len(self.structures)):
-            restored = self.restore.box(prob[c : c + 1], src_affine, dst_affine, shape)
-            if restored is None:
-                boxes.append((None, None))
-                continue
-            box, sub = restored
-            boxes.append((box, sub[0].numpy() > self.threshold))
+            restored = self.restore.pieces(prob[c : c + 1], src_affine, dst_affine, shape)
+            thresholded = [(box, sub[0].numpy() > self.threshold) for box, sub in restored]
+            pieces.append([(box, mask) for box, mask in thresholded if mask.any()])
         out = np.zeros(shape, dtype=self.structures.bitmask_dtype)
-        drawn = [(box, m) for box, m in boxes if box is not None and m.any()]
+        drawn = [box for structure in pieces for box, _ in structure]
         if not drawn:
             return out
         axis = axial_axis(dst_affine)
-        reach = slice(min(box[axis].start for box, _ in drawn), max(box[axis].stop for box, _ in drawn))
+        reach = slice(min(box[axis].start for box in drawn), max(box[axis].stop for box in drawn))
         body = patient_body(values, axis, reach, self.body_threshold)
-        for c, (box, mask) in enumerate(boxes):
-            if box is None or not mask.any():
+        for c, structure in enumerate(pieces):
+            if not structure:
                 continue
+            box = enclosing_box([b for b, _ in structure])
+            mask = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
+            for b, piece in structure:
+                mask[tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(b, box))] |= piece
             kept = clean_mask(mask & body[box], self.structures[c].rule)
             out[box][kept] |= out.dtype.type(1 << c)
         return out
