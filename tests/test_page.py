@@ -288,6 +288,37 @@ def test_page_legend_and_toggles_show_every_structure(structures_server, tmp_pat
     assert view == display_volume(bitmask, bitmask_image.affine).astype(bitmask.dtype.newbyteorder("<")).tobytes()
 
 
+def test_a_result_from_before_structure_sets_is_still_shown(tmp_path):
+    """A stored result of the single-structure server (one CTV mask, ``ctv_volume_ml``, no bitmask): the
+    page gets it described as its one structure, and its mask as that structure's bit."""
+    from ctv_app.lib.cases import CaseStore
+    from ctv_app.lib.structures import CATALOGUE
+    from ctv_app.lib.transforms.validation import load_ct
+    from ctv_app.lib.web import ContouringService, public
+    from ctv_datastore.phantom import make_phantom
+
+    phantom = make_phantom(HELD_OUT_SEEDS[0], shape=(48, 40, 24))
+    ct, mask = tmp_path / "ct.nii.gz", tmp_path / "ctv.nii.gz"
+    nib.save(nib.Nifti1Image(phantom.image, phantom.affine), ct)
+    legacy = phantom.mask("CTV").astype(np.uint8)
+    nib.save(nib.Nifti1Image(legacy, phantom.affine), mask)
+    store = CaseStore(str(tmp_path / "cases"))
+    case = store.create("owner-" + "l" * 32, ct.name, str(ct), validate=load_ct)
+    result = store.new_result(case)
+    files = store.publish_files(case, result["id"], {"nifti": str(mask)})
+    store.set_result(case, result["id"], status="done", stage="done", files=files, model="0" * 64, ctv_volume_ml=12.5)
+
+    ctv = CATALOGUE["CTV"]
+    shown = public(case)["results"][0]
+    assert shown["structures"] == [
+        {"name": "CTV", "value": 1, "roi_type": ctv.roi_type, "colour": list(ctv.colour), "volume_ml": 12.5}
+    ]
+    assert "structures" not in case.record["results"][0]  # the stored record is left as it was
+    service = ContouringService(store, None, "ctv", (-160.0, 240.0), None)
+    view = np.fromfile(service.view_bytes(case, "mask", result["id"]), np.uint8)
+    np.testing.assert_array_equal(view, display_volume(legacy, phantom.affine).reshape(-1))
+
+
 def test_dicom_zip_gets_rtstruct_and_seg_naming_its_input(server, tmp_path):
     """API level: a zipped DICOM series gives NIfTI, RTSTRUCT and SEG, each naming the input."""
     archive = tmp_path / "vh.zip"
