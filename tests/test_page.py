@@ -319,6 +319,41 @@ def test_a_result_from_before_structure_sets_is_still_shown(tmp_path):
     np.testing.assert_array_equal(view, display_volume(legacy, phantom.affine).reshape(-1))
 
 
+def test_datastore_study_with_a_bitmask_label_opens_with_its_annotation(structures_model, tmp_path):
+    """A study whose saved label is a bitmask of overlapping structures (as a clinical RTSTRUCT imports)
+    opens on the page, its label shown as the annotation: any structure of it."""
+    from monailabel.client import MONAILabelClient
+
+    from ctv_datastore.build import build
+    from ctv_datastore.phantom import make_phantom
+
+    from .support import ServerProcess
+
+    seed = HELD_OUT_SEEDS[2]
+    build(str(tmp_path / "studies"), [seed], labelled=set())
+    image_id, phantom = f"phantom_{seed:05d}", make_phantom(seed)
+    ctv, bladder = phantom.mask("CTV"), phantom.mask("Bladder")
+    grown = ctv | np.roll(ctv, 3, axis=1)  # the CTV grown into the bladder: overlapping structures
+    # The client's own bits (label_names: bit value - 1): values no label map of the model's has.
+    bitmask = (grown.astype(np.uint8) * 1) | (bladder.astype(np.uint8) * 32)
+    assert ((bitmask & 1) & (bitmask >> 5)).any()
+    label = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(bitmask, phantom.affine), label)
+    with ServerProcess(tmp_path / "studies", tmp_path / "server", conf={"ctv_model": str(structures_model)}) as server:
+        MONAILabelClient(server.url, tmpdir=str(tmp_path)).save_label(
+            image_id, str(label), tag="final", params={"encoding": "bitmask", "label_names": {"CTV": 1, "Bladder": 6}}
+        )
+        s = owner_session("bitmask-label")
+        r = s.post(f"{server.url}/ctv/api/cases", data={"image": image_id}, timeout=120)
+        assert r.status_code == 201, r.text
+        case_id = r.json()["case"]["id"]
+        assert r.json()["case"]["annotation"]["name"] == f"{image_id} (datastore final label)"
+        shown = s.get(f"{server.url}/ctv/api/cases/{case_id}/view/annotation", timeout=60)
+        assert shown.status_code == 200
+        wait_done(s, server.url, case_id, r.json()["result"]["id"])
+    assert shown.content == display_volume((bitmask > 0).astype(np.uint8), phantom.affine).tobytes()
+
+
 def test_dicom_zip_gets_rtstruct_and_seg_naming_its_input(server, tmp_path):
     """API level: a zipped DICOM series gives NIfTI, RTSTRUCT and SEG, each naming the input."""
     archive = tmp_path / "vh.zip"

@@ -31,7 +31,7 @@ from fastapi.staticfiles import StaticFiles
 
 from .admission import RetryAfter, when_admitted
 from .cases import Case, CaseStore
-from .datastore import check_label
+from .datastore import check_label, read_label_on_grid
 from .dicom.results import check_referenceable, write_dicom_result
 from .dicom.series import read_series_headers
 from .errors import ConflictError, CTVError, ImageNotFoundError, InvalidInputError, NotAuthorisedError, ServerBusyError
@@ -266,7 +266,9 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
             case = service.create_case(owner, name, path)
             label = service.app.datastore().get_label_uri(image, "final")
             if label and os.path.isfile(label):  # the study's saved annotation, shown beside the contour
-                check_label(label, case.id, case.input_path, labels)
+                # Its values were checked when it was saved (a label map, or a bitmask of overlapping
+                # structures); the page shows any structure of it as the annotation.
+                read_label_on_grid(label, case.id, case.input_path)
                 shutil.copyfile(label, os.path.join(case.folder, "annotation.nii.gz"))
                 service.store.update(case, lambda r: r.update(annotation={"name": f"{image} (datastore final label)"}))
         elif file is not None:
