@@ -52,6 +52,9 @@ class TrainConfig:
     quality_weighting: bool = False
     ocm_lambda: float = 2.0
     qam_lr: float = 1e-4
+    # A checkpoint to start from (e.g. a model of fewer structures): its weights where shapes match, and
+    # each output channel of a structure it also contours; the rest starts from random initialisation.
+    init: str = ""
 
     def __post_init__(self) -> None:
         if self.quality_weighting and (
@@ -85,6 +88,27 @@ def validate(net: torch.nn.Module, val_ds, params: CTVParams, device: str) -> fl
         scores += [d for d in structure_dice(pred[0], item["label"].cpu()) if d is not None]
     net.train()
     return float(np.mean(scores))
+
+
+def warm_start(net: torch.nn.Module, params: CTVParams, checkpoint: dict) -> str:
+    """Load ``checkpoint``'s weights into ``net`` where they fit: layers of the same shape whole; output
+    layers (one channel per structure) channel by channel for the structures both contour. Returns what
+    was taken."""
+    old = CTVParams.from_dict(checkpoint["params"]).structure_list.names if "params" in checkpoint else ["CTV"]
+    new = params.structure_list.names
+    shared = [(new.index(n), old.index(n)) for n in new if n in old]
+    state, taken, by_channel = net.state_dict(), 0, 0
+    for key, value in checkpoint["model"].items():
+        if key not in state:
+            continue
+        if state[key].shape == value.shape:
+            state[key], taken = value.clone(), taken + 1
+        elif value.dim() >= 1 and value.shape[1:] == state[key].shape[1:] and value.shape[0] == len(old):
+            for c_new, c_old in shared:  # an output layer: dimension 0 is the structure
+                state[key][c_new] = value[c_old]
+            by_channel += 1
+    net.load_state_dict(state)
+    return f"{taken} layers whole, {by_channel} output layers for {[new[c] for c, _ in shared]}"
 
 
 def _init_distributed(cfg: "TrainConfig") -> tuple[int, int]:
@@ -124,7 +148,10 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
         num_workers=0,
         collate_fn=list_data_collate,
     )
-    net = network_for(params).to(cfg.device)
+    net = network_for(params)
+    if cfg.init:
+        log(f"starting from {cfg.init}: {warm_start(net, params, load_checkpoint(cfg.init))}")
+    net = net.to(cfg.device)
     groups = [{"params": net.parameters(), "lr": cfg.lr}]
     loss_fn = DeepSupervisionLoss(params.loss, reduction="none")
     weighting = None
