@@ -1,11 +1,15 @@
 """Performance of CTV contouring on this machine, against MONAI's stock pipeline and the hardware.
 
-    .venv/bin/python bench/run.py --quick      # < 2 minutes; last line: one JSON object
+    .venv/bin/python bench/run.py --quick      # a few minutes; last line: one JSON object
     .venv/bin/python bench/run.py              # full run; writes docs/performance.md
 
 1. End to end: /infer/ctv over HTTP on a SYNTHETIC 512x512x120 phantom (0.98x0.98x3 mm) and on
    the real CT (../shared/data/ct/abdomen_pelvis_3mm.nii.gz): median after a warm-up, the
    server's per-stage breakdown, HTTP = client time - server total, peak RSS of the server.
+   Structure sets: the served (multi-structure) model beside the single-structure CTV model shipped
+   before structure sets (``--single``; by default its checkpoint from git, commit 206cd5c), each
+   in its own server process (so each has its own peak RSS), requests alternated between the two
+   so that load from elsewhere falls on both alike; time and peak RSS ratios, multi / single.
 2. The peer: the same 512x512x120 volume through MONAI's stock pipeline as MONAI Label's
    radiology `segmentation` model sets it up (SegResNet 32 filters, blocks (1,2,2,4)/(1,1,1),
    26 outputs, random weights; 1.5 mm; ScaleIntensity to [-1, 1]; SlidingWindowInferer roi 96^3,
@@ -26,9 +30,11 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +53,10 @@ from ctv_datastore.phantom import FULL_SHAPE, FULL_SPACING, make_phantom, save_n
 from tests.support import APP_DIR, REAL_CT, ServerProcess, memory_mb  # noqa: E402
 
 STAGES = ("pre", "infer", "post", "write")
+# The last commit whose shipped checkpoint contours the CTV alone (before structure sets, issue 17).
+SINGLE_STRUCTURE_COMMIT = "206cd5c"
+# Issue 17's targets for the multi-structure model against the single-structure one.
+TARGET_TIME_RATIO, TARGET_RSS_RATIO = 1.3, 1.2
 NOTES_MARKER = "<!-- Written by hand below; bench/run.py keeps it when it rewrites the table above. -->"
 
 
@@ -64,18 +74,98 @@ def server_pid(server: ServerProcess) -> int:
     return kids[0] if kids else server.proc.pid
 
 
+def timed_infer(client: MONAILabelClient, image_id: str) -> tuple[float, dict]:
+    """One /infer/ctv request: the client's wall time and the server's own stage times."""
+    t0 = time.perf_counter()
+    _, result = client.infer("ctv", image_id, {})
+    return time.perf_counter() - t0, result["latencies"]
+
+
+def summarise(runs: list[tuple[float, dict]]) -> dict:
+    """Median wall time and median per stage; HTTP = client time - server total."""
+    median = statistics.median(wall for wall, _ in runs)
+    stages = {k: statistics.median(float(lat[k]) for _, lat in runs) for k in STAGES}
+    stages["http"] = median - statistics.median(float(lat["total"]) for _, lat in runs)
+    return {"seconds": median, "stages": stages, "runs": len(runs)}
+
+
 def end_to_end(client: MONAILabelClient, image_id: str, repeats: int) -> dict:
-    client.infer("ctv", image_id, {})  # warm-up
-    walls, latencies = [], []
+    timed_infer(client, image_id)  # warm-up
+    return summarise([timed_infer(client, image_id) for _ in range(repeats)])
+
+
+def single_structure_checkpoint(folder: Path) -> Path:
+    """The CTV-only checkpoint shipped before structure sets, read from git (never the tracked file)."""
+    spec = f"{SINGLE_STRUCTURE_COMMIT}:apps/ctv_app/model/ctv.pt"
+    shown = subprocess.run(["git", "show", spec], cwd=REPO, capture_output=True)
+    if shown.returncode:
+        raise SystemExit(f"cannot read {spec} from git ({shown.stderr.decode().strip()}): pass --single <checkpoint>")
+    blob = shown.stdout
+    path = folder / f"ctv_{SINGLE_STRUCTURE_COMMIT}.pt"
+    path.write_bytes(blob)
+    return path
+
+
+def structure_sets(
+    servers: dict[str, ServerProcess], checkpoints: dict[str, Path], image_id: str, repeats: int
+) -> dict:
+    """``servers``: one per checkpoint (``--conf ctv_model``), each its own process. After a warm-up
+    each, ``repeats`` rounds of one request to each server in turn, so load from elsewhere on the
+    machine falls on all alike. Per model: its structures, median end to end and stages, RSS after
+    start and peak RSS (VmHWM) of its server; then multi / single ratios, time and peak RSS."""
+    from ctv_app.lib.checkpoint import read_params
+
+    clients = {name: MONAILabelClient(s.url, tmpdir=str(s.workdir / "client")) for name, s in servers.items()}
+    rows = {}
+    for name, client in clients.items():
+        rows[name] = {
+            "checkpoint": checkpoints[name].name,
+            "structures": read_params(str(checkpoints[name])).structure_list.names,
+            "rss_start_mb": memory_mb(server_pid(servers[name]), "VmRSS"),
+        }
+        timed_infer(client, image_id)  # warm-up
+    runs: dict[str, list] = {name: [] for name in clients}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        _, result = client.infer("ctv", image_id, {})
-        walls.append(time.perf_counter() - t0)
-        latencies.append(result["latencies"])
-    median = statistics.median(walls)
-    stages = {k: statistics.median(float(lat[k]) for lat in latencies) for k in STAGES}
-    stages["http"] = median - statistics.median(float(lat["total"]) for lat in latencies)
-    return {"seconds": median, "stages": stages, "runs": repeats}
+        for name, client in clients.items():
+            runs[name].append(timed_infer(client, image_id))
+    for name in clients:
+        rows[name] |= summarise(runs[name]) | {"peak_rss_mb": memory_mb(server_pid(servers[name]), "VmHWM")}
+    single, multi = rows["single"], rows["multi"]
+    ratios = {k: multi[k] / single[k] for k in ("seconds", "peak_rss_mb")}
+    ratios |= {k: multi["stages"][k] / single["stages"][k] if single["stages"][k] > 0 else float("nan") for k in STAGES}
+    return {"models": rows, "ratios": ratios}
+
+
+def structure_sets_summary(figures: dict) -> dict:
+    """The comparison in the JSON line: per model seconds, stages and peak RSS; the ratios."""
+    out = {
+        name: {"structures": len(row["structures"]), "seconds": round(row["seconds"], 3),
+               "stages_s": {k: round(v, 3) for k, v in row["stages"].items()},
+               "rss_start_mb": round(row["rss_start_mb"], 1), "peak_rss_mb": round(row["peak_rss_mb"], 1)}
+        for name, row in figures["models"].items()
+    }  # fmt: skip
+    return out | {"ratios": {k: round(v, 3) for k, v in figures["ratios"].items()}}
+
+
+def print_structure_sets(figures: dict) -> None:
+    rows, ratios = figures["models"], figures["ratios"]
+    runs = rows["multi"]["runs"]
+    print(f"\nstructure sets, SYNTHETIC phantom 512x512x120: median of {runs} requests per model, alternated")
+    names = {"infer": "network"}
+    head = f"{'model':26s} {'structures':>10s} {'end-to-end s':>12s} " + " ".join(
+        f"{names.get(k, k):>7s}" for k in (*STAGES, "http")
+    )
+    print(head + f" {'RSS start MB':>12s} {'peak RSS MB':>11s}")
+    for name, row in rows.items():
+        stages = " ".join(f"{row['stages'][k]:7.2f}" for k in (*STAGES, "http"))
+        print(f"{name + ' (' + row['checkpoint'] + ')':26s} {len(row['structures']):10d} {row['seconds']:12.2f} "
+              f"{stages} {row['rss_start_mb']:12.0f} {row['peak_rss_mb']:11.0f}")  # fmt: skip
+    stages = " ".join(f"{ratios[k]:7.2f}" for k in STAGES)
+    print(f"{'multi / single':26s} {'':10s} {ratios['seconds']:12.2f} {stages} {'':7s} {'':12s} "
+          f"{ratios['peak_rss_mb']:11.2f}")  # fmt: skip
+    time_ok = "within" if ratios["seconds"] <= TARGET_TIME_RATIO else "OVER"
+    rss_ok = "within" if ratios["peak_rss_mb"] <= TARGET_RSS_RATIO else "OVER"
+    print(f"targets: time <= {TARGET_TIME_RATIO}x ({time_ok}), peak RSS <= {TARGET_RSS_RATIO}x ({rss_ok})\n")
 
 
 def window_count(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
@@ -151,17 +241,20 @@ def stock_pipeline(path: str, quick: bool) -> dict:
 
 
 def train_throughput(params: CTVParams, steps: int, batch: int = 4) -> dict:
-    """Patches/s of a training step (forward, loss, backward, Adam), plain and with QAM + OCM."""
+    """Patches/s of a training step (forward, loss, backward, Adam), plain and with QAM + OCM; one label
+    channel per structure of ``params``."""
     out = {}
+    channels = len(params.structures)
     for name in ("plain", "qam_ocm"):
         torch.manual_seed(0)
         net = network_for(params).train()
         loss_fn = DeepSupervisionLoss(params.loss, reduction="none")
-        weighting = QualityWeightedLoss(QualityAwarenessModule(3, in_channels=2), 2.0) if name == "qam_ocm" else None
+        qam = QualityAwarenessModule(3, in_channels=1 + channels)
+        weighting = QualityWeightedLoss(qam, 2.0) if name == "qam_ocm" else None
         parameters = list(net.parameters()) + (list(weighting.parameters()) if weighting else [])
         opt = torch.optim.Adam(parameters, lr=1e-4)
         x = torch.rand(batch, 1, *params.patch_size)
-        y = (torch.rand(batch, 1, *params.patch_size) > 0.7).float()
+        y = (torch.rand(batch, channels, *params.patch_size) > 0.7).float()
         times = []
         for i in range(steps + 1):
             t0 = time.perf_counter()
@@ -205,6 +298,26 @@ def accuracy_vs_reference(seeds: list[int], folder: Path) -> list[float]:
     return scores
 
 
+def structure_sets_rows(figures: dict) -> list[str]:
+    """Rows of the report's table: each model's end to end and peak RSS, and multi / single."""
+    lines = []
+    for name, row in figures["models"].items():
+        st = row["stages"]
+        lines.append(
+            f"| structure sets: {name}-structure model ({len(row['structures'])}, {row['checkpoint']}), "
+            f"512x512x120, median of {row['runs']} alternated | {row['seconds']:.2f} s (pre {st['pre']:.2f}, "
+            f"network {st['infer']:.2f}, post {st['post']:.2f}, write {st['write']:.2f}); "
+            f"peak RSS {row['peak_rss_mb']:.0f} MB |"
+        )
+    r = figures["ratios"]
+    lines.append(
+        f"| structure sets: multi / single (targets {TARGET_TIME_RATIO} / {TARGET_RSS_RATIO}) | "
+        f"time {r['seconds']:.2f}, peak RSS {r['peak_rss_mb']:.2f} (pre {r['pre']:.2f}, network {r['infer']:.2f}, "
+        f"post {r['post']:.2f}, write {r['write']:.2f}) |"
+    )
+    return lines
+
+
 def write_report(figures: dict, command: str) -> None:
     s = figures["stock"]
     lines = [
@@ -226,6 +339,7 @@ def write_report(figures: dict, command: str) -> None:
         f"| stock MONAI Label radiology pipeline, 512x512x120 ({s['how']}) | {s['seconds']:.1f} s "
         f"({s['windows']} windows of 96^3 on {s['shape']}) |",
         f"| ours / stock | {figures['ratio_vs_stock']:.3f} |",
+        *structure_sets_rows(figures["structure_sets"]),
         f"| non-network share of end to end (512x512x120) | {figures['non_network_share']:.1%} |",
         f"| peak RSS of the server | {figures['peak_rss_mb']:.0f} MB |",
         f"| network FLOPs, 512x512x120 ({figures['windows']} windows) | {figures['flops'] / 1e9:.0f} GFLOP |",
@@ -249,9 +363,11 @@ def write_report(figures: dict, command: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="under 2 minutes: fewer runs, stock pipeline sampled")
+    ap.add_argument("--quick", action="store_true", help="a few minutes: fewer runs, stock pipeline sampled")
+    ap.add_argument("--single", help=f"single-structure checkpoint (default: the one at {SINGLE_STRUCTURE_COMMIT})")
+    ap.add_argument("--multi", help="multi-structure checkpoint (default: the served apps/ctv_app/model/ctv.pt)")
     args = ap.parse_args()
-    repeats = 2 if args.quick else 5
+    repeats = 3 if args.quick else 5
     params = CTVParams()
     figures: dict = {
         "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
@@ -263,14 +379,25 @@ def main() -> None:
         studies.mkdir()
         phantom = studies / "phantom_full.nii.gz"
         save_nifti(make_phantom(9500, FULL_SHAPE, FULL_SPACING), str(phantom))
-        cases = {"phantom 512x512x120": "phantom_full"}
         if REAL_CT.exists():
             os.symlink(REAL_CT, studies / REAL_CT.name)
-            cases["real CT 122x101x112"] = REAL_CT.name.removesuffix(".nii.gz")
-        with ServerProcess(studies, Path(tmp) / "server") as server:
-            client = MONAILabelClient(server.url, tmpdir=str(Path(tmp) / "client"))
-            figures["e2e"] = {name: end_to_end(client, image_id, repeats) for name, image_id in cases.items()}
-            figures["peak_rss_mb"] = memory_mb(server_pid(server), "VmHWM")
+        checkpoints = {
+            "single": Path(args.single) if args.single else single_structure_checkpoint(Path(tmp)),
+            "multi": Path(args.multi) if args.multi else APP_DIR / "model" / "ctv.pt",
+        }
+        with ExitStack() as stack:
+            servers = {
+                name: stack.enter_context(ServerProcess(studies, Path(tmp) / name, conf={"ctv_model": str(path)}))
+                for name, path in checkpoints.items()
+            }
+            figures["structure_sets"] = structure_sets(servers, checkpoints, "phantom_full", repeats)
+            # The served model's figures: the multi-structure server's, the real CT after the comparison.
+            figures["e2e"] = {"phantom 512x512x120": figures["structure_sets"]["models"]["multi"]}
+            figures["peak_rss_mb"] = figures["structure_sets"]["models"]["multi"]["peak_rss_mb"]
+            if REAL_CT.exists():
+                multi = MONAILabelClient(servers["multi"].url, tmpdir=str(Path(tmp) / "client"))
+                figures["e2e"]["real CT 122x101x112"] = end_to_end(multi, REAL_CT.name.removesuffix(".nii.gz"), repeats)
+        print_structure_sets(figures["structure_sets"])
         for name, row in figures["e2e"].items():
             print(f"/infer/ctv {name}: {row['seconds']:.2f} s  " + ", ".join(f"{k} {v:.2f}" for k, v in row["stages"].items()))
         print(f"peak RSS of the server: {figures['peak_rss_mb']:.0f} MB")
@@ -312,6 +439,7 @@ def main() -> None:
         "stages_s": {k: round(v, 3) for k, v in e2e["stages"].items()},
         "train_patches_per_s": {k: round(v, 3) for k, v in figures["train"].items()},
         "dice_vs_reference_min": round(min(figures["accuracy"]), 4),
+        "structure_sets": structure_sets_summary(figures["structure_sets"]),
     }))
 
 
