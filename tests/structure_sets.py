@@ -35,7 +35,8 @@ def structures_model(tmp_path_factory) -> Path:
     return write_structures_checkpoint(tmp_path_factory.mktemp("structures_model") / "ctv.pt")
 
 
-@pytest.fixture(scope="session")
+# The servers live for one test module each: a full run does not hold them beside the others throughout.
+@pytest.fixture(scope="module")
 def structures_server(studies, structures_model, tmp_path_factory):
     """The real server on the test datastore, serving the multi-structure test model."""
     workdir = tmp_path_factory.mktemp("structures_server")
@@ -43,7 +44,7 @@ def structures_server(studies, structures_model, tmp_path_factory):
         yield proc
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def structures_dicomweb_server(orthanc, uploaded, structures_model, tmp_path_factory):
     """The server on the test Orthanc (as ``dicomweb_server``: access control on), serving the test model."""
     from .conftest import DICOMWEB_ANNOTATOR
@@ -59,7 +60,7 @@ def structures_dicomweb_server(orthanc, uploaded, structures_model, tmp_path_fac
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def structures_dw_client(structures_dicomweb_server, tmp_path_factory):
     """MONAI Label's client on it, logged in as the Slicer plugin does."""
     from monailabel.client import MONAILabelClient
