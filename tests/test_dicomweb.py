@@ -63,10 +63,10 @@ def test_infer_rtstruct_on_real_series_stored_back_via_stow(dw_client, orthanc, 
 def test_contours_on_the_real_neck_stay_inside_the_patient(dw_client, uploaded):
     """The model (trained on pelvic phantoms) once put a blob in the air beside the Visible Human
     neck. Every result is confined to the body, NIfTI and DICOM SEG alike (one post-processing)."""
-    nifti_file, _ = dw_client.infer("ctv", uploaded["visible_human"], {})
-    assert vh_voxels_in_air_outside_body(nifti_file) == 0
+    nifti_file, nifti_result = dw_client.infer("ctv", uploaded["visible_human"], {"label_encoding": "bitmask"})
+    assert vh_voxels_in_air_outside_body(nifti_file) == 0  # any structure's voxel (any bit set)
     seg_file, seg_result = dw_client.infer("ctv", uploaded["visible_human"], {"result_format": "dicom_seg"})
-    assert seg_result["ctv_voxels"] == int((np.asarray(nib.load(nifti_file).dataobj) > 0).sum())
+    assert seg_result["structures"] == nifti_result["structures"]  # each structure's voxels, both formats
 
 
 def test_infer_dicom_seg_matches_nifti_and_lands_in_orthanc(dw_client, orthanc, uploaded, tmp_path):
@@ -81,7 +81,7 @@ def test_infer_dicom_seg_matches_nifti_and_lands_in_orthanc(dw_client, orthanc, 
     # Same contour in both formats.
     sop_uids = [r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence]
     pixels = seg.get_pixels_by_source_instance(sop_uids, segment_numbers=[1], ignore_spatial_locations=True)[..., 0]
-    assert int(pixels.sum()) == int(mask.sum())
+    assert int(pixels.sum()) == int((mask == 1).sum())  # the CTV: value 1, first-listed, wins any overlap
     assert seg_result["provenance"]["input"]["sha256"] == nifti_result["provenance"]["input"]["sha256"]
     found = orthanc.client().search_for_series(search_filters={"Modality": "SEG"})
     assert seg.SeriesInstanceUID in {s["0020000E"]["Value"][0] for s in found}
@@ -89,7 +89,7 @@ def test_infer_dicom_seg_matches_nifti_and_lands_in_orthanc(dw_client, orthanc, 
 
 def test_rtstruct_from_server_reads_back_to_the_nifti_mask(dw_client, orthanc, uploaded, tmp_path):
     phantom = uploaded["phantom"]
-    nifti_file, _ = dw_client.infer("ctv", phantom, {})
+    nifti_file, result = dw_client.infer("ctv", phantom, {})
     rs_file, _ = dw_client.infer("ctv", phantom, {"result_format": "rtstruct"})
     series_dir = tmp_path / "series"
     series_dir.mkdir()
@@ -97,7 +97,8 @@ def test_rtstruct_from_server_reads_back_to_the_nifti_mask(dw_client, orthanc, u
     for ds in orthanc.client().retrieve_series(study, phantom):
         ds.save_as(series_dir / f"{ds.SOPInstanceUID}.dcm", write_like_original=False)
     geometry, headers = read_ct_geometry(str(series_dir))
-    back, _ = rasterise(read_rtstruct(rs_file), geometry, headers, {"CTV": 1})
+    # every ROI, the first-listed structure painted last (rasterise: later wins), as our label map does
+    back, _ = rasterise(read_rtstruct(rs_file), geometry, headers, dict(reversed(result["label_names"].items())))
     np.testing.assert_array_equal(back, np.asarray(nib.load(nifti_file).dataobj))
 
 
