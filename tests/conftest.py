@@ -173,23 +173,31 @@ def uploaded(orthanc, tmp_path_factory) -> dict[str, str]:
 DICOMWEB_ANNOTATOR = ("dr_dicomweb", "annotator-token-for-tests-only")
 
 
-@pytest.fixture(scope="session")
-def dicomweb_server(orthanc, uploaded, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("dicomweb_server")
-    env = {
+def dicomweb_env(orthanc, workdir: Path) -> dict[str, str]:
+    """The environment of a server on the test Orthanc: its credentials, a cache, access control on."""
+    return {
         "MONAI_LABEL_DICOMWEB_USERNAME": orthanc.user,
         "MONAI_LABEL_DICOMWEB_PASSWORD": orthanc.password,
         "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(workdir / "cache"),
         "CTV_AUTH_TOKENS": "{}:annotator:{}".format(*DICOMWEB_ANNOTATOR),
     }
-    with ServerProcess(orthanc.dicomweb_url, workdir, env=env) as server:
+
+
+def annotator_client(server, tmpdir: str) -> MONAILabelClient:
+    """Logged in as the Slicer plugin does: /auth/ says auth is on, /auth/token gives the bearer token."""
+    client = MONAILabelClient(server.url, tmpdir=tmpdir)
+    assert client.auth_enabled()
+    client.update_auth(client.auth_token(*DICOMWEB_ANNOTATOR))
+    return client
+
+
+@pytest.fixture(scope="session")
+def dicomweb_server(orthanc, uploaded, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("dicomweb_server")
+    with ServerProcess(orthanc.dicomweb_url, workdir, env=dicomweb_env(orthanc, workdir)) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def dw_client(dicomweb_server, tmp_path_factory) -> MONAILabelClient:
-    """Logged in as the Slicer plugin does: /auth/ says auth is on, /auth/token gives the bearer token."""
-    client = MONAILabelClient(dicomweb_server.url, tmpdir=str(tmp_path_factory.mktemp("dw_client")))
-    assert client.auth_enabled()
-    client.update_auth(client.auth_token(*DICOMWEB_ANNOTATOR))
-    return client
+    return annotator_client(dicomweb_server, str(tmp_path_factory.mktemp("dw_client")))

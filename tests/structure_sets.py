@@ -47,27 +47,17 @@ def structures_server(studies, structures_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def structures_dicomweb_server(orthanc, uploaded, structures_model, tmp_path_factory):
     """The server on the test Orthanc (as ``dicomweb_server``: access control on), serving the test model."""
-    from .conftest import DICOMWEB_ANNOTATOR
+    from .conftest import dicomweb_env
 
     workdir = tmp_path_factory.mktemp("structures_dicomweb_server")
-    env = {
-        "MONAI_LABEL_DICOMWEB_USERNAME": orthanc.user,
-        "MONAI_LABEL_DICOMWEB_PASSWORD": orthanc.password,
-        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(workdir / "cache"),
-        "CTV_AUTH_TOKENS": "{}:annotator:{}".format(*DICOMWEB_ANNOTATOR),
-    }
-    with ServerProcess(orthanc.dicomweb_url, workdir, conf={"ctv_model": str(structures_model)}, env=env) as server:
+    conf = {"ctv_model": str(structures_model)}
+    with ServerProcess(orthanc.dicomweb_url, workdir, conf=conf, env=dicomweb_env(orthanc, workdir)) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def structures_dw_client(structures_dicomweb_server, tmp_path_factory):
     """MONAI Label's client on it, logged in as the Slicer plugin does."""
-    from monailabel.client import MONAILabelClient
+    from .conftest import annotator_client
 
-    from .conftest import DICOMWEB_ANNOTATOR
-
-    tmpdir = str(tmp_path_factory.mktemp("structures_dw_client"))
-    client = MONAILabelClient(structures_dicomweb_server.url, tmpdir=tmpdir)
-    client.update_auth(client.auth_token(*DICOMWEB_ANNOTATOR))
-    return client
+    return annotator_client(structures_dicomweb_server, str(tmp_path_factory.mktemp("structures_dw_client")))
