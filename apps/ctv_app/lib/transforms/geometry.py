@@ -28,6 +28,11 @@ def foreground_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | Non
     return tuple(box)
 
 
+def enclosing_box(boxes: list[tuple[slice, ...]]) -> tuple[slice, ...]:
+    """The smallest box holding all of ``boxes``."""
+    return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(len(boxes[0])))
+
+
 def _axis_aligned(index_map: np.ndarray, tol: float = 1e-6) -> bool:
     """Each source axis depends on exactly one destination axis (scaling, flips, permutation)."""
     linear = np.abs(index_map[:3, :3]) > tol
@@ -75,12 +80,22 @@ class RestoreGeometry(Transform):
     those boxes interpolates source values that are all <= floor, so thresholding above ``floor``
     gives the same mask as a full resample, at a fraction of the cost on a 512x512xN grid. One box
     per region, not one around them all: a few stray voxels above the floor far from the structure
-    (a model's usual false positives) made that one box most of the volume.
+    (a model's usual false positives) made that one box most of the volume. Past ``MAX_BOXES``
+    regions the smallest share one box, so the cost stays bounded by one whole-grid resample.
+
+    With ``peak`` too (floor < peak < the threshold applied afterwards), a region that never rises
+    above ``peak`` is left out (0): an interpolated value is a convex combination of its 2x2x2
+    support, which touches one region at most (regions are 26-connected), so such a region cannot
+    give a value above ``peak`` (float rounding moves it far less than threshold - peak). A model
+    that is unsure everywhere (early in training) has thousands of such regions.
     """
 
-    def __init__(self, mode: str = "bilinear", floor: float | None = None):
+    MAX_BOXES = 32
+
+    def __init__(self, mode: str = "bilinear", floor: float | None = None, peak: float | None = None):
         self.resample = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)
         self.floor = floor
+        self.peak = peak
 
     def __call__(self, img: torch.Tensor, src_affine, dst_affine, dst_shape) -> MetaTensor:
         dst_shape = tuple(int(s) for s in dst_shape)
@@ -119,11 +134,18 @@ class RestoreGeometry(Transform):
         return out
 
     def _destination_boxes(self, values, src_affine, dst_affine, dst_shape) -> list[tuple[np.ndarray, np.ndarray]]:
-        above = np.asarray(values.amax(dim=0) > self.floor)
-        regions, _ = ndimage.label(above, structure=np.ones((3, 3, 3), dtype=bool))
+        top = np.asarray(values.amax(dim=0))
+        regions, n = ndimage.label(top > self.floor, structure=np.ones((3, 3, 3), dtype=bool))
+        found = ndimage.find_objects(regions)
+        if self.peak is not None and n:
+            peaks = ndimage.maximum(top, regions, index=np.arange(1, n + 1))
+            found = [box for box, peak in zip(found, peaks) if peak > self.peak]
+        if len(found) > self.MAX_BOXES:
+            found.sort(key=lambda box: np.prod([b.stop - b.start for b in box]), reverse=True)
+            found = found[: self.MAX_BOXES - 1] + [enclosing_box(found[self.MAX_BOXES - 1 :])]
         to_dst = np.linalg.inv(dst_affine) @ src_affine
         boxes = []
-        for box in ndimage.find_objects(regions):
+        for box in found:
             # Source box grown by one voxel (the interpolation support), corners mapped to destination indices.
             corners = np.array(np.meshgrid(*[[b.start - 1, b.stop] for b in box], indexing="ij"))
             corners = np.concatenate([corners.reshape(3, -1), np.ones((1, 8))])

@@ -18,7 +18,7 @@ from monai.transforms import MapTransform, Transform
 from scipy import ndimage
 
 from ..structures import Structures
-from .geometry import RestoreGeometry, foreground_box
+from .geometry import RestoreGeometry, enclosing_box, foreground_box
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -83,18 +83,14 @@ def patient_body(hu: np.ndarray, axis: int, reach: slice, threshold: float = BOD
     return out
 
 
-def enclosing_box(boxes: list[tuple[slice, ...]]) -> tuple[slice, ...]:
-    """The smallest box holding all of ``boxes``."""
-    return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(len(boxes[0])))
-
-
 class ContourStructures(Transform):
     """Per-structure probabilities on the model's grid -> the structures on the input's grid, as a bitmask.
 
-    For each structure (``Structures`` order = channel order): the boxes of its probabilities above
-    ``threshold / 2`` are resampled to the input grid (``RestoreGeometry``), thresholded, confined to the
-    patient's body (``patient_body``, computed once for all structures), and cleaned by its rule, before
-    the largest component is chosen, so a blob in the air cannot displace a structure. Structures are
+    For each structure (``Structures`` order = channel order): the boxes of its regions of probabilities
+    above ``threshold / 2`` that reach above 3/4 of it are resampled to the input grid (``RestoreGeometry``),
+    thresholded, confined to the patient's body (``patient_body``, computed once for all structures), and
+    cleaned by its rule, before the largest component is chosen, so a blob in the air cannot displace a
+    structure. Structures are
     resampled one at a time within their own boxes, so neither time nor memory grows with a
     destination-sized array per structure."""
 
@@ -102,7 +98,7 @@ class ContourStructures(Transform):
         self.structures = structures
         self.threshold = threshold
         self.body_threshold = body_threshold
-        self.restore = RestoreGeometry(floor=threshold / 2)
+        self.restore = RestoreGeometry(floor=threshold / 2, peak=threshold * 3 / 4)
 
     def __call__(self, prob: torch.Tensor, src_affine, dst_affine, hu: torch.Tensor) -> np.ndarray:
         values = np.asarray(torch.as_tensor(hu).detach().cpu())
