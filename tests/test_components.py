@@ -185,13 +185,11 @@ def test_restore_with_floor_gives_the_same_mask_as_a_full_resample():
     assert torch.equal(full.as_tensor() > 0.5, cropped.as_tensor() > 0.5)
     pieces = restore.pieces(prob, src_affine, dst_affine, dst_shape)
     assert len(pieces) == 4 and sum(sub.numel() for _, sub in pieces) < full.numel() / 20
-    # With a peak, the region never above it is left out; past MAX_BOXES regions, the smallest share a box.
-    peaked = RestoreGeometry(floor=0.25, peak=0.375)
-    assert len(peaked.pieces(prob, src_affine, dst_affine, dst_shape)) == 3
+    # Past MAX_BOXES regions, one box around them all.
     prob[0, 0:26:2, 0:22:2, 2] = 0.7  # 143 separate specks
     full = RestoreGeometry()(prob, src_affine, dst_affine, dst_shape)
-    assert len(peaked.pieces(prob, src_affine, dst_affine, dst_shape)) == RestoreGeometry.MAX_BOXES
-    assert torch.equal(full.as_tensor() > 0.5, peaked(prob, src_affine, dst_affine, dst_shape).as_tensor() > 0.5)
+    assert len(restore.pieces(prob, src_affine, dst_affine, dst_shape)) == 1
+    assert torch.equal(full.as_tensor() > 0.5, restore(prob, src_affine, dst_affine, dst_shape).as_tensor() > 0.5)
     empty = RestoreGeometry(floor=0.25)(torch.zeros(1, 8, 8, 8), src_affine, dst_affine, dst_shape)
     assert empty.shape == (1, *dst_shape) and empty.sum() == 0
 

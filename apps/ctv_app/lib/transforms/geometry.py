@@ -33,6 +33,10 @@ def enclosing_box(boxes: list[tuple[slice, ...]]) -> tuple[slice, ...]:
     return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(len(boxes[0])))
 
 
+def _volume(box: tuple[slice, ...]) -> int:
+    return int(np.prod([b.stop - b.start for b in box]))
+
+
 def _axis_aligned(index_map: np.ndarray, tol: float = 1e-6) -> bool:
     """Each source axis depends on exactly one destination axis (scaling, flips, permutation)."""
     linear = np.abs(index_map[:3, :3]) > tol
@@ -80,22 +84,17 @@ class RestoreGeometry(Transform):
     those boxes interpolates source values that are all <= floor, so thresholding above ``floor``
     gives the same mask as a full resample, at a fraction of the cost on a 512x512xN grid. One box
     per region, not one around them all: a few stray voxels above the floor far from the structure
-    (a model's usual false positives) made that one box most of the volume. Past ``MAX_BOXES``
-    regions the smallest share one box, so the cost stays bounded by one whole-grid resample.
-
-    With ``peak`` too (floor < peak < the threshold applied afterwards), a region that never rises
-    above ``peak`` is left out (0): an interpolated value is a convex combination of its 2x2x2
-    support, which touches one region at most (regions are 26-connected), so such a region cannot
-    give a value above ``peak`` (float rounding moves it far less than threshold - peak). A model
-    that is unsure everywhere (early in training) has thousands of such regions.
+    (a model's usual false positives) made that one box most of the volume. With more than
+    ``MAX_BOXES`` regions, or boxes larger together than the box around them all (a model unsure
+    everywhere, early in training, has thousands of regions), that one box it is: never more than
+    one whole-grid resample.
     """
 
     MAX_BOXES = 32
 
-    def __init__(self, mode: str = "bilinear", floor: float | None = None, peak: float | None = None):
+    def __init__(self, mode: str = "bilinear", floor: float | None = None):
         self.resample = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)
         self.floor = floor
-        self.peak = peak
 
     def __call__(self, img: torch.Tensor, src_affine, dst_affine, dst_shape) -> MetaTensor:
         dst_shape = tuple(int(s) for s in dst_shape)
@@ -134,15 +133,10 @@ class RestoreGeometry(Transform):
         return out
 
     def _destination_boxes(self, values, src_affine, dst_affine, dst_shape) -> list[tuple[np.ndarray, np.ndarray]]:
-        top = np.asarray(values.amax(dim=0))
-        regions, n = ndimage.label(top > self.floor, structure=np.ones((3, 3, 3), dtype=bool))
-        found = ndimage.find_objects(regions)
-        if self.peak is not None and n:
-            peaks = ndimage.maximum(top, regions, index=np.arange(1, n + 1))
-            found = [box for box, peak in zip(found, peaks) if peak > self.peak]
-        if len(found) > self.MAX_BOXES:
-            found.sort(key=lambda box: np.prod([b.stop - b.start for b in box]), reverse=True)
-            found = found[: self.MAX_BOXES - 1] + [enclosing_box(found[self.MAX_BOXES - 1 :])]
+        above = np.asarray(values.amax(dim=0) > self.floor)
+        found = ndimage.find_objects(ndimage.label(above, structure=np.ones((3, 3, 3), dtype=bool))[0])
+        if found and (len(found) > self.MAX_BOXES or sum(map(_volume, found)) > _volume(enclosing_box(found))):
+            found = [enclosing_box(found)]
         to_dst = np.linalg.inv(dst_affine) @ src_affine
         boxes = []
         for box in found:

@@ -87,8 +87,7 @@ class ContourStructures(Transform):
     """Per-structure probabilities on the model's grid -> the structures on the input's grid, as a bitmask.
 
     For each structure (``Structures`` order = channel order): the boxes of its regions of probabilities
-    above ``threshold / 2`` that reach above 3/4 of it are resampled to the input grid (``RestoreGeometry``),
-    thresholded, confined to the patient's body (``patient_body``, computed once for all structures), and
+    above ``threshold / 2`` are resampled to the input grid (``RestoreGeometry``), thresholded, confined to the patient's body (``patient_body``, computed once for all structures), and
     cleaned by its rule, before the largest component is chosen, so a blob in the air cannot displace a
     structure. Structures are
     resampled one at a time within their own boxes, so neither time nor memory grows with a
@@ -98,7 +97,7 @@ class ContourStructures(Transform):
         self.structures = structures
         self.threshold = threshold
         self.body_threshold = body_threshold
-        self.restore = RestoreGeometry(floor=threshold / 2, peak=threshold * 3 / 4)
+        self.restore = RestoreGeometry(floor=threshold / 2)
 
     def __call__(self, prob: torch.Tensor, src_affine, dst_affine, hu: torch.Tensor) -> np.ndarray:
         values = np.asarray(torch.as_tensor(hu).detach().cpu())
