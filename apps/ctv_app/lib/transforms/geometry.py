@@ -6,7 +6,7 @@ imports torchvision, which does not import next to a CPU-only torch.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -14,6 +14,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, SpatialResample, Transform
 from scipy import ndimage
+
+
+Box = tuple[slice, ...]
 
 
 def foreground_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None:
@@ -91,6 +94,7 @@ class RestoreGeometry(Transform):
     """
 
     MAX_BOXES = 32
+    SLAB_VOXELS = 1 << 22  # 4 M voxels, 16 MB of float32 per slab
 
     def __init__(self, mode: str = "bilinear", floor: float | None = None):
         self.resample = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)
@@ -105,39 +109,43 @@ class RestoreGeometry(Transform):
         return MetaTensor(out, affine=torch.as_tensor(np.asarray(dst_affine, dtype=np.float64)))
 
     def pieces(
-        self, img: torch.Tensor, src_affine, dst_affine, dst_shape
-    ) -> list[tuple[tuple[slice, slice, slice], torch.Tensor]]:
-        """The destination boxes that need resampling (the whole grid without ``floor``; none when
-        nothing is above it) and the values in each. Boxes may overlap. Restoring structure by structure
-        this way never allocates a destination-sized array per structure."""
+        self, img: torch.Tensor, src_affine, dst_affine, dst_shape, boxes: list[Box] | None = None
+    ) -> Iterator[tuple[Box, torch.Tensor]]:
+        """The values in each destination box that needs resampling (``boxes``, else ``self.boxes``),
+        one slab of at most ``SLAB_VOXELS`` at a time: a caller that thresholds each piece as it comes
+        never holds more than a slab in float. Restoring structure by structure this way never
+        allocates a destination-sized array per structure."""
         src_affine = np.asarray(src_affine, dtype=np.float64)
         dst_affine = np.asarray(dst_affine, dtype=np.float64)
-        dst_shape = tuple(int(s) for s in dst_shape)
         values = torch.as_tensor(img, dtype=torch.float32)
-        if self.floor is None:
-            boxes = [(np.zeros(3, dtype=int), np.array(dst_shape))]
-        else:
-            boxes = self._destination_boxes(values, src_affine, dst_affine, dst_shape)
-        out = []
-        for lo, hi in boxes:
-            sub_affine = dst_affine.copy()
-            sub_affine[:3, 3] = dst_affine[:3, :3] @ lo + dst_affine[:3, 3]
-            index_map = np.linalg.inv(src_affine) @ sub_affine  # destination index -> source index
-            if _axis_aligned(index_map):
-                sub = separable_linear(values, index_map, tuple(int(s) for s in hi - lo))
-            else:  # oblique: MONAI's grid sampling
-                src = MetaTensor(values, affine=torch.as_tensor(src_affine))
-                sub = self.resample(src, dst_affine=torch.as_tensor(sub_affine), spatial_size=[int(s) for s in hi - lo])
-                sub = sub.as_tensor()
-            out.append((tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), sub))
-        return out
+        if boxes is None:
+            boxes = self.boxes(values, src_affine, dst_affine, dst_shape)
+        to_src = np.linalg.inv(src_affine)
+        for box in boxes:
+            for slab in _slabs(box, self.SLAB_VOXELS, _first_pass_axis(to_src @ dst_affine, box, values.shape[1:])):
+                lo = np.array([b.start for b in slab])
+                size = [b.stop - b.start for b in slab]
+                sub_affine = dst_affine.copy()
+                sub_affine[:3, 3] = dst_affine[:3, :3] @ lo + dst_affine[:3, 3]
+                index_map = to_src @ sub_affine  # destination index -> source index
+                if _axis_aligned(index_map):
+                    sub = separable_linear(values, index_map, tuple(size))
+                else:  # oblique: MONAI's grid sampling
+                    src = MetaTensor(values, affine=torch.as_tensor(src_affine))
+                    sub = self.resample(src, dst_affine=torch.as_tensor(sub_affine), spatial_size=size).as_tensor()
+                yield slab, sub
 
-    def _destination_boxes(self, values, src_affine, dst_affine, dst_shape) -> list[tuple[np.ndarray, np.ndarray]]:
-        above = np.asarray(values.amax(dim=0) > self.floor)
+    def boxes(self, img: torch.Tensor, src_affine, dst_affine, dst_shape) -> list[Box]:
+        """The destination boxes that need resampling: the whole grid without ``floor``, none when
+        nothing is above it. Boxes may overlap."""
+        dst_shape = tuple(int(s) for s in dst_shape)
+        if self.floor is None:
+            return [tuple(slice(0, s) for s in dst_shape)]
+        above = np.asarray(torch.as_tensor(img).amax(dim=0) > self.floor)
         found = ndimage.find_objects(ndimage.label(above, structure=np.ones((3, 3, 3), dtype=bool))[0])
         if found and (len(found) > self.MAX_BOXES or sum(map(_volume, found)) > _volume(enclosing_box(found))):
             found = [enclosing_box(found)]
-        to_dst = np.linalg.inv(dst_affine) @ src_affine
+        to_dst = np.linalg.inv(np.asarray(dst_affine, dtype=np.float64)) @ np.asarray(src_affine, dtype=np.float64)
         boxes = []
         for box in found:
             # Source box grown by one voxel (the interpolation support), corners mapped to destination indices.
@@ -147,8 +155,28 @@ class RestoreGeometry(Transform):
             lo = np.clip(np.floor(idx.min(axis=1)).astype(int) - 1, 0, dst_shape)
             hi = np.clip(np.ceil(idx.max(axis=1)).astype(int) + 2, 0, dst_shape)
             if np.all(hi > lo):
-                boxes.append((lo, hi))
+                boxes.append(tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)))
         return boxes
+
+
+def _first_pass_axis(index_map: np.ndarray, box: Box, src_shape) -> int:
+    """The destination axis ``separable_linear`` resamples first (the one growing the least): cutting
+    slabs across it repeats no work, while cutting across a later one repeats the earlier passes."""
+    if not _axis_aligned(index_map):
+        return int(np.argmax([b.stop - b.start for b in box]))
+    source_axis = [int(np.argmax(np.abs(index_map[:3, j]))) for j in range(3)]
+    return int(np.argmin([(box[j].stop - box[j].start) / src_shape[source_axis[j]] for j in range(3)]))
+
+
+def _slabs(box: Box, max_voxels: int, axis: int) -> Iterator[Box]:
+    """``box`` cut across ``axis`` into slabs of at most ``max_voxels`` (at least one plane each)."""
+    sizes = [b.stop - b.start for b in box]
+    plane = max(1, _volume(box) // sizes[axis])
+    step = max(1, max_voxels // plane)
+    for start in range(box[axis].start, box[axis].stop, step):
+        slab = list(box)
+        slab[axis] = slice(start, min(start + step, box[axis].stop))
+        yield tuple(slab)
 
 
 class RestoreGeometryd(MapTransform):

@@ -87,11 +87,11 @@ class ContourStructures(Transform):
     """Per-structure probabilities on the model's grid -> the structures on the input's grid, as a bitmask.
 
     For each structure (``Structures`` order = channel order): the boxes of its regions of probabilities
-    above ``threshold / 2`` are resampled to the input grid (``RestoreGeometry``), thresholded, confined to the patient's body (``patient_body``, computed once for all structures), and
-    cleaned by its rule, before the largest component is chosen, so a blob in the air cannot displace a
-    structure. Structures are
-    resampled one at a time within their own boxes, so neither time nor memory grows with a
-    destination-sized array per structure."""
+    above ``threshold / 2`` are resampled to the input grid (``RestoreGeometry``), thresholded, confined to
+    the patient's body (``patient_body``, computed once for all structures), and cleaned by its rule,
+    before the largest component is chosen, so a blob in the air cannot displace a structure.
+    Structures are restored one at a time within their own boxes, slab by slab, so neither time nor
+    memory grows with a destination-sized array per structure."""
 
     def __init__(self, structures: Structures, threshold: float = 0.5, body_threshold: float = BODY_HU):
         self.structures = structures
@@ -105,25 +105,24 @@ class ContourStructures(Transform):
         if prob.shape[0] != len(self.structures):
             raise ValueError(f"{prob.shape[0]} probability channels for {len(self.structures)} structures")
         shape = values.shape
-        # Per structure, the pieces of it above the threshold: (destination box, mask in that box).
-        pieces: list[list[tuple[tuple[slice, ...], np.ndarray]]] = []
-        for c in range(len(self.structures)):
-            restored = self.restore.pieces(prob[c : c + 1], src_affine, dst_affine, shape)
-            thresholded = [(box, sub[0].numpy() > self.threshold) for box, sub in restored]
-            pieces.append([(box, mask) for box, mask in thresholded if mask.any()])
         out = np.zeros(shape, dtype=self.structures.bitmask_dtype)
-        drawn = [box for structure in pieces for box, _ in structure]
+        # Where each structure may be (its boxes, no resampling yet): the slices the body is needed in.
+        boxes = [self.restore.boxes(prob[c : c + 1], src_affine, dst_affine, shape) for c in range(prob.shape[0])]
+        drawn = [box for structure in boxes for box in structure]
         if not drawn:
             return out
         axis = axial_axis(dst_affine)
         reach = slice(min(box[axis].start for box in drawn), max(box[axis].stop for box in drawn))
         body = patient_body(values, axis, reach, self.body_threshold)
-        for c, structure in enumerate(pieces):
-            if not structure:
+        # One structure at a time, each slab thresholded as it comes: memory does not grow with the structures.
+        for c, structure_boxes in enumerate(boxes):
+            restored = self.restore.pieces(prob[c : c + 1], src_affine, dst_affine, shape, structure_boxes)
+            pieces = [(b, m) for b, m in ((b, sub[0].numpy() > self.threshold) for b, sub in restored) if m.any()]
+            if not pieces:
                 continue
-            box = enclosing_box([b for b, _ in structure])
+            box = enclosing_box([b for b, _ in pieces])
             mask = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
-            for b, piece in structure:
+            for b, piece in pieces:
                 mask[tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(b, box))] |= piece
             kept = clean_mask(mask & body[box], self.structures[c].rule)
             out[box][kept] |= out.dtype.type(1 << c)
