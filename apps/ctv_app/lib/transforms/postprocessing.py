@@ -34,13 +34,20 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 def clean_mask(mask: np.ndarray, rule: str = "largest") -> np.ndarray:
     """A boolean mask cleaned by a structure's rule (``structures.RULES``): ``largest`` keeps the largest
     face-connected component (single-piece organs, the cervix CTV), ``all`` keeps every component
-    (nodal targets, bowel); enclosed holes are filled either way. Works inside the mask's box."""
+    (nodal targets, bowel); enclosed holes are filled either way. Works inside the mask's box, and fills
+    the largest component's holes inside its own box (the same holes: the box's one-voxel margin is
+    background joined to everything outside it), which is much smaller when stray blobs lie far away."""
     out = np.zeros_like(mask, dtype=bool)
     box = foreground_box(mask)
     if box is None:
         return out
-    inside = mask[box]
-    out[box] = ndimage.binary_fill_holes(largest_component(inside) if rule == "largest" else inside)
+    if rule != "largest":
+        out[box] = ndimage.binary_fill_holes(mask[box])
+        return out
+    kept = largest_component(mask[box])
+    own = foreground_box(kept)
+    kept[own] = ndimage.binary_fill_holes(kept[own])
+    out[box] = kept
     return out
 
 
