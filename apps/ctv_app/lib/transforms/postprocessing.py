@@ -45,6 +45,8 @@ def clean_mask(mask: np.ndarray, rule: str = "largest") -> np.ndarray:
         out[box] = ndimage.binary_fill_holes(mask[box])
         return out
     kept = largest_component(mask[box])
+    if np.may_share_memory(kept, mask):  # one component: largest_component gave the view back
+        kept = kept.copy()
     own = foreground_box(kept)
     kept[own] = ndimage.binary_fill_holes(kept[own])
     out[box] = kept
