@@ -9,7 +9,7 @@ from monai.data import MetaTensor
 
 from ctv_app.lib.checkpoint import load_checkpoint, read_params, save_checkpoint
 from ctv_app.lib.errors import InvalidInputError
-from ctv_app.lib.losses import DeepSupervisionLoss
+from ctv_app.lib.losses import UNCONTOURED, DeepSupervisionLoss
 from ctv_app.lib.networks import IterativeRefinementNet, SEResDynUNet, build_network
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.transforms import RestoreGeometry, ValidateCT
@@ -149,7 +149,6 @@ def test_clean_mask_matches_monai_largest_component_and_fill_holes():
 
     from ctv_app.lib.transforms import clean_mask
 
-    several = []
     for seed in range(3):
         mask = _blobs(seed=seed)
         mask[0, 10:20, 10:20, 10:20] = 1
@@ -163,8 +162,9 @@ def test_clean_mask_matches_monai_largest_component_and_fill_holes():
         # "all" keeps every component (nodal targets), holes filled
         kept = clean_mask(mask[0].numpy() > 0, "all")
         assert np.array_equal(kept, np.asarray(FillHoles(applied_labels=[1])(mask)[0]) > 0)
-        several.append(kept.sum() > got.sum())
-    assert any(several)  # the test had a mask of several components to keep
+    two = np.zeros((12, 12, 12), dtype=bool)
+    two[1:4, 1:4, 1:4] = two[6:10, 6:10, 6:10] = True
+    assert clean_mask(two, "all").sum() == 27 + 64 and clean_mask(two, "largest").sum() == 64
     assert not clean_mask(np.zeros((8, 8, 8), dtype=bool)).any()
 
 
@@ -212,7 +212,7 @@ def test_ablation_variants_differ_only_in_their_blocks():
     for name in ARCHITECTURE_NAMES:
         net = network_for(CTVParams(architecture=name, filters=(8, 16, 32, 64), patch_size=(32, 32, 32))).eval()
         with torch.no_grad():
-            assert net(x).shape == (1, 1, 32, 32, 32)
+            assert net(x).shape == (1, len(CTVParams().structures), 32, 32, 32)  # one channel per structure
         modules[name] = [n for n, _ in net.named_modules()]
     assert not any("conv3" in n or n.endswith(".se") for n in modules["unet"])  # no residual path, no SE
     assert any("conv3" in n for n in modules["resunet"]) and not any(n.endswith(".se") for n in modules["resunet"])
@@ -247,15 +247,21 @@ def test_train_transforms_give_several_augmented_patches_per_volume():
 
     from ctv_app.lib.transforms import train_transforms
 
-    params = CTVParams(patch_size=(32, 32, 32), augment={"elastic_prob": 1.0, "affine_prob": 1.0, "noise_prob": 1.0})
+    params = CTVParams(
+        structures=["CTV", "Bladder"],
+        patch_size=(32, 32, 32),
+        augment={"elastic_prob": 1.0, "affine_prob": 1.0, "noise_prob": 1.0},
+    )
     image = torch.rand(1, 40, 40, 40)
-    label = torch.zeros(1, 40, 40, 40)
-    label[:, 15:25, 15:25, 15:25] = 1
-    patches = Compose(train_transforms(params, samples_per_volume=3))({"image": image, "label": label})
+    label = torch.zeros(2, 40, 40, 40)  # as pre_transforms decodes it: a channel per structure
+    label[0, 15:25, 15:25, 15:25] = 1
+    data = {"image": image, "label": label, "label_contained": np.array([True, False])}  # no Bladder contour
+    patches = Compose(train_transforms(params, samples_per_volume=3))(data)
     assert len(patches) == 3
     for p in patches:
-        assert p["image"].shape == (1, 32, 32, 32) and p["label"].shape == (1, 32, 32, 32)
-        assert set(torch.unique(p["label"]).tolist()) <= {0.0, 1.0}  # nearest interpolation keeps labels binary
+        assert p["image"].shape == (1, 32, 32, 32) and p["label"].shape == (2, 32, 32, 32)
+        assert set(torch.unique(p["label"][0]).tolist()) <= {0.0, 1.0}  # nearest interpolation keeps labels binary
+        assert (p["label"][1] == UNCONTOURED).all() and "label_contained" not in p
     assert not torch.equal(patches[0]["image"], patches[1]["image"])
 
 
@@ -358,7 +364,8 @@ def test_served_post_processing_keeps_a_mask_forced_everywhere_inside_the_body(t
     save_nifti(phantom, path)
     params = CTVParams()
     data = Compose(pre_transforms(params, keep_input=True))({"image": path})
-    data["pred"] = torch.full_like(data["image"], 10.0)  # logits: CTV everywhere on the model's grid
+    # logits: every structure everywhere on the model's grid
+    data["pred"] = torch.full((len(params.structures), *data["image"].shape[1:]), 10.0)
     mask = np.asarray(Compose(post_transforms(params))(data)["pred"]) > 0
 
     air = phantom.image < -500
