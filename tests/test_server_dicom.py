@@ -38,7 +38,7 @@ def test_dicom_series_is_contoured_like_its_nifti_twin(client, studies):
 @pytest.mark.parametrize("fmt", ["dicom_seg", "rtstruct"])
 def test_dicom_result_formats_reference_the_source_series(client, studies, fmt):
     nifti_file, _ = client.infer("ctv", DICOM_ID, {})
-    mask = np.asarray(nib.load(nifti_file).dataobj)
+    mask = (np.asarray(nib.load(nifti_file).dataobj) == 1).astype(np.uint8)  # the CTV: first-listed, wins overlaps
     result_file, result = client.infer("ctv", DICOM_ID, {"result_format": fmt})
     folder = studies / DICOM_ID
     geometry, headers = read_ct_geometry(str(folder))
@@ -142,5 +142,5 @@ def test_page_gives_nifti_only_for_a_series_without_instance_uids(server, studie
     assert r.status_code == 201, r.text
     case = wait_done(s, server.url, r.json()["case"]["id"], r.json()["result"]["id"])
     result = case["results"][0]
-    assert set(result["files"]) == {"nifti"}, result
+    assert set(result["files"]) == {"nifti", "nifti_bitmask"}, result  # NIfTI only: the label map and the bitmask
     assert "1 slice has no SOPInstanceUID" in result["dicom_refused"], result
