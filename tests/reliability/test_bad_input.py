@@ -180,7 +180,7 @@ def test_label_on_another_grid_is_refused_and_nothing_is_written(server, studies
             "does not match",
         ),
         "grid": (nib.Nifti1Image(np.zeros(image.shape, np.uint8), shifted), "not on its image's grid"),
-        "values": (nib.Nifti1Image(np.full(image.shape, 7, np.uint8), image.affine), "holds values [7]"),
+        "values": (nib.Nifti1Image(np.full(image.shape, 99, np.uint8), image.affine), "holds values [99]"),
     }
     for name, (label, words) in cases.items():
         path = tmp_path / f"{name}.nii.gz"
