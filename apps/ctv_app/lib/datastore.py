@@ -36,7 +36,7 @@ from .dicom.scan import VIEW_FOLDER, DicomScanner, FoundStructureSet, link_view
 from .dicom.series import read_ct_geometry
 from .errors import ImageNotFoundError, InvalidInputError, StorageFullError
 from .security import annotator_of
-from .structures import ENCODINGS, MAX_STRUCTURES, Structures, normalise_name
+from .structures import ENCODINGS, MAX_STRUCTURES, Structures, normalise_name, voxels_of
 from .transforms.labels import label_datalist_keys
 from .transforms.validation import load_ct
 
@@ -194,7 +194,7 @@ class LabelContents:
         """Each contained structure's voxels (one at a time: a CT's worth of booleans each)."""
         values = np.asarray(data).astype(np.int64, copy=False)
         for name, value in self.structures.items():
-            yield name, (values & (1 << (value - 1))) != 0 if self.encoding == "bitmask" else values == value
+            yield name, voxels_of(values, value, self.encoding)
 
 
 def _named_values(label_info: Mapping[str, Any], known: Structures, image_id: str) -> dict[str, int] | None:

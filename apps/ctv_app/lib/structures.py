@@ -234,6 +234,11 @@ class Structures(Sequence[Structure]):
         return out
 
 
+def voxels_of(data: np.ndarray, value: int, encoding: str = "labelmap") -> np.ndarray:
+    """The voxels of the structure with ``value`` in a label volume of either encoding."""
+    return (data & (1 << (int(value) - 1))) != 0 if encoding == "bitmask" else data == int(value)
+
+
 def decode_label(
     data: np.ndarray, model: Structures, encoding: str = "labelmap", label_structures: Mapping[str, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -257,5 +262,5 @@ def decode_label(
             continue  # a structure this model does not learn
         c = model.value(name) - 1
         contained[c] = True
-        channels[c] = (values & (1 << (int(value) - 1))) != 0 if encoding == "bitmask" else values == int(value)
+        channels[c] = voxels_of(values, value, encoding)
     return channels, contained
