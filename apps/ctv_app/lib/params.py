@@ -56,7 +56,7 @@ def check_infer_request(request: dict[str, Any]) -> None:
 class AugmentParams:
     """Training augmentation: probabilities and ranges (the patch grid is ``target_spacing``)."""
 
-    flip_prob: float = 0.5  # per axis, all three axes
+    flip_prob: float = 0.5  # per axis, all three axes; left-right also swaps _L/_R structures (transforms/mirror.py)
     affine_prob: float = 0.3
     rotate_deg: float = 10.0
     translate_voxels: float = 8.0

@@ -15,6 +15,10 @@ Label encodings (docs/model.md, "Structure sets"):
 - ``bitmask``: lossless. Bit ``value - 1`` of a voxel is set when the voxel is in that structure,
   so overlapping structures are each kept whole (uint8 up to 8 structures, uint16 up to 16, uint32
   up to 32). Nearest-neighbour resampling keeps it exact: each voxel's bits travel together.
+
+Laterality: a left-right mirror image turns a lateral structure into its partner (``Femur_Head_L`` <->
+``Femur_Head_R``, by the TG-263 ``_L``/``_R`` suffix), so flip augmentation and flip test-time
+augmentation swap their channels (``Structures.mirror_channels``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ RULES = ("largest", "all")  # keep the largest connected component, or every com
 ENCODINGS = ("labelmap", "bitmask")
 MAX_STRUCTURES = 32  # the widest bitmask (uint32)
 _TG263_NAME = re.compile(r"^[A-Za-z0-9_^-]{1,16}$")  # at most 16 of letters, digits, _ ^ -
+_SIDE = re.compile(r"_([LR])$")  # TG-263 puts laterality last: Femur_Head_L, Parotid_R
 
 
 def normalise_name(name: str) -> str:
@@ -72,6 +77,12 @@ class Structure:
     @property
     def is_target(self) -> bool:
         return self.roi_type in ("CTV", "PTV", "GTV")
+
+    @property
+    def mirror_name(self) -> str:
+        """This structure's name in a left-right mirrored image: the other side's for a lateral structure
+        (TG-263 ``_L``/``_R`` suffix: ``Femur_Head_L`` -> ``Femur_Head_R``), its own otherwise."""
+        return _SIDE.sub(lambda side: "_R" if side.group(1) == "L" else "_L", self.name)
 
     def matches(self, roi_name: str) -> bool:
         """Whether a clinical ROI name means this structure."""
@@ -207,6 +218,14 @@ class Structures(Sequence[Structure]):
 
     def to_list(self) -> list[dict[str, Any]]:
         return [s.to_dict() for s in self._items]
+
+    def mirror_channels(self) -> list[int | None]:
+        """For each output channel, the channel whose contour, mirrored left-right, is this channel's contour
+        of the mirrored image: its own for a structure without side, its partner's for a lateral one
+        (``Structure.mirror_name``), None for a lateral structure whose partner this model does not contour
+        (its contour in a mirrored image is unknown). Mirroring twice is the identity."""
+        names = self.names
+        return [names.index(s.mirror_name) if s.mirror_name in names else None for s in self._items]
 
     # --- encodings ----------------------------------------------------------------------------------
     @property

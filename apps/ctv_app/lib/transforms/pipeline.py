@@ -25,6 +25,7 @@ from monai.transforms import (
 
 from ..params import CTVParams
 from .labels import MarkUncontouredd, StructureChannelsd
+from .mirror import RandFlipLeftRightd
 from .postprocessing import ContourStructuresd
 from .validation import LoadCTImaged, ValidateCTd
 
@@ -69,6 +70,8 @@ def train_transforms(params: CTVParams, samples_per_volume: int = 4) -> list:
     """Patches around foreground (2:1) and background, then geometric and intensity augmentation.
 
     Several patches per volume, so a batch mixes cases; probabilities and ranges are ``params.augment``.
+    The label is one channel per structure here (``pre_transforms(with_label=True)``), its uncontoured
+    structures marked last (``MarkUncontouredd``), after any left-right flip has swapped them.
     """
     keys = ["image", "label"]
     aug = params.augment
@@ -102,7 +105,8 @@ def train_transforms(params: CTVParams, samples_per_volume: int = 4) -> list:
             mode=["bilinear", "nearest"],
             padding_mode="border",
         ),
-        RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=0),
+        # Left-right swaps the paired structures' channels too; the other two flips keep laterality.
+        RandFlipLeftRightd(keys=keys, structures=params.structure_list, label_key="label", prob=aug.flip_prob),
         RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=1),
         RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=2),
         RandScaleIntensityd(keys="image", factors=0.1, prob=aug.intensity_prob),
