@@ -379,6 +379,39 @@ def test_served_post_processing_keeps_a_mask_forced_everywhere_inside_the_body(t
     assert mask[middle, middle, middle][~air[middle, middle, middle]].all()
 
 
+def test_body_mask_cuts_a_thin_bridge_and_low_density_haze_and_keeps_lungs_and_gas():
+    """The known defect on the Visible Human neck: the body took in low-density material touching the
+    patient (-315 to -565 HU, outside the clinical BODY) and the model drew on it. Here a synthetic
+    patient (1 mm pixels, 3 mm slices) has such a haze beside it and a 3 mm strip of -200 HU (a pad or
+    mask) running 30 mm down to a couch block: neither the haze nor the strip's far part nor the couch
+    is body; the lungs and bowel gas inside it are."""
+    from ctv_app.lib.transforms.postprocessing import axial_axis, patient_body
+
+    x, y = np.meshgrid(np.arange(200), np.arange(160), indexing="ij")
+    patient = ((x - 100) / 60) ** 2 + ((y - 70) / 40) ** 2 <= 1  # skin at y = 110 below the centre
+    lungs = (((abs(x - 100) - 25) / 15) ** 2 + ((y - 70) / 12) ** 2) <= 1
+    gas = (x - 100) ** 2 + (y - 95) ** 2 <= 25
+    haze = (x >= 25) & (x < 45) & (y >= 60) & (y < 80) & ~patient  # against the left side
+    strip = (x >= 99) & (x < 102) & (y >= 100) & (y < 140) & ~patient
+    couch = (x >= 30) & (x < 170) & (y >= 140) & (y < 155)
+    hu = np.full((200, 160), -1000.0)
+    hu[patient | couch] = 40.0
+    hu[haze], hu[strip], hu[lungs] = -450.0, -200.0, -800.0
+    hu[gas] = -1000.0
+    volume = np.repeat(hu[..., None], 8, axis=2)
+
+    body = patient_body(volume, axis=2, reach=slice(0, 8), spacing=(1.0, 1.0, 3.0))
+    assert body[patient].all()  # lungs and bowel gas included
+    assert not body[haze].any() and not body[couch].any()
+    assert not body[strip & (y >= 115)].any()  # cut within 5 mm of the skin
+
+    phantom = make_phantom(9101)  # the structures of the synthetic pelvis all lie inside its body
+    hu, axis = phantom.image.astype(np.float32), axial_axis(phantom.affine)
+    spacing = tuple(np.linalg.norm(phantom.affine[:3, :3], axis=0))
+    body = patient_body(hu, axis, slice(0, hu.shape[axis]), spacing)
+    assert body[phantom.label > 0].all() and body[hu > -100].all()
+
+
 def test_checkpoints_hold_only_what_the_safe_loader_reads(tmp_path):
     """Issue 16 item 8: a checkpoint that ``torch.load(weights_only=True)`` refuses is never written, and the
     shipped demo weights load that way."""

@@ -53,14 +53,33 @@ def clean_mask(mask: np.ndarray, rule: str = "largest") -> np.ndarray:
     return out
 
 
-# Air is about -1000 HU and aerated lung -900 to -500; fat (about -100), soft tissue and bone lie above.
-BODY_HU = -500.0
+# Air is about -1000 HU and aerated lung -900 to -500; fat (about -100), soft tissue and bone lie above. On the
+# Visible Human neck the clinical BODY (a Varian structure set) has its edge at -350 to -400 HU: blurred skin
+# above, a haze of low-density material beside the shoulder (-300 to -560 HU) below.
+BODY_HU = -400.0
+# Material joined to the body through a sheet thinner than about twice this (a pad, blanket, immobilisation
+# mask, couch shell) is cut off about this far from the skin; e.g. the 3-6 mm pad under the back of the real
+# abdomen CT (3 mm voxels). Where pixels are coarser than this, nothing is cut.
+BODY_BRIDGE_MM = 3.0
 
 
 def axial_axis(affine: np.ndarray) -> int:
     """The voxel axis that runs most nearly head to foot, for a RAS (or LPS) ``affine``."""
     directions = np.asarray(affine, dtype=np.float64)[:3, :3]
     return int(np.argmax(np.abs(directions[2]) / np.linalg.norm(directions, axis=0)))
+
+
+def in_plane_disk(spacing: tuple[float, ...], axis: int, radius_mm: float) -> tuple[np.ndarray, int]:
+    """A disk in the slices across ``axis`` and how many times to apply it to erode or dilate by about
+    ``radius_mm`` (with the voxel ``spacing``). Steps of about 2 voxels: scipy repeats a disk for little
+    more than one pass costs, and a pass costs in proportion to the disk (on 512x512x120, 0.3 s for a disk
+    3 voxels across, 1.1 s for 11)."""
+    plane = [a for a in range(3) if a != axis]
+    times = max(1, round(radius_mm / (2.25 * max(spacing[a] for a in plane))))
+    step = radius_mm / times
+    offsets = [np.arange(-int(step // spacing[a]), int(step // spacing[a]) + 1) * spacing[a] for a in plane]
+    i, j = np.meshgrid(*offsets, indexing="ij")
+    return np.expand_dims(i**2 + j**2 <= step**2 * (1 + 1e-6), axis), times
 
 
 def fill_holes_per_slice(mask: np.ndarray, axis: int) -> np.ndarray:
@@ -80,15 +99,40 @@ def fill_holes_per_slice(mask: np.ndarray, axis: int) -> np.ndarray:
     return mask | ~reaches_edge[labels]
 
 
-def patient_body(hu: np.ndarray, axis: int, reach: slice, threshold: float = BODY_HU) -> np.ndarray:
-    """The patient's body on the CT's grid, within ``reach`` along the axial ``axis`` (False elsewhere):
-    the largest connected region above ``threshold`` (not the air, nor noise or a couch apart from the
-    patient), each axial slice's holes filled (lungs, bowel gas, the airway are inside the body)."""
-    body = largest_component(hu > threshold)
+def patient_body(
+    hu: np.ndarray,
+    axis: int,
+    reach: slice,
+    spacing: tuple[float, ...],
+    threshold: float = BODY_HU,
+    bridge_mm: float = BODY_BRIDGE_MM,
+) -> np.ndarray:
+    """The patient's body on the CT's grid, within ``reach`` along the axial ``axis`` (False elsewhere).
+
+    Tissue is above ``threshold``. The body is the largest connected region of the tissue eroded by
+    ``bridge_mm`` within each slice (so a thin sheet joining it to a pad, blanket, mask or couch is cut),
+    grown back by twice that within the tissue (the skin's own outline, and ``bridge_mm`` of any sheet);
+    each axial slice's holes are then filled (lungs, bowel gas, the airway are inside the body).
+    Against the clinical BODY of the Visible Human neck: Dice 0.9937, no air voxel outside it (before,
+    at -500 HU without the cut: 0.9907, 3 voxels of the haze beside the shoulder)."""
+    tissue = hu > threshold
+    out = np.zeros(hu.shape, dtype=bool)
+    box = foreground_box(tissue)  # the work stays in the box around all tissue, couch included
+    if box is None:
+        return out
+    tissue = tissue[box]
+    disk, times = in_plane_disk(spacing, axis, bridge_mm)
+    core = ndimage.binary_erosion(tissue, disk, iterations=times)
+    if not core.any():  # nothing thicker than a bridge: there is nothing to cut
+        core = tissue
+    core = largest_component(core)
+    # Erosion and growth work slice by slice: only the slices asked for need growing back.
+    first = box[axis].start
     slab = [slice(None)] * 3
-    slab[axis] = reach
-    out = np.zeros_like(body)
-    out[tuple(slab)] = fill_holes_per_slice(body[tuple(slab)], axis)
+    slab[axis] = slice(max(reach.start - first, 0), max(min(reach.stop, box[axis].stop) - first, 0))
+    slab = tuple(slab)
+    body = tissue[slab] & ndimage.binary_dilation(core[slab], disk, iterations=2 * times)
+    out[box][slab] = fill_holes_per_slice(body, axis)
     return out
 
 
@@ -122,7 +166,8 @@ class ContourStructures(Transform):
             return out
         axis = axial_axis(dst_affine)
         reach = slice(min(box[axis].start for box in drawn), max(box[axis].stop for box in drawn))
-        body = patient_body(values, axis, reach, self.body_threshold)
+        spacing = tuple(np.linalg.norm(np.asarray(dst_affine, dtype=np.float64)[:3, :3], axis=0))
+        body = patient_body(values, axis, reach, spacing, self.body_threshold)
         # One structure at a time, each slab thresholded as it comes: memory does not grow with the structures.
         for c, structure_boxes in enumerate(boxes):
             restored = self.restore.pieces(prob[c : c + 1], src_affine, dst_affine, shape, structure_boxes)
