@@ -12,9 +12,13 @@ necks, pubic rami), a sigmoid colon rising from the rectum to the left iliac fos
 sheath; above the pelvis lumbar spine, psoas, kidneys, liver and small-bowel loops. Partial-volume
 blur and correlated noise of 10-22 HU.
 
-Anatomy is defined in millimetres in patient RAS space (x: right->left,
-y: posterior->anterior, z: inferior->superior), origin near the pelvic centre, so the
-same seed gives the same patient at any matrix size and spacing.
+Anatomy is defined in millimetres in patient RAS space (x: left->right, so +x is the patient's
+RIGHT and -x the LEFT, as in NIfTI/nibabel world coordinates; y: posterior->anterior,
+z: inferior->superior), origin near the pelvic centre, so the same seed gives the same patient
+at any matrix size and spacing. The liver and the right femoral head lie at +x; the sigmoid (in
+the left iliac fossa, towards the descending colon) and the left femoral head at -x. Exported as
+DICOM (LPS: +x is the patient's left) the left femoral head has a positive x, as in a clinical
+RTSTRUCT.
 
 The label is a label map of the cervix model's structures, each voxel the value of the one
 structure it is in (``structures.CERVIX`` order: CTV=1, Bladder=2, Rectum=3, Femur_Head_L=4,
@@ -26,8 +30,8 @@ label map holds each of them whole. Rules (stated once, here):
                   and cranio-caudal), kept inside the pelvic cavity, minus bone, bladder and rectum.
     Bladder       the urine-filled bladder, minus rectum and bone.
     Rectum        the rectal tube (wall and lumen with its gas and stool), minus bone.
-    Femur_Head_L  the spherical head of the left femur (patient's left, +x in RAS), cortex and
-    Femur_Head_R  marrow; likewise the right (-x). The neck below the head is bone but no structure.
+    Femur_Head_L  the spherical head of the left femur (patient's left, -x in RAS), cortex and
+    Femur_Head_R  marrow; likewise the right (+x). The neck below the head is bone but no structure.
     Colon_Sigmoid the sigmoid tube (wall and lumen) from the top of the rectum to the left iliac
                   fossa, minus CTV, bladder, rectum and bone.
     Bag_Bowel     the peritoneal space holding the small-bowel loops: the loops and the fat within
@@ -35,7 +39,14 @@ label map holds each of them whole. Rules (stated once, here):
                   minus bone and all of the structures above.
 
 A seed gives the same CTV, bladder, rectum and bones as before the organs at risk were labelled
-(the sigmoid's shape comes from a random stream of its own).
+(the sigmoid's shape comes from a random stream of its own), mirrored since the laterality fix:
+
+Laterality fix: the anatomy used to be drawn with +x as the patient's left, so every phantom was a
+mirror image (liver on the left, sigmoid on the right) whose right femoral head was labelled
+Femur_Head_L. Every lateral coordinate is now negated and the random draws are unchanged, so a seed
+gives exactly the left-right mirror image of its phantom before the fix (noise included), with
+Femur_Head_L and Femur_Head_R where they belong. Weights trained on phantoms made before the fix
+learnt the mirror image (they call the patient's right femoral head Femur_Head_L): retrain them.
 """
 
 from __future__ import annotations
@@ -67,6 +78,9 @@ FULL_SPACING = (0.977, 0.977, 3.0)
 STRUCTURES = Structures(CERVIX)
 FEMUR_HEAD_RADIUS_MM = 24.0
 BOWEL_BAG_MARGIN_MM = 10.0
+# Lateral directions in RAS: +x is the patient's right. A lateral coordinate is written
+# ``LEFT * d`` for ``d`` mm towards the patient's left (negative d: towards the right).
+RIGHT, LEFT = 1.0, -1.0
 
 
 @dataclass
@@ -212,10 +226,10 @@ def make_phantom(
 
     # Vagina, cervix, uterus along a tilted axis (anteversion + lateral tilt).
     ante = rng.uniform(15.0, 60.0)
-    lat = rng.uniform(-15.0, 15.0)
-    rot = _rotation(-ante, lat)  # positive anteversion tips the fundus anteriorly
+    lat = rng.uniform(-15.0, 15.0)  # degrees, positive tips the fundus to the patient's left
+    rot = _rotation(-ante, LEFT * lat)  # positive anteversion tips the fundus anteriorly
     axis = rot @ np.array([0.0, 0.0, 1.0])
-    os_pt = np.array([rng.uniform(-12, 12), rng.uniform(-12, 6), rng.uniform(-35, -15)])  # external os
+    os_pt = np.array([LEFT * rng.uniform(-12, 12), rng.uniform(-12, 6), rng.uniform(-35, -15)])  # external os
     vag_len = rng.uniform(55.0, 75.0)
     vag_top = os_pt + np.array([0.0, -3.0, 5.0])
     vag_bot = vag_top + np.array([0.0, 8.0, -vag_len])
@@ -236,7 +250,7 @@ def make_phantom(
     # Bladder: variable filling, anterior-inferior to the uterus; it pushes the organs aside.
     fill = rng.uniform(0.55, 1.35)
     bl_r = np.array([38.0, 30.0, 26.0]) * fill
-    bl_c = np.array([rng.uniform(-8, 8), 42.0 + 10 * fill, -28.0 + 12 * fill])
+    bl_c = np.array([LEFT * rng.uniform(-8, 8), 42.0 + 10 * fill, -28.0 + 12 * fill])
     bl = paint.ellipsoid(bl_c, bl_r)
     put(bl, URINE_HU, "bladder")
     for name in ("uterus", "cervix", "vagina_upper"):
@@ -246,8 +260,8 @@ def make_phantom(
     rc_r = rng.uniform(11.0, 17.0)
     rc_pts = [
         np.array([0.0, -35.0, -80.0]),
-        np.array([rng.uniform(-6, 6), -48.0, 0.0]),
-        np.array([rng.uniform(-25, -10), -35.0, 45.0]),
+        np.array([LEFT * rng.uniform(-6, 6), -48.0, 0.0]),
+        np.array([LEFT * rng.uniform(-25, -10), -35.0, 45.0]),  # 10-25 mm to the patient's right
     ]
     gas = rng.uniform(0.2, 0.9)
     for p0, p1 in zip(rc_pts[:-1], rc_pts[1:]):
@@ -263,11 +277,11 @@ def make_phantom(
         put((lumen_sl, gas_m), GAS_HU)
 
     # Pelvic bones are painted after the soft tissue so that they win where shapes overlap.
-    for side in (-1.0, 1.0):
+    for side in (RIGHT, LEFT):
         fh_c = np.array([side * 92.0 * size, 8.0, -60.0])
         head = paint.ellipsoid(fh_c, (FEMUR_HEAD_RADIUS_MM,) * 3)
         bone(head, paint.ellipsoid(fh_c, (20, 20, 20)))
-        organ["Femur_Head_L" if side > 0 else "Femur_Head_R"][head[0]] |= head[1]  # +x is the patient's left
+        organ["Femur_Head_L" if side == LEFT else "Femur_Head_R"][head[0]] |= head[1]  # -x is the patient's left
         neck_end = fh_c + np.array([side * 45.0, -5.0, -45.0])
         bone(paint.capsule(fh_c, neck_end, 15.0)[:2], paint.capsule(fh_c, neck_end, 11.0)[:2])
         # Superior pubic ramus towards the symphysis.
@@ -316,7 +330,8 @@ def make_phantom(
     blur = [1.2 / s for s in grid.spacing]
     img = ndimage.gaussian_filter(img, blur, truncate=2.0)
     noise_sd = rng.uniform(10.0, 22.0)
-    noise = rng.standard_normal(grid.shape, dtype=np.float32)
+    # Drawn in the voxel order of the pre-fix (mirrored) phantom, so that a seed's noise is mirrored too.
+    noise = rng.standard_normal(grid.shape, dtype=np.float32)[::-1]
     noise = ndimage.gaussian_filter(noise, [0.6 / s for s in grid.spacing], truncate=2.0)
     noise *= noise_sd / max(float(noise.std()), 1e-6)
     img = img + noise * (img > -800)  # little noise in air, as on a real scanner after reconstruction
@@ -337,14 +352,14 @@ def _paint_sigmoid(
     Returns its mask. Its own random stream (``rng``) leaves the rest of the phantom as it was."""
     grid = paint.grid
     radius = rng.uniform(10.0, 14.0)
-    # Control points (RAS mm): rising behind the uterus, crossing to the left above it, looping
-    # down into the left iliac fossa and up again towards the descending colon.
+    # Control points (RAS mm, the patient's left at -x): rising behind the uterus, crossing to the
+    # left above it, looping down into the left iliac fossa and up again towards the descending colon.
     ctrl = np.array([
         start,
-        start + [rng.uniform(0, 10), rng.uniform(0, 10), rng.uniform(28, 38)],
-        [rng.uniform(5, 30), rng.uniform(-25, -5), rng.uniform(100, 120)],
-        [rng.uniform(45, 65), rng.uniform(-15, 5), rng.uniform(75, 95)],
-        [rng.uniform(60, 75), rng.uniform(-25, -10), rng.uniform(110, 130)],
+        start + [LEFT * rng.uniform(0, 10), rng.uniform(0, 10), rng.uniform(28, 38)],
+        [LEFT * rng.uniform(5, 30), rng.uniform(-25, -5), rng.uniform(100, 120)],
+        [LEFT * rng.uniform(45, 65), rng.uniform(-15, 5), rng.uniform(75, 95)],
+        [LEFT * rng.uniform(60, 75), rng.uniform(-25, -10), rng.uniform(110, 130)],
     ])  # fmt: skip
     path = _catmull_rom(ctrl, 6)
     gas = rng.uniform(0.0, 0.8)
@@ -418,18 +433,18 @@ def _paint_abdomen(paint: _Painter, put, bone, rng: np.random.Generator, size: f
             paint.capsule(c - [0, 0, 12], c + [0, 0, 12], 15.0)[:2],
         )
         put(paint.capsule(c + [0, -22, -8], c + [0, -38, -8], 7.0)[:2], CORTICAL_HU, "bone")  # spinous process
-    for side in (-1.0, 1.0):
+    for side in (RIGHT, LEFT):
         put(paint.ellipsoid((side * 38.0, -38.0 * size, 200.0), (16, 18, 120)), MUSCLE_HU, "solid")  # psoas
         put(
             paint.ellipsoid((side * 68.0 * size, -42.0, rng.uniform(150, 185)), (28, 22, 52), _rotation(0, side * 15)),
             rng.uniform(28.0, 40.0),
             "solid",
         )
-    liver_c = np.array([-62.0 * size, 12.0, rng.uniform(215.0, 250.0)])
+    liver_c = np.array([RIGHT * 62.0 * size, 12.0, rng.uniform(215.0, 250.0)])  # the liver is on the right
     put(paint.ellipsoid(liver_c, np.array([85.0, 78.0, 72.0]) * size), rng.uniform(50.0, 72.0), "solid")
     for _ in range(int(rng.integers(4, 9))):
-        p0 = np.array([rng.uniform(-80, 80), rng.uniform(-15, 60), rng.uniform(125, 230)])
-        p1 = p0 + rng.uniform(-45, 45, 3)
+        p0 = np.array([LEFT * rng.uniform(-80, 80), rng.uniform(-15, 60), rng.uniform(125, 230)])
+        p1 = p0 + rng.uniform(-45, 45, 3) * [LEFT, 1.0, 1.0]
         r = rng.uniform(10.0, 17.0)
         put(paint.capsule(p0, p1, r)[:2], MUSCLE_HU - 5.0, "bowel")
         put(paint.capsule(p0, p1, r - 3.0)[:2], GAS_HU if rng.random() < 0.5 else rng.uniform(0.0, 25.0))
