@@ -46,6 +46,7 @@ import torch  # noqa: E402
 from monailabel.client import MONAILabelClient  # noqa: E402
 
 from ctv_app.lib.losses import DeepSupervisionLoss  # noqa: E402
+from ctv_app.lib.metrics import dice  # noqa: E402
 from ctv_app.lib.networks import network_for  # noqa: E402
 from ctv_app.lib.params import CTVParams  # noqa: E402
 from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss  # noqa: E402
@@ -294,7 +295,7 @@ def accuracy_vs_reference(seeds: list[int], folder: Path) -> list[float]:
             reference = nib.load(task({"image": str(path), "device": "cpu"})[0]).get_fdata() > 0
         finally:
             geometry._axis_aligned, chains.LoadCTImaged = aligned, load_dtype
-        scores.append(float(2 * (fast & reference).sum() / max(1, fast.sum() + reference.sum())))
+        scores.append(dice(fast, reference))
     return scores
 
 

@@ -19,6 +19,7 @@ from monai.data import MetaTensor
 from monai.transforms import Spacing
 
 from ctv_app.lib.inferers import build_inferer
+from ctv_app.lib.metrics import dice
 from ctv_app.lib.networks import build_network
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.transforms import RestoreGeometry
@@ -42,7 +43,7 @@ def main() -> None:
             lab = MetaTensor(torch.from_numpy(truth[None].astype(np.float32)), affine=aff)
             coarse = Spacing(pixdim=(s, s, s), mode="bilinear")(lab)
             back = RestoreGeometry()(coarse, coarse.affine, p.affine, p.label.shape)[0].numpy() > 0.5
-            dices.append(2 * (back & truth).sum() / (back.sum() + truth.sum()))
+            dices.append(dice(back, truth))
             voxels.append(int(np.prod(coarse.shape[1:])))
         x = torch.rand(
             1,

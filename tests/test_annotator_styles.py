@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from ctv_datastore.build import build
-from ctv_train.annotator_styles import STYLES, make_styled_datastore, restyle
+from ctv_train.annotator_styles import STYLES, make_styled_datastore, restyle, roc_auc
 from ctv_train.data import find_pairs
-from ctv_train.metrics import roc_auc
 
 EPOCHS = 30  # CI-sized: 6 mm voxels, filters 8-64
 

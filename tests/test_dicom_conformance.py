@@ -23,6 +23,7 @@ from ctv_app.lib.dicom.results import RTConfig, write_dicom_result
 from ctv_app.lib.dicom.rtstruct import ROI, write_rtstruct
 from ctv_app.lib.dicom.seg import write_seg
 from ctv_app.lib.dicom.series import read_ct_geometry
+from ctv_app.lib.metrics import dice
 from ctv_app.lib.structures import CATALOGUE
 from ctv_datastore.dicom_export import write_ct_series
 from ctv_datastore.phantom import make_phantom
@@ -42,10 +43,6 @@ def dciodvfy(path: str | Path) -> tuple[list[str], list[str]]:
     print(f"dciodvfy {Path(path).name}: {len(errors)} errors, {len(warnings)} warnings", *errors, *warnings, sep="\n  ")
     return errors, warnings
 
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
 
 
 def two_overlapping_structures(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:

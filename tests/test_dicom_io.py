@@ -27,6 +27,7 @@ from ctv_app.lib.dicom.rtstruct import ROI, rasterise, read_rtstruct, write_rtst
 from ctv_app.lib.dicom.seg import write_seg
 from ctv_app.lib.dicom.series import read_ct_geometry, read_ct_series
 from ctv_app.lib.errors import InvalidInputError
+from ctv_app.lib.metrics import dice
 from ctv_app.lib.provenance import input_sha256
 from ctv_app.lib.structures import CATALOGUE
 from ctv_datastore.dicom_export import write_ct_series
@@ -48,10 +49,6 @@ TRANSFER_SYNTAXES = {  # gdcmconv flag -> transfer syntax UID (all lossless)
 
 pytestmark = pytest.mark.skipif(not VH.exists(), reason="../shared/data/dicom is not present")
 
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
 
 
 def ct_only(src: Path, dest: Path) -> Path:

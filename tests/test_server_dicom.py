@@ -17,6 +17,7 @@ from monailabel.client.client import MONAILabelClientException
 
 from ctv_app.lib.dicom.rtstruct import rasterise, read_rtstruct
 from ctv_app.lib.dicom.series import read_ct_geometry
+from ctv_app.lib.metrics import dice
 
 from .conftest import DICOM_PHANTOM_SEED, OWN_RTSTRUCT
 from .test_page import wait_done
@@ -31,7 +32,7 @@ def test_dicom_series_is_contoured_like_its_nifti_twin(client, studies):
     from_dicom, from_nifti = nib.load(dicom_file), nib.load(nifti_file)
     np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-3)
     a, b = np.asarray(from_dicom.dataobj) > 0, np.asarray(from_nifti.dataobj) > 0
-    assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99
+    assert dice(a, b) >= 0.99
     assert dicom_result["provenance"]["input"]["image"] == DICOM_ID
 
 

@@ -13,6 +13,7 @@ from monailabel.client.client import MONAILabelClientException
 from scipy import ndimage
 
 from ctv_app.lib.checkpoint import load_checkpoint
+from ctv_app.lib.metrics import dice
 from ctv_app.lib.params import CTVParams
 
 from .conftest import HELD_OUT_SEEDS
@@ -30,10 +31,6 @@ SHIPPED = CTVParams.from_dict(load_checkpoint(str(APP_DIR / "model" / "ctv.pt"))
 def sha256(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
 
 
 def ctv(labelmap: np.ndarray) -> np.ndarray:

@@ -21,9 +21,9 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from ctv_app.lib.checkpoint import file_sha256, load_checkpoint
+from ctv_app.lib.metrics import dice
 from ctv_datastore.build import HELD_OUT_SEED_START, build
 from ctv_datastore.phantom import make_water_phantom, save_nifti
-from ctv_train.metrics import dice
 
 from .support import REAL_CT, ServerProcess
 

@@ -89,6 +89,7 @@ def run_ablation(args: argparse.Namespace, log=print) -> list[dict]:
             "mean": summary["mean"],
             "sd": summary["sd"],
             "fold_dice": summary["fold_dice"],
+            "metrics": summary["metrics"],  # every metric per structure, pooled over the folds' test images
             "cpu_seconds": time.process_time() - t0,
         }
         os.makedirs(step_dir, exist_ok=True)

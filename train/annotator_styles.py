@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ctv_app.lib.metrics import dice, summarise
 from ctv_app.lib.params import CTVParams
 from ctv_datastore.build import build, parse_seeds
 
 from .data import find_pairs
-from .evaluate import evaluate, served_infer_task, summarise
-from .metrics import dice, roc_auc
+from .evaluate import evaluate, served_infer_task
 from .train import TrainConfig, train
 
 STYLES = ("wide", "tight", "missing_slices")
@@ -102,6 +102,15 @@ def make_styled_datastore(
     with open(os.path.join(out, "annotators.json"), "w") as f:
         json.dump(record, f, indent=1)
     return record
+
+
+def roc_auc(positive_scores, negative_scores) -> float:
+    """Probability that a positive scores above a negative (ties count half): the ROC AUC."""
+    pos, neg = np.asarray(positive_scores, dtype=float), np.asarray(negative_scores, dtype=float)
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("ROC AUC needs at least one positive and one negative score")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
 
 
 def label_quality_auc(model: str, pairs: list[dict[str, str]], record: dict[str, dict]) -> dict:

@@ -4,7 +4,8 @@
 
 Each fold trains on the other folds (train.py holds a validation split out of them for
 checkpoint selection) and is scored on its own images through the served pipeline.
-Prints per-fold Dice and mean +- sd over folds.
+Prints per-fold Dice and mean +- sd over folds; the JSON also carries every metric per structure
+(``ctv_app.lib.metrics``) pooled over the folds' test images, each image scored once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import random
 
 import numpy as np
 
+from ctv_app.lib.metrics import summarise
 from ctv_app.lib.params import CTVParams
 
 from .evaluate import evaluate_pairs
@@ -30,6 +32,20 @@ def kfold(items: list, folds: int, seed: int) -> list[tuple[list, list]]:
     random.Random(seed).shuffle(order)
     parts = [sorted(order[f::folds]) for f in range(folds)]
     return [([items[i] for i in sorted(set(order) - set(part))], [items[i] for i in part]) for part in parts]
+
+
+def pooled_metrics(fold_results: list[dict]) -> dict:
+    """Each structure's summary of every metric over the test images of all folds (``evaluate_pairs``'
+    ``metrics``), without the per-case values (those stay in each fold's result)."""
+    per_case: dict[str, dict[str, dict]] = {}
+    for result in fold_results:
+        for name, by_metric in result["metrics"].items():
+            for metric, s in by_metric.items():
+                per_case.setdefault(name, {}).setdefault(metric, {}).update(s["per_case"])
+    return {
+        name: {metric: {k: v for k, v in summarise(cases).items() if k != "per_case"} for metric, cases in m.items()}
+        for name, m in per_case.items()
+    }
 
 
 def cross_validate(
@@ -48,6 +64,7 @@ def cross_validate(
         "fold_dice": means.tolist(),
         "mean": float(means.mean()),
         "sd": float(means.std(ddof=1)),
+        "metrics": pooled_metrics(results),
         "per_fold": results,
     }
     log(

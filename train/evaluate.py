@@ -1,11 +1,14 @@
-"""Dice per structure of a checkpoint on held-out synthetic phantoms, through the served infer pipeline.
+"""Contour metrics per structure of a checkpoint on held-out synthetic phantoms, through the served
+infer pipeline.
 
     python -m ctv_train.evaluate --model apps/ctv_app/model/ctv.pt --seeds 9000-9019
 
 Runs the app's CTVInfer task in-process (same pre-processing, sliding window, restore to the
 input grid, post-processing and writer as /infer/ctv), asks for the lossless ``bitmask``
-result and compares each structure the model contours with the ground truth. Prints a table
-(mean +- sd and min per structure), then the whole result as JSON on the last line.
+result and compares each structure the model contours with the ground truth on the input's grid
+and voxel spacing (``ctv_app.lib.metrics``: Dice, HD95, mean surface distance, surface Dice at 2 and
+3 mm, volume difference; conventions in docs/metrics.md). Prints a Dice table (mean +- sd and min
+per structure) and a table of the other metrics, then the whole result as JSON on the last line.
 """
 
 from __future__ import annotations
@@ -21,23 +24,12 @@ import numpy as np
 
 from ctv_app.lib.configs.ctv import CTVConfig
 from ctv_app.lib.infers.ctv import CTVInfer
+from ctv_app.lib.metrics import METRICS, compare, summarise, voxel_spacing
 from ctv_app.lib.structures import decode_label
 from ctv_datastore.build import build, parse_seeds
 from ctv_datastore.phantom import STRUCTURES as PHANTOM_STRUCTURES
 
 from .data import find_pairs
-from .metrics import dice
-
-
-def summarise(scores: dict) -> dict:
-    values = np.array(list(scores.values()))
-    return {
-        "n": len(values),
-        "mean": float(values.mean()),
-        "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-        "min": float(values.min()),
-        "per_case": scores,
-    }
 
 
 def served_infer_task(model: str, conf: dict[str, str] | None = None) -> CTVInfer:
@@ -53,38 +45,71 @@ def evaluate_pairs(
     conf: dict[str, str] | None = None,
     label_structures: Mapping[str, int] | None = None,
 ) -> dict:
-    """Dice per ``{"id", "image", "label"}`` pair and structure, predicted by the served infer task in-process.
+    """Contour metrics per ``{"id", "image", "label"}`` pair and structure, predicted by the served infer task
+    in-process, on the label's grid and voxel spacing.
 
     ``label_structures``: the structures the truth label maps hold, name -> value (None: the model's own
     values; ``structures.decode_label``). A structure a case's truth does not contain is not scored for it.
-    ``structures`` holds each structure's summary; the top-level summary is of each case's mean Dice over
+    ``structures`` holds each structure's Dice summary (``metrics.summarise``); ``metrics`` each structure's
+    summary of every metric (``metrics.METRICS``); the top-level summary is of each case's mean Dice over
     the structures scored for it (for a single-structure model, that structure's Dice)."""
     task = served_infer_task(model, conf)
     structures = task.served("cpu").params.structure_list
-    per_structure: dict[str, dict[str, float]] = {name: {} for name in structures.names}
+    per_structure: dict[str, dict[str, dict]] = {name: {} for name in structures.names}
     per_case = {}
     for pair in pairs:
         result_path, _ = task({"image": pair["image"], "device": "cpu", "label_encoding": "bitmask"})
         bitmask = np.asarray(nib.load(result_path).dataobj)
         os.unlink(result_path)
-        stored = np.asarray(nib.load(pair["label"]).dataobj)
-        truth, contained = decode_label(stored, structures, "labelmap", label_structures)
+        label = nib.load(pair["label"])
+        truth, contained = decode_label(np.asarray(label.dataobj), structures, "labelmap", label_structures)
+        spacing = voxel_spacing(label.affine)
         case = {}
         for c, name in enumerate(structures.names):
             if contained[c]:
-                case[name] = per_structure[name][pair["id"]] = dice(structures.mask(bitmask, name), truth[c])
-        per_case[pair["id"]] = float(np.mean(list(case.values())))
+                result = compare(structures.mask(bitmask, name), truth[c], spacing).as_dict()
+                per_structure[name][pair["id"]] = result
+                case[name] = result["dice"]
+        scored = [d for d in case.values() if d is not None]  # None: the structure is in neither mask
+        per_case[pair["id"]] = float(np.mean(scored)) if scored else None
+    scored_structures = {name: cases for name, cases in per_structure.items() if cases}
     return {
         **summarise(per_case),
-        "structures": {name: summarise(scores) for name, scores in per_structure.items() if scores},
+        "structures": {
+            name: summarise({i: r["dice"] for i, r in cases.items()}) for name, cases in scored_structures.items()
+        },
+        "metrics": {
+            name: {m: summarise({i: r[m] for i, r in cases.items()}) for m in METRICS}
+            for name, cases in scored_structures.items()
+        },
     }
 
 
 def evaluate(model: str, seeds: list[int], conf: dict[str, str] | None = None) -> dict:
-    """Dice per structure on freshly generated held-out phantoms (SYNTHETIC)."""
+    """Contour metrics per structure on freshly generated held-out phantoms (SYNTHETIC)."""
     with tempfile.TemporaryDirectory() as tmp:
         build(tmp, seeds, labelled=set(seeds))
         return evaluate_pairs(model, find_pairs(tmp), conf, PHANTOM_STRUCTURES.labels)
+
+
+def metrics_table(per_structure: dict) -> str:
+    """Markdown: each structure's mean +- sd of the surface and volume metrics (n: cases where defined)."""
+    columns = [
+        ("hd95_mm", "HD95 mm"),
+        ("msd_mm", "MSD mm"),
+        ("surface_dice_2mm", "surface Dice 2 mm"),
+        ("surface_dice_3mm", "surface Dice 3 mm"),
+        ("volume_diff_pct", "volume diff %"),
+    ]
+    lines = ["| structure | " + " | ".join(label for _, label in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, summaries in per_structure.items():
+        cells = []
+        for key, _ in columns:
+            s = summaries[key]
+            cell = "n/a" if s["mean"] is None else f"{s['mean']:.2f} +- {s['sd']:.2f}"
+            cells.append(cell + (f" (n={s['n']})" if s["n_undefined"] else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -99,6 +124,8 @@ def main() -> None:
     for name, s in result["structures"].items():
         print(f"| {name} | {s['mean']:.3f} +- {s['sd']:.3f} | {s['min']:.3f} |")
     print(f"| mean over structures | {result['mean']:.3f} +- {result['sd']:.3f} | {result['min']:.3f} |")
+    print()
+    print(metrics_table(result["metrics"]))
     print(json.dumps(result))
 
 

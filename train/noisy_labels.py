@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from ctv_app.lib.checkpoint import load_checkpoint
 from ctv_app.lib.losses import DeepSupervisionLoss
+from ctv_app.lib.metrics import dice
 from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss
 
 N_TRAIN = 165
@@ -125,11 +126,13 @@ def predict(net: torch.nn.Module, images: np.ndarray, size: int, batch: int = 16
 
 
 def dice_per_structure(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """[C] mean over images; an image where both are empty counts 1."""
-    inter = (pred & truth).reshape(*pred.shape[:2], -1).sum(-1)
-    total = pred.reshape(*pred.shape[:2], -1).sum(-1) + truth.reshape(*truth.shape[:2], -1).sum(-1)
-    dice = np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)
-    return dice.mean(axis=0)
+    """[C] mean over images of each structure's Dice (``ctv_app.lib.metrics.dice``); an image where both
+    masks are empty has no Dice and is left out (every JSRT image contains every structure)."""
+    per_structure = []
+    for c in range(pred.shape[1]):
+        values = [d for d in map(dice, pred[:, c], truth[:, c]) if d is not None]
+        per_structure.append(np.mean(values) if values else np.nan)
+    return np.array(per_structure)
 
 
 def scores(pred: np.ndarray, truth: np.ndarray, structures: list[str]) -> dict[str, float]:

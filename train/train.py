@@ -28,6 +28,7 @@ from torch.utils.data import DistributedSampler
 from ctv_app.lib.checkpoint import load_checkpoint, save_checkpoint, weights_digest
 from ctv_app.lib.inferers import build_inferer
 from ctv_app.lib.losses import DeepSupervisionLoss
+from ctv_app.lib.metrics import structure_dice
 from ctv_app.lib.networks import network_for
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.provenance import labels_record
@@ -35,7 +36,6 @@ from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss
 from ctv_app.lib.transforms import pre_transforms, train_transforms, val_transforms
 
 from .data import find_pairs
-from .metrics import structure_dice
 
 
 @dataclass
