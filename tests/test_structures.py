@@ -149,8 +149,7 @@ def test_a_single_structure_checkpoint_serves_and_other_structures_are_refused(t
     from ctv_datastore.phantom import make_phantom, save_nifti
     from ctv_train.evaluate import served_infer_task
 
-    import nibabel as nib
-
+    
     single = CTVParams(structures=["CTV"], filters=(8, 16, 32), patch_size=(32, 32, 32))
     legacy = {k: v for k, v in single.to_dict().items() if k != "structures"} | {"labels": {"CTV": 1}}
     model = tmp_path / "ctv.pt"
@@ -284,7 +283,9 @@ def test_flip_tta_keeps_each_side_in_its_own_channel(names):
 
 def test_flip_tta_keeps_the_demo_weights_femoral_heads(tmp_path):
     """The demo weights on a held-out phantom (a short field of view: one window in z, about 35 s on two
-    shared cores): with flip TTA each femoral head scores as without it. Unswapped TTA: L 0.88, R 0.67."""
+    shared cores) with flip TTA keep each femoral head. They were trained without flips, so every flipped
+    pass costs some Dice (docs/model.md, Limits): L/R 0.964/0.953 without TTA, 0.895/0.875 with it, and
+    0.795/0.589 with the left-right pass left unswapped."""
     from ctv_train.evaluate import evaluate_pairs
 
     model = tmp_path / "ctv.pt"
@@ -296,4 +297,6 @@ def test_flip_tta_keeps_the_demo_weights_femoral_heads(tmp_path):
     }
     for name in ("Femur_Head_L", "Femur_Head_R"):
         without, with_tta = dice["false"][name]["mean"], dice["true"][name]["mean"]
-        assert without > 0.9 and abs(with_tta - without) < 0.02, (name, without, with_tta)
+        assert without > 0.9 and with_tta > 0.83, (name, without, with_tta)
+
+
