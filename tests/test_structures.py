@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -149,7 +150,8 @@ def test_a_single_structure_checkpoint_serves_and_other_structures_are_refused(t
     from ctv_datastore.phantom import make_phantom, save_nifti
     from ctv_train.evaluate import served_infer_task
 
-    
+    import nibabel as nib
+
     single = CTVParams(structures=["CTV"], filters=(8, 16, 32), patch_size=(32, 32, 32))
     legacy = {k: v for k, v in single.to_dict().items() if k != "structures"} | {"labels": {"CTV": 1}}
     model = tmp_path / "ctv.pt"
@@ -300,3 +302,64 @@ def test_flip_tta_keeps_the_demo_weights_femoral_heads(tmp_path):
         assert without > 0.9 and with_tta > 0.83, (name, without, with_tta)
 
 
+
+def _fine_tuned_on_bladder_corrections(tmp_path: Path, recorded: bool) -> dict[str, float]:
+    """Reviewers corrected only the bladder of 5 phantoms: the datastore saves their labels (a label map
+    naming the Bladder alone) and the shipped 7-structure weights are fine-tuned on its datalist
+    (``EPOCHS`` at ``LR``). Returns each structure's mean Dice on 2 held-out phantoms through the served
+    pipeline. ``recorded=False`` trains on the same labels as if each contained every structure, empty
+    but the bladder: what a trainer that ignored the structures the datastore records would teach."""
+    from ctv_app.lib.datastore import CTVDatastore
+    from ctv_app.lib.transforms.labels import STRUCTURES_KEY
+    from ctv_datastore.phantom import STRUCTURES as PHANTOM
+    from ctv_train.evaluate import evaluate_pairs
+    from ctv_train.train import TrainConfig, train
+
+    data = tmp_path / "data"
+    data.mkdir(parents=True)
+    phantoms = {seed: make_phantom(seed) for seed in range(420, 425)}
+    for seed, phantom in phantoms.items():
+        save_nifti(phantom, str(data / f"case{seed}.nii.gz"))
+    store = CTVDatastore(str(data), CERVIX, auto_reload=False)
+    bladder = PHANTOM.labels["Bladder"]
+    for seed, phantom in phantoms.items():
+        corrected = tmp_path / "corrected.nii.gz"
+        nib.save(nib.Nifti1Image(np.where(phantom.label == bladder, bladder, 0).astype(np.uint8), phantom.affine), corrected)
+        store.save_label(f"case{seed}", str(corrected), "final", {"label_names": {"Bladder": bladder}})
+    datalist = store.datalist()
+    assert [d[STRUCTURES_KEY] for d in datalist] == [{"Bladder": bladder}] * 5
+    if not recorded:
+        datalist = [{**d, STRUCTURES_KEY: PHANTOM.labels} for d in datalist]
+
+    demo = APP_DIR / "model" / "ctv.pt"
+    params = CTVParams.from_dict(torch.load(demo, weights_only=False)["params"])
+    out = str(tmp_path / f"recorded_{recorded}.pt")
+    cfg = TrainConfig(epochs=EPOCHS, lr=LR, val_fraction=0.2, init=str(demo), threads=2)
+    train(datalist, out, params, cfg, log=lambda _: None)
+    pairs = []
+    for seed in (9110, 9111):
+        pair = {"id": str(seed), "image": str(tmp_path / f"{seed}.nii.gz"), "label": str(tmp_path / f"{seed}_label.nii.gz")}
+        save_nifti(make_phantom(seed), pair["image"], pair["label"])
+        pairs.append(pair)
+    scores = evaluate_pairs(out, pairs, None, PHANTOM.labels)["structures"]
+    return {name: s["mean"] for name, s in scores.items()}
+
+
+# Measured (docs/model.md, "Partial structure sets"): at the server's default lr 1e-4, 8 epochs erase
+# too little to tell the two apart; at 1e-3 the shared layers drift and the kept structures drop too.
+EPOCHS, LR = 8, 3e-4
+
+
+def test_corrections_of_some_structures_do_not_teach_the_others_as_background(tmp_path):
+    """A structure a label does not contain is left out of training, not taught as background: after
+    fine-tuning on bladder-only corrections the model still finds the rectum and the other organs on
+    held-out phantoms (SYNTHETIC), whereas teaching the missing structures as background erases them
+    (the same run with the recorded structures ignored; it shows this test can fail). About 4 min on
+    two cores."""
+    kept = _fine_tuned_on_bladder_corrections(tmp_path / "recorded", recorded=True)
+    erased = _fine_tuned_on_bladder_corrections(tmp_path / "ignored", recorded=False)
+    untouched = [name for name in CERVIX if name != "Bladder"]
+    assert kept["Bladder"] > 0.85 and erased["Bladder"] > 0.85, (kept, erased)
+    assert kept["Rectum"] > 0.75 and min(kept[n] for n in untouched) > 0.7, kept
+    assert np.mean([kept[n] for n in untouched]) > 0.78, kept
+    assert np.mean([erased[n] for n in untouched]) < 0.6, erased
