@@ -1,13 +1,25 @@
-"""The offline trainer: checkpoints carry their metadata, and an interrupted run resumes."""
+"""The offline trainer: checkpoints carry their metadata, and an interrupted run resumes; a folder datastore's
+pairs carry the structures its labels record."""
 
 from __future__ import annotations
 
+import logging
+
+import nibabel as nib
+import numpy as np
 import pytest
+from monai.transforms import Compose
 
 from ctv_app.lib.checkpoint import load_checkpoint
+from ctv_app.lib.losses import UNCONTOURED
 from ctv_app.lib.params import CTVParams
+from ctv_app.lib.structures import CERVIX, Structures
+from ctv_app.lib.transforms import pre_transforms, train_transforms, val_transforms
+from ctv_app.lib.transforms.labels import ENCODING_KEY, STRUCTURES_KEY
 from ctv_datastore.build import build
-from ctv_train.data import find_pairs
+from ctv_datastore.phantom import STRUCTURES as PHANTOM
+from ctv_datastore.phantom import make_phantom
+from ctv_train.data import file_pairs, find_pairs
 from ctv_train.train import TrainConfig, train
 
 
@@ -175,3 +187,80 @@ def test_server_trainer_under_torchrun_two_cpu_ranks(tmp_path):
     config = CTVConfig()
     config.init("ctv", str(model.parent), {"ctv_model": str(model), **conf}, None)
     assert config.infer().check_weights(str(model))["sha256"]  # what the server would serve
+
+
+SHAPE = (96, 80, 24)  # small, with enough air around the body to pass as CT
+
+
+def test_offline_pairs_carry_recorded_structures_and_missing_ones_are_uncontoured(tmp_path, caplog):
+    """A folder datastore holding one partial bitmask label (CTV and Bladder, overlapping; the other five
+    cervix structures not contoured) and one full label map: ``find_pairs`` gives the datastore's datalist,
+    and the training transforms make the five missing structures' channels ``UNCONTOURED``. Read as plain
+    files (what the trainer did before), the bitmask's overlap value 3 would be taught as Rectum."""
+    from ctv_app.lib.datastore import CTVDatastore
+
+    data = tmp_path / "data"
+    data.mkdir()
+    phantoms = {name: make_phantom(seed, shape=SHAPE) for name, seed in (("partial", 430), ("full", 431))}
+    for name, phantom in phantoms.items():
+        nib.save(nib.Nifti1Image(phantom.image, phantom.affine), data / f"{name}.nii.gz")
+    store = CTVDatastore(str(data), CERVIX, auto_reload=False)
+    partial = phantoms["partial"]
+    bladder = partial.label == PHANTOM.labels["Bladder"]
+    ctv = (partial.label == PHANTOM.labels["CTV"]) | np.roll(bladder, 2, axis=0)  # reaches into the bladder
+    bitmask = Structures(["CTV", "Bladder"]).pack([ctv, bladder])
+    assert (bitmask == 3).any()
+    nib.save(nib.Nifti1Image(bitmask, partial.affine), tmp_path / "partial.nii.gz")
+    store.save_label("partial", str(tmp_path / "partial.nii.gz"), "final",
+                     {"encoding": "bitmask", "label_names": {"CTV": 1, "Bladder": 2}})  # fmt: skip
+    full = phantoms["full"]
+    nib.save(nib.Nifti1Image(full.label, full.affine), tmp_path / "full.nii.gz")
+    store.save_label("full", str(tmp_path / "full.nii.gz"), "final", {})  # a label map in the model's values
+    # an image and label file dropped in by hand after the index was written: not recorded, so left out
+    nib.save(nib.Nifti1Image(full.image, full.affine), data / "stray.nii.gz")
+    nib.save(nib.Nifti1Image(full.label, full.affine), data / "labels" / "final" / "stray.nii.gz")
+    index = (data / "datastore_v2.json").read_bytes()
+
+    with caplog.at_level(logging.WARNING, logger="ctv_train.data"):
+        pairs = find_pairs(str(data))
+    assert (data / "datastore_v2.json").read_bytes() == index  # read-only
+    assert "stray" in caplog.text
+    assert [p["id"] for p in pairs] == ["full", "partial"]
+    assert pairs[1][ENCODING_KEY] == "bitmask" and pairs[1][STRUCTURES_KEY] == {"CTV": 1, "Bladder": 2}
+    in_full = {name: v for name, v in PHANTOM.labels.items() if (full.label == v).any()}
+    assert pairs[0][ENCODING_KEY] == "labelmap" and pairs[0][STRUCTURES_KEY] == in_full
+
+    params = CTVParams(patch_size=(16, 16, 16))
+    names = params.structure_list.names
+    missing = [c for c, name in enumerate(names) if name not in ("CTV", "Bladder")]
+    whole = Compose(val_transforms(params))(pairs[1])["label"]
+    assert all((whole[c] == UNCONTOURED).all() for c in missing)
+    for name in ("CTV", "Bladder"):
+        assert set(np.unique(whole[names.index(name)]).tolist()) == {0.0, 1.0}, name
+    assert ((whole[names.index("CTV")] == 1) & (whole[names.index("Bladder")] == 1)).any()  # the overlap, kept
+    for patch in Compose(pre_transforms(params, with_label=True) + train_transforms(params, 2))(pairs[1]):
+        label = patch["label"]
+        assert all((label[c] == UNCONTOURED).all() for c in missing)
+        assert all((label[names.index(n)] >= 0).all() for n in ("CTV", "Bladder"))
+    full_label = Compose(val_transforms(params))(pairs[0])["label"]
+    assert all((full_label[c] >= 0).all() == (name in in_full) for c, name in enumerate(names))
+
+    # Without the recorded structures the same file is a label map: overlap voxels (3) read as Rectum.
+    plain = next(p for p in file_pairs(str(data)) if p["id"] == "partial")
+    misread = Compose(val_transforms(params))(plain)["label"]
+    assert (misread[names.index("Rectum")] == 1).any()
+
+
+def test_plain_folders_and_unrecorded_datastores_are_read_as_files(tmp_path):
+    """Phantom folders (no index), and a datastore whose labels record no structures (saved before they
+    were recorded), still give every image with a label file, label maps in the model's values."""
+    import json
+
+    build(str(tmp_path), [1, 2], labelled={1, 2}, full=False)
+    expected = file_pairs(str(tmp_path))
+    assert find_pairs(str(tmp_path)) == expected and len(expected) == 2
+    unrecorded = {"image": {"ext": ".nii.gz", "info": {}}, "labels": {"final": {"ext": ".nii.gz", "info": {}}}}
+    index = {"name": "x", "description": "", "images_dir": ".", "labels_dir": "labels",
+             "objects": {"phantom_00001": unrecorded}}  # fmt: skip
+    (tmp_path / "datastore_v2.json").write_text(json.dumps(index))
+    assert find_pairs(str(tmp_path)) == expected

@@ -2,6 +2,7 @@
 infer pipeline.
 
     python -m ctv_train.evaluate --model apps/ctv_app/model/ctv.pt --seeds 9000-9019
+    python -m ctv_train.evaluate --model runs/hn.pt --data runs/openkbp_test    # a labelled folder datastore
 
 Runs the app's CTVInfer task in-process (same pre-processing, sliding window, restore to the
 input grid, post-processing and writer as /infer/ctv), asks for the lossless ``bitmask``
@@ -26,6 +27,7 @@ from ctv_app.lib.configs.ctv import CTVConfig
 from ctv_app.lib.infers.ctv import CTVInfer
 from ctv_app.lib.metrics import METRICS, compare, summarise, voxel_spacing
 from ctv_app.lib.structures import decode_label
+from ctv_app.lib.transforms.labels import ENCODING_KEY, STRUCTURES_KEY
 from ctv_datastore.build import build, parse_seeds
 from ctv_datastore.phantom import STRUCTURES as PHANTOM_STRUCTURES
 
@@ -49,7 +51,9 @@ def evaluate_pairs(
     in-process, on the label's grid and voxel spacing.
 
     ``label_structures``: the structures the truth label maps hold, name -> value (None: the model's own
-    values; ``structures.decode_label``). A structure a case's truth does not contain is not scored for it.
+    values; ``structures.decode_label``). A pair from a datastore's datalist (``data.find_pairs``) says
+    itself how its label is encoded and what it contains (``label_encoding``, ``label_structures``), which
+    wins. A structure a case's truth does not contain is not scored for it.
     ``structures`` holds each structure's Dice summary (``metrics.summarise``); ``metrics`` each structure's
     summary of every metric (``metrics.METRICS``); the top-level summary is of each case's mean Dice over
     the structures scored for it (for a single-structure model, that structure's Dice)."""
@@ -62,7 +66,12 @@ def evaluate_pairs(
         bitmask = np.asarray(nib.load(result_path).dataobj)
         os.unlink(result_path)
         label = nib.load(pair["label"])
-        truth, contained = decode_label(np.asarray(label.dataobj), structures, "labelmap", label_structures)
+        truth, contained = decode_label(
+            np.asarray(label.dataobj),
+            structures,
+            pair.get(ENCODING_KEY) or "labelmap",
+            pair.get(STRUCTURES_KEY, label_structures),
+        )
         spacing = voxel_spacing(label.affine)
         case = {}
         for c, name in enumerate(structures.names):
@@ -116,10 +125,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--seeds", default="9000-9019", help="held-out phantom seeds (>= 9000)")
+    ap.add_argument("--data", default="", help="score a labelled folder datastore instead (data.find_pairs)")
     ap.add_argument("--conf", default="{}", help='JSON of --conf overrides, e.g. {"ctv_flip_tta": "true"}')
     args = ap.parse_args()
-    result = evaluate(args.model, parse_seeds(args.seeds), json.loads(args.conf))
-    print(f"Dice on {result['n']} held-out phantoms (SYNTHETIC), through the served pipeline:")
+    conf = json.loads(args.conf)
+    if args.data:
+        result = evaluate_pairs(args.model, find_pairs(args.data), conf)
+        print(f"Dice on {result['n']} labelled images of {args.data}, through the served pipeline:")
+    else:
+        result = evaluate(args.model, parse_seeds(args.seeds), conf)
+        print(f"Dice on {result['n']} held-out phantoms (SYNTHETIC), through the served pipeline:")
     print("| structure | mean +- sd | min |\n|---|---|---|")
     for name, s in result["structures"].items():
         print(f"| {name} | {s['mean']:.3f} +- {s['sd']:.3f} | {s['min']:.3f} |")

@@ -230,7 +230,7 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
 
 def add_training_args(ap: argparse.ArgumentParser) -> None:
     """Arguments shared by the training CLIs: data folder, CTVParams overrides, TrainConfig fields."""
-    ap.add_argument("--data", required=True, help="folder datastore with labels/final")
+    ap.add_argument("--data", required=True, help="folder datastore with labels/final (pairs: data.find_pairs)")
     ap.add_argument("--params", default="{}", help='JSON overrides of CTVParams, e.g. \'{"normalisation": "zscore"}\'')
     for name, default in TrainConfig().__dict__.items():
         kind = (lambda v: v.strip().lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
