@@ -38,7 +38,7 @@ from ctv_app.lib.datastore import CTVDatastore
 from ctv_app.lib.dicom.rtstruct import ROI, read_rtstruct, write_rtstruct
 from ctv_app.lib.dicom.series import CTGeometry, read_ct_geometry
 from ctv_app.lib.metrics import dice
-from ctv_app.lib.structures import Structures, decode_label
+from ctv_app.lib.structures import HEAD_AND_NECK, Structures, decode_label
 from ctv_datastore.dicom_export import write_ct_series
 
 from .support import SHARED_DATA
@@ -49,9 +49,6 @@ pytestmark = pytest.mark.skipif(
     reason="../shared/data/openkbp is not present (real head-and-neck plans, see ../shared/data/README.md)",
 )
 
-# The head-and-neck structures (issue 18's ``hn`` model), by TG-263 name; OpenKBP's names are synonyms.
-HN = ("PTV_7000", "PTV_6300", "PTV_5600", "Brainstem", "SpinalCord", "Parotid_L", "Parotid_R", "Esophagus",
-      "Larynx", "Bone_Mandible")  # fmt: skip
 MIN_DICE = 0.99
 
 # case -> (OpenKBP structure -> ROI name as the planning system exports it; "BODY" is the external contour)
@@ -206,7 +203,7 @@ def test_real_patient_round_trips_as_dicom_through_the_folder_datastore(tmp_path
               sep="\n  ")  # fmt: skip
         assert errors == []
 
-    store = CTVDatastore(str(studies), HN, auto_reload=False)
+    store = CTVDatastore(str(studies), HEAD_AND_NECK, auto_reload=False)
     assert store.json()["skipped_structure_sets"] == []
     info = store.get_label_info(case, "final")
     expected = {Structures([name])[0].name for name in masks}  # this case's structures, by TG-263 name
@@ -220,9 +217,9 @@ def test_real_patient_round_trips_as_dicom_through_the_folder_datastore(tmp_path
     geometry, _ = read_ct_geometry(store.get_image_uri(case))
     label = nib.load(store.get_label_uri(case, "final"))
     assert np.allclose(label.affine, geometry.affine, atol=1e-3)
-    model = Structures(HN)
+    model = Structures(HEAD_AND_NECK)
     channels, contained = decode_label(np.asarray(label.dataobj), model, info["encoding"], info["structures"])
-    assert {name for name, c in zip(HN, contained) if c} == expected
+    assert {name for name, c in zip(HEAD_AND_NECK, contained) if c} == expected
     assert not channels[~contained].any()
 
     got = {name: channels[model.value(Structures([name])[0].name) - 1] > 0 for name in masks}

@@ -29,7 +29,7 @@ from .support import APP_DIR
         ("CTV", "CTV"), ("CTV_45", "CTV"), ("CTV1", "CTV"), ("CTVp", "CTV"), ("CTV_45Gy", "CTV"), ("ctv high", "CTV"),
         ("BLADDER", "Bladder"), ("Urinary Bladder", "Bladder"), ("RECTUM", "Rectum"), ("Sigmoid", "Colon_Sigmoid"),
         ("Bowel Bag", "Bag_Bowel"), ("Femoral Head R", "Femur_Head_R"), ("FemurHead_L", "Femur_Head_L"),
-        ("femoral-head-left", "Femur_Head_L"), ("PTV70", "PTV_7000"), ("LeftParotid", "Parotid_L"),
+        ("femoral-head-left", "Femur_Head_L"), ("PTV70", "PTV_7000"), ("PTV_70Gy", "PTV_7000"), ("PTV 56 Gy", "PTV_5600"), ("LeftParotid", "Parotid_L"),
         ("Mandible", "Bone_Mandible"), ("SpinalCord", "SpinalCord"),
     ],
 )  # fmt: skip

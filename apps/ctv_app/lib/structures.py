@@ -118,9 +118,9 @@ CATALOGUE: dict[str, Structure] = _catalogue(
     Structure("Femur_Head_R", "ORGAN", (0, 120, 255), "largest", ("2812003", "Head of femur"),
               (r"(femur|femoral)_?head_?(r|rt|right)", r"(r|rt|right)_(femur|femoral)_?head", r"femur_r")),
     # Head and neck (OpenKBP's names among the synonyms).
-    Structure("PTV_7000", "PTV", (255, 0, 0), "all", ("228793007", "Planning Target Volume"), (r"ptv_?70(00)?",)),
-    Structure("PTV_6300", "PTV", (255, 100, 100), "all", ("228793007", "Planning Target Volume"), (r"ptv_?63(00)?",)),
-    Structure("PTV_5600", "PTV", (255, 170, 170), "all", ("228793007", "Planning Target Volume"), (r"ptv_?56(00)?",)),
+    Structure("PTV_7000", "PTV", (255, 0, 0), "all", ("228793007", "Planning Target Volume"), (r"ptv_?70(00)?(_?gy)?",)),
+    Structure("PTV_6300", "PTV", (255, 100, 100), "all", ("228793007", "Planning Target Volume"), (r"ptv_?63(00)?(_?gy)?",)),
+    Structure("PTV_5600", "PTV", (255, 170, 170), "all", ("228793007", "Planning Target Volume"), (r"ptv_?56(00)?(_?gy)?",)),
     Structure("Brainstem", "ORGAN", (0, 255, 255), "largest", ("119238007", "Brain stem"), (r"brain_?stem",)),
     Structure("SpinalCord", "ORGAN", (255, 255, 0), "largest", ("2748008", "Spinal cord"), (r"spinal_?cord", r"cord")),
     Structure("Parotid_L", "ORGAN", (0, 200, 0), "largest", ("45289007", "Parotid gland"),
@@ -134,6 +134,9 @@ CATALOGUE: dict[str, Structure] = _catalogue(
 
 # The cervix model's structures, targets first (the label map's overlap priority).
 CERVIX = ("CTV", "Bladder", "Rectum", "Femur_Head_L", "Femur_Head_R", "Colon_Sigmoid", "Bag_Bowel")
+# The head-and-neck model's structures (OpenKBP's clinical sets), targets first, highest dose first.
+HEAD_AND_NECK = ("PTV_7000", "PTV_6300", "PTV_5600", "Brainstem", "SpinalCord", "Parotid_L", "Parotid_R",
+                 "Esophagus", "Larynx", "Bone_Mandible")  # fmt: skip
 
 
 def find_structure(roi_name: str, known: Iterable[Structure] | None = None) -> Structure | None:
