@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -238,8 +239,12 @@ class NginxProcess:
 
     def config(self) -> str:
         temp = " ".join(f"{kind}_temp_path {kind}_temp;" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        # Run as root, nginx's workers would become "nobody", who cannot enter pytest's 0700 tmp dirs: a
+        # request body too big for memory (a label over 16 KB) then fails with 500. Workers keep our user
+        # (nginx ignores the directive when not root).
+        user = f"user {pwd.getpwuid(os.getuid()).pw_name};"
         return (
-            "daemon off; master_process on; worker_processes 1; pid nginx.pid; error_log error.log info;\n"
+            f"daemon off; master_process on; worker_processes 1; pid nginx.pid; error_log error.log info; {user}\n"
             "events { worker_connections 256; }\n"
             f"http {{ access_log access.log; {temp}\n{self.site}\n}}\n"
         )
