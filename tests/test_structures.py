@@ -309,6 +309,7 @@ def _fine_tuned_on_bladder_corrections(tmp_path: Path, recorded: bool) -> dict[s
     (``EPOCHS`` at ``LR``). Returns each structure's mean Dice on 2 held-out phantoms through the served
     pipeline. ``recorded=False`` trains on the same labels as if each contained every structure, empty
     but the bladder: what a trainer that ignored the structures the datastore records would teach."""
+    from ctv_app.lib.checkpoint import read_params
     from ctv_app.lib.datastore import CTVDatastore
     from ctv_app.lib.transforms.labels import STRUCTURES_KEY
     from ctv_datastore.phantom import STRUCTURES as PHANTOM
@@ -332,7 +333,7 @@ def _fine_tuned_on_bladder_corrections(tmp_path: Path, recorded: bool) -> dict[s
         datalist = [{**d, STRUCTURES_KEY: PHANTOM.labels} for d in datalist]
 
     demo = APP_DIR / "model" / "ctv.pt"
-    params = CTVParams.from_dict(torch.load(demo, weights_only=False)["params"])
+    params = read_params(str(demo))
     out = str(tmp_path / f"recorded_{recorded}.pt")
     cfg = TrainConfig(epochs=EPOCHS, lr=LR, val_fraction=0.2, init=str(demo), threads=2)
     train(datalist, out, params, cfg, log=lambda _: None)
