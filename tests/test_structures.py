@@ -420,3 +420,34 @@ def test_each_model_trains_only_on_the_labels_that_contain_its_structures(tmp_pa
     assert [n for n, c in zip(HEAD_AND_NECK, decoded[CONTAINED_KEY]) if c] == ["Larynx"]
     assert int(decoded["label"][HEAD_AND_NECK.index("Larynx")].sum()) == int((half == 2).sum())
 
+
+def test_each_model_has_its_own_weights_overrides_defaults_and_task_names(tmp_path):
+    """``--conf models ctv,hn``: one ``ContouringConfig`` per model, parameterised by its name: weights
+    ``--conf <name>_model`` (else ``<app>/model/<name>.pt``), overrides ``--conf <name>_<param>`` (the other
+    model's never apply), the head-and-neck structures by default, and scoring methods and strategies
+    named after the model beside the first one's plain names. Missing weights: 503 naming the file."""
+    from ctv_app.lib.configs import CONFIGS
+    from ctv_app.lib.errors import ModelUnavailableError
+    from ctv_app.lib.params import conf_overrides
+    from ctv_app.lib.structures import HEAD_AND_NECK
+
+    conf = {"models": "ctv,hn", "ctv_flip_tta": "true", "hn_threshold": "0.4", "hn_window": "[-150,250]"}
+    assert conf_overrides(conf) == conf_overrides(conf, "ctv") == {"flip_tta": True}
+    assert conf_overrides({**conf, "hn_model": "/x.pt"}, "hn") == {"threshold": 0.4, "window": [-150, 250]}
+    ctv, hn = CONFIGS["ctv"](), CONFIGS["hn"]()
+    ctv.init("ctv", str(tmp_path), {**conf, "ctv_model": str(APP_DIR / "model" / "ctv.pt")}, None)
+    hn.init("hn", str(tmp_path), conf, None, primary=False)
+    assert ctv.params.flip_tta and ctv.params.threshold == 0.5 and ctv.params.structure_list.names == list(CERVIX)
+    assert not hn.params.flip_tta and hn.params.threshold == 0.4 and hn.params.window == (-150.0, 250.0)
+    assert hn.path == str(tmp_path / "hn.pt") and list(hn.labels) == list(HEAD_AND_NECK)
+    defaults = CTVParams().to_dict()
+    # Spacing, patch, width...: the defaults, until chosen by measurement; here the structures and the overrides.
+    assert {k for k, v in hn.params.to_dict().items() if v != defaults[k]} == {"structures", "threshold", "window"}
+    assert sorted(ctv.strategy()) == ["review", "uncertain"] and sorted(hn.strategy()) == ["hn_review", "hn_uncertain"]
+    assert sorted(hn.scoring_method()) == ["hn_epistemic", "hn_label_quality", "hn_tta"]
+    assert hn.scoring_method()["hn_epistemic"].method == "hn_epistemic"  # its key in the image info
+    assert sorted(ctv.scoring_method()) == ["epistemic", "label_quality", "tta"]
+    with pytest.raises(ModelUnavailableError, match=f"no hn weights at {tmp_path / 'hn.pt'}") as e:
+        hn.infer().served("cpu")
+    assert e.value.status_code == 503 and "--conf hn_model" in str(e.value)
+    assert hn.infer().labels == hn.labels and hn.trainer().name == "hn"
