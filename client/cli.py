@@ -1,18 +1,20 @@
 """``ctv``: the command-line client hospital scripts use, built on the server's REST API.
 
-    ctv infer PATH... --server URL --out DIR [--format nifti,bitmask,rtstruct,seg]
-    ctv status | ctv train [--epochs N] | ctv next [--strategy uncertain]
+    ctv infer PATH... --server URL --out DIR [--format nifti,bitmask,rtstruct,seg] [--model hn]
+    ctv status | ctv train [--model hn] [--epochs N] | ctv next [--strategy uncertain]
 
 ``infer`` takes NIfTI files, folders holding one DICOM series (sent as a zip), or the ids of
 studies in the server's datastore (e.g. SeriesInstanceUIDs of a DICOMweb datastore). Each case
 goes through the contouring page's API (/ctv/api: one contouring, every format, kept in the
-server's history); results land in OUT/<case>/ with a manifest.json naming the input sha256, the
-model and every structure (name, value, type, colour, voxels, volume in ml). A case whose manifest
-already lists the asked formats for the same input is skipped, so a batch can be re-run after an
+server's history), by ``--model`` (any model the server serves, ``ctv status`` lists them with
+their structures; default: the server's first); results land in OUT/<case>/ with a manifest.json
+naming the input sha256, the model (name and sha256) and every structure (name, value, type, colour,
+voxels, volume in ml). A case whose manifest already lists the asked formats for the same input (and
+the same model, when ``--model`` names one) is skipped, so a batch can be re-run after an
 interruption. OUT/structures.csv lists the volume of every structure of every case of the batch.
 Exit status 1 when any case failed.
 
-Every format holds every structure the model contours:
+Every format holds every structure the model contours (files named by the model: ctv..., hn...):
   nifti    ctv.nii.gz, the label map viewers read: each voxel the value of one structure (0 none);
            where structures overlap, the first-listed one (the model lists its targets first)
   bitmask  ctv_bitmask.nii.gz, lossless: bit (value - 1) set where a voxel is in that structure,
@@ -120,14 +122,15 @@ class CTVClient:
             raise CaseFailed(f"{r.status_code}: {detail}")
         return r
 
-    def _post_case(self, source: Source, deadline: float) -> requests.Response:
-        """POST the case; while the server's contouring queue is full (503), wait as its Retry-After says
-        (at most 10 s between tries) until ``deadline``."""
+    def _post_case(self, source: Source, deadline: float, model: str | None = None) -> requests.Response:
+        """POST the case (to be contoured by ``model``, default the server's); while the server's contouring
+        queue is full (503), wait as its Retry-After says (at most 10 s between tries) until ``deadline``."""
+        data = {"model": model} if model else {}
         if Path(source.spec).exists():
-            name, data = source.payload()
-            form: dict[str, Any] = {"files": {"file": (name, data)}}
+            name, payload = source.payload()
+            form: dict[str, Any] = {"files": {"file": (name, payload)}, "data": data}
         else:
-            form = {"data": {"image": source.spec}}
+            form = {"data": {"image": source.spec, **data}}
         while True:
             r = self.session.post(f"{self.server}/ctv/api/cases", timeout=600, **form)
             if r.status_code != 503 or time.monotonic() >= deadline:
@@ -136,10 +139,11 @@ class CTVClient:
             print(f"server busy (503): {source.name} waits {wait:.0f} s for its turn", file=sys.stderr)
             time.sleep(wait)
 
-    def contour(self, source: Source) -> dict[str, Any]:
-        """Send the case and wait for its result; returns the case record and the finished result."""
+    def contour(self, source: Source, model: str | None = None) -> dict[str, Any]:
+        """Send the case and wait for its result by ``model`` (default: the server's); returns the case
+        record and the finished result."""
         deadline = time.monotonic() + self.timeout_s
-        body = self._check(self._post_case(source, deadline)).json()
+        body = self._check(self._post_case(source, deadline, model)).json()
         case_id, result_id = body["case"]["id"], body["result"]["id"]
         while time.monotonic() < deadline:
             case = self._check(self.session.get(f"{self.server}/ctv/api/cases/{case_id}", timeout=60)).json()
@@ -159,20 +163,25 @@ class CTVClient:
         os.replace(tmp, dest)
 
 
-def already_done(folder: Path, local_sha: str | None, formats: list[str]) -> bool:
-    """The manifest of an earlier run covers these formats for the same input, and its files exist."""
+def already_done(folder: Path, local_sha: str | None, formats: list[str], model: str | None = None) -> bool:
+    """The manifest of an earlier run covers these formats for the same input (and ``model``, if named),
+    and its files exist."""
     path = folder / "manifest.json"
     if not path.exists():
         return False
     manifest = json.loads(path.read_text())
     if local_sha is not None and manifest.get("source_sha256") != local_sha:
         return False
+    if model is not None and manifest.get("model") != model:
+        return False
     covered = set(manifest["files"]) | set(manifest.get("not_available", []))
     return set(formats) <= covered and all((folder / name).exists() for name in manifest["files"].values())
 
 
-def infer_one(client: CTVClient, source: Source, formats: list[str], folder: Path, local_sha: str | None) -> None:
-    outcome = client.contour(source)
+def infer_one(
+    client: CTVClient, source: Source, formats: list[str], folder: Path, local_sha: str | None, model: str | None = None
+) -> None:
+    outcome = client.contour(source, model)
     case, result = outcome["case"], outcome["result"]
     available = [f for f in formats if f in result["files"]]
     if not available:
@@ -184,7 +193,8 @@ def infer_one(client: CTVClient, source: Source, formats: list[str], folder: Pat
     manifest = {
         "source": source.spec, "source_sha256": local_sha, "case": case["id"], "result": result["id"],
         "input_sha256": case["input"]["sha256"], "contoured_sha256": case["input"].get("contoured_sha256"),
-        "model_sha256": result["model"], "files": files, "not_available": [f for f in formats if f not in files],
+        "model": result.get("model_name"), "model_sha256": result["model"], "files": files,
+        "not_available": [f for f in formats if f not in files],
         "structures": result["structures"],
     }  # fmt: skip
     tmp = folder / "manifest.json.part"
@@ -219,12 +229,12 @@ def infer(args: argparse.Namespace, client: CTVClient) -> int:
         bar.set_postfix_str(source.name[:30])
         folder = out / source.name
         local_sha = source.local_sha256()
-        if already_done(folder, local_sha, formats):
+        if already_done(folder, local_sha, formats, args.model):
             skipped += 1
             finished.append(folder)
             continue
         try:
-            infer_one(client, source, formats, folder, local_sha)
+            infer_one(client, source, formats, folder, local_sha, args.model)
             done += 1
             finished.append(folder)
         except (CaseFailed, requests.RequestException, OSError) as e:
@@ -274,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="nifti,bitmask", help="comma-separated, each with every structure: nifti "
                    "(label map), bitmask (lossless, overlaps kept), rtstruct, seg (DICOM input); default: %(default)s")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--model", help="the model to contour with, e.g. hn (default: the server's first; see status)")
     p.set_defaults(run=infer)
     commands.add_parser("status", help="models, datastore size, training state").set_defaults(run=status)
     p = commands.add_parser("train", help="start training on the saved labels")

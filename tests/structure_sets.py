@@ -16,7 +16,9 @@ import pytest
 from .support import ServerProcess
 
 
-def write_structures_checkpoint(path: Path, seed: int = 0) -> Path:
+def write_structures_checkpoint(path: Path, seed: int = 0, structures: tuple[str, ...] | None = None) -> Path:
+    """Seeded random weights on the 12 mm grid; ``structures`` default: the cervix set (e.g. ``HEAD_AND_NECK``
+    for a test ``hn`` model)."""
     import torch
 
     from ctv_app.lib.checkpoint import save_checkpoint
@@ -25,6 +27,8 @@ def write_structures_checkpoint(path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     params = CTVParams(target_spacing=(12.0, 12.0, 12.0))  # the default structures: the cervix set
+    if structures is not None:
+        params = params.updated({"structures": list(structures)})
     meta = {"epoch": 0, "note": "random weights, for tests"}
     save_checkpoint(str(path), network_for(params).state_dict(), params, meta)
     return path

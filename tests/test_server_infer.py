@@ -240,3 +240,109 @@ def test_bad_structure_requests_get_422_naming_the_problem(client, server, param
         client.infer("ctv", f"phantom_{HELD_OUT_SEEDS[0]:05d}", params)
     assert "Status: 422" in str(err.value) and words in str(err.value)
     assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
+
+
+def test_two_models_served_side_by_side(studies, tmp_path):
+    """``--conf models ctv,hn``: /info/ lists both models with their structures (and each its own trainer,
+    strategies and scoring methods); /infer/hn answers 503 naming the missing weights file, and serves the
+    checkpoint as soon as one is there (as training publishes it); each model's result names its own
+    structures, through /infer/<model>, the page's API and the ``ctv`` client (``--model hn``). Both models
+    are seeded random weights on a 12 mm grid (tests/structure_sets.py): formats, never accuracy."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from ctv_app.lib.structures import CERVIX, HEAD_AND_NECK, Structures
+
+    from .structure_sets import write_structures_checkpoint
+    from .support import ServerProcess
+
+    ctv_model = write_structures_checkpoint(tmp_path / "ctv_copy.pt")
+    hn_checkpoint = write_structures_checkpoint(tmp_path / "hn_random.pt", seed=1, structures=HEAD_AND_NECK)
+    hn_model = tmp_path / "served" / "hn.pt"  # not there yet
+    hn_model.parent.mkdir()
+    image = f"phantom_{HELD_OUT_SEEDS[0]:05d}"
+    conf = {"models": "ctv,hn", "ctv_model": str(ctv_model), "hn_model": str(hn_model)}
+    with ServerProcess(studies, tmp_path / "server", conf=conf) as server:
+        info = requests.get(f"{server.url}/info/", timeout=30).json()
+        assert list(info["models"]) == ["ctv", "hn"]
+        assert info["models"]["ctv"]["labels"] == Structures(CERVIX).labels
+        assert info["models"]["hn"]["labels"] == Structures(HEAD_AND_NECK).labels
+        assert "Head-and-neck" in info["models"]["hn"]["description"]
+        assert {"ctv", "hn"} <= set(info["trainers"])
+        assert {"uncertain", "review", "hn_uncertain", "hn_review"} <= set(info["strategies"])
+        assert {"epistemic", "tta", "hn_epistemic", "hn_tta"} <= set(info["scoring"])
+
+        missing = requests.post(f"{server.url}/infer/hn?image={image}&output=json", timeout=120)
+        assert missing.status_code == 503, missing.text
+        assert f"no hn weights at {hn_model}" in missing.json()["detail"]
+
+        shutil.copyfile(hn_checkpoint, hn_model)  # the weights arrive: served from the next request
+        for name, structures in (("ctv", CERVIX), ("hn", HEAD_AND_NECK)):
+            r = requests.post(f"{server.url}/infer/{name}?image={image}&output=json", timeout=300)
+            assert r.status_code == 200, r.text
+            result = r.json()
+            assert [s["name"] for s in result["structures"]] == list(structures)
+            assert result["label_names"] == Structures(structures).labels
+            assert result["provenance"]["model"]["name"] == name
+
+        # The page's API and the client choose a model; the legend's structures are the result's own.
+        owner = {"X-CTV-Owner": "o" * 32}
+        models = requests.get(f"{server.url}/ctv/api/models", headers=owner, timeout=30).json()
+        assert [(m["name"], m["default"]) for m in models] == [("ctv", True), ("hn", False)]
+        assert [s["name"] for s in models[1]["structures"]] == list(HEAD_AND_NECK)
+        unknown = requests.post(f"{server.url}/ctv/api/cases", data={"image": image, "model": "nope"}, headers=owner,
+                                timeout=60)  # fmt: skip
+        assert unknown.status_code == 404 and "nope" in unknown.json()["detail"]
+        out = tmp_path / "out"
+        run = subprocess.run(
+            [str(Path(sys.executable).parent / "ctv"), "--server", server.url, "infer", image, "--out", str(out),
+             "--model", "hn", "--format", "nifti,bitmask", "--quiet"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        manifest = json.loads((out / image / "manifest.json").read_text())
+        assert manifest["model"] == "hn"
+        assert manifest["files"] == {"nifti": "hn.nii.gz", "nifti_bitmask": "hn_bitmask.nii.gz"}
+        assert [s["name"] for s in manifest["structures"]] == list(HEAD_AND_NECK)
+        header = json.loads(nib.load(out / image / "hn.nii.gz").header.extensions[0].get_content())
+        assert [s["name"] for s in header["structures"]] == list(HEAD_AND_NECK)
+        # Contouring the client's case again without naming a model: the default model's structures.
+        owner = {"X-CTV-Owner": (out / ".ctv_owner").read_text()}
+        cases = f"{server.url}/ctv/api/cases/{manifest['case']}"
+        again = requests.post(f"{cases}/contour", headers=owner, timeout=60)
+        assert again.status_code == 200 and again.json()["model_name"] == "ctv", again.text
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            case = requests.get(cases, headers=owner, timeout=60).json()
+            if all(r["status"] in ("done", "failed") for r in case["results"]):
+                break
+            time.sleep(0.5)
+        assert [(r["model_name"], [s["name"] for s in r["structures"]]) for r in case["results"]] == [
+            ("hn", list(HEAD_AND_NECK)), ("ctv", list(CERVIX))
+        ]  # fmt: skip
+
+        # The page: a model selector (the default first); a result's legend is its own model's structures.
+        from playwright.sync_api import sync_playwright
+
+        from .test_page import browser_page, upload
+
+        with sync_playwright() as p:
+            browser, page = browser_page(p)
+            try:
+                page.goto(f"{server.url}/ctv/")
+                page.wait_for_function("() => document.querySelectorAll('#model option').length === 2")
+                assert page.eval_on_selector("#model", "s => [...s.options].map((o) => o.value)") == ["ctv", "hn"]
+                assert page.input_value("#model") == "ctv"
+                page.select_option("#model", "hn")
+                assert "Parotid_L" in page.get_attribute("#model", "title")
+                upload(page, studies / f"{image}.nii.gz")
+                page.wait_for_selector("#viewer-panel:not([hidden])")
+                rows = page.locator("#structures tr")
+                assert [rows.nth(i).get_attribute("data-structure") for i in range(rows.count())] == list(HEAD_AND_NECK)
+                assert "hn" in page.inner_text("#provenance")
+            finally:
+                browser.close()

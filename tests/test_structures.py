@@ -364,3 +364,91 @@ def test_corrections_of_some_structures_do_not_teach_the_others_as_background(tm
     assert kept["Rectum"] > 0.75 and min(kept[n] for n in untouched) > 0.7, kept
     assert np.mean([kept[n] for n in untouched]) > 0.78, kept
     assert np.mean([erased[n] for n in untouched]) < 0.6, erased
+
+
+# --- several models on one datastore -----------------------------------------------------------------
+
+
+def test_each_model_trains_only_on_the_labels_that_contain_its_structures(tmp_path, caplog):
+    """On a server of ``ctv`` and ``hn`` the datastore knows both models' structures; each trainer takes the
+    labels that contain any of its own. A cervix label would be all UNCONTOURED for ``hn`` (no loss, no
+    validation Dice): it is skipped, with a log line naming it. A label saved before structures were recorded
+    is a label map in the datastore's values (the first model's): ``ctv`` reads it as before, ``hn`` skips it."""
+    import logging
+
+    from ctv_app.lib.datastore import CTVDatastore
+    from ctv_app.lib.structures import HEAD_AND_NECK
+    from ctv_app.lib.trainers.ctv import CTVTrain
+    from ctv_app.lib.transforms.labels import CONTAINED_KEY, STRUCTURES_KEY, StructureChannelsd
+
+    data = tmp_path / "data"
+    (data / "labels" / "final").mkdir(parents=True)
+    phantom = make_phantom(5, shape=(24, 20, 12), spacing=(8.0, 8.0, 10.0))
+    for case in ("cervix", "hn", "both", "legacy"):
+        save_nifti(phantom, str(data / f"{case}.nii.gz"))
+    # Saved before structures were recorded: a label map in the cervix model's values, no recorded structures.
+    legacy = nib.Nifti1Image(phantom.label.astype(np.uint8), phantom.affine)
+    nib.save(legacy, data / "labels" / "final" / "legacy.nii.gz")
+    known = Structures([*CERVIX, *HEAD_AND_NECK])  # CTVApp.known_structures for --conf models ctv,hn
+    store = CTVDatastore(str(data), known, auto_reload=False)
+    half = np.zeros(phantom.label.shape, np.uint8)
+    half[:12] = 1
+    half[12:] = 2
+    label = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(half, phantom.affine), label)
+    store.save_label("cervix", str(label), "final", {"label_names": {"Bladder": 1, "Rectum": 2}})
+    store.save_label("hn", str(label), "final", {"label_names": {"SpinalCord": 1, "Parotid_L": 2}})
+    store.save_label("both", str(label), "final", {"label_names": {"CTV": 1, "Larynx": 2}})
+
+    def trained_on(name: str, structures) -> dict[str, dict]:
+        task = CTVTrain(str(tmp_path / "model" / f"{name}.pt"), CTVParams(structures=list(structures)), name=name)
+        with caplog.at_level(logging.INFO, logger="ctv_app.lib.transforms.labels"):
+            caplog.clear()
+            entries = task.pre_process({}, store)
+        return {Path(e["label"]).name.split(".")[0]: e for e in entries}
+
+    hn = trained_on("hn", HEAD_AND_NECK)
+    assert sorted(hn) == ["both", "hn"]
+    assert "model hn: 2 of 4 labels contain none of its structures" in caplog.text
+    assert "cervix.nii.gz" in caplog.text and "legacy.nii.gz" in caplog.text
+    ctv = trained_on("ctv", CERVIX)
+    assert sorted(ctv) == ["both", "cervix", "legacy"] and STRUCTURES_KEY not in ctv["legacy"]  # decoded as before
+    assert "model ctv: 1 of 4 labels contain none of its structures" in caplog.text and "hn.nii.gz" in caplog.text
+
+    # Each label is decoded by its own recorded structures: for hn, the shared label holds Larynx only.
+    decode = StructureChannelsd("label", Structures(HEAD_AND_NECK))
+    decoded = decode({**hn["both"], "label": torch.as_tensor(half)[None]})
+    assert [n for n, c in zip(HEAD_AND_NECK, decoded[CONTAINED_KEY]) if c] == ["Larynx"]
+    assert int(decoded["label"][HEAD_AND_NECK.index("Larynx")].sum()) == int((half == 2).sum())
+
+
+def test_each_model_has_its_own_weights_overrides_defaults_and_task_names(tmp_path):
+    """``--conf models ctv,hn``: one ``ContouringConfig`` per model, parameterised by its name: weights
+    ``--conf <name>_model`` (else ``<app>/model/<name>.pt``), overrides ``--conf <name>_<param>`` (the other
+    model's never apply), the head-and-neck structures by default, and scoring methods and strategies
+    named after the model beside the first one's plain names. Missing weights: 503 naming the file."""
+    from ctv_app.lib.configs import CONFIGS
+    from ctv_app.lib.errors import ModelUnavailableError
+    from ctv_app.lib.params import conf_overrides
+    from ctv_app.lib.structures import HEAD_AND_NECK
+
+    conf = {"models": "ctv,hn", "ctv_flip_tta": "true", "hn_threshold": "0.4", "hn_window": "[-150,250]"}
+    assert conf_overrides(conf) == conf_overrides(conf, "ctv") == {"flip_tta": True}
+    assert conf_overrides({**conf, "hn_model": "/x.pt"}, "hn") == {"threshold": 0.4, "window": [-150, 250]}
+    ctv, hn = CONFIGS["ctv"](), CONFIGS["hn"]()
+    ctv.init("ctv", str(tmp_path), {**conf, "ctv_model": str(APP_DIR / "model" / "ctv.pt")}, None)
+    hn.init("hn", str(tmp_path), conf, None, primary=False)
+    assert ctv.params.flip_tta and ctv.params.threshold == 0.5 and ctv.params.structure_list.names == list(CERVIX)
+    assert not hn.params.flip_tta and hn.params.threshold == 0.4 and hn.params.window == (-150.0, 250.0)
+    assert hn.path == str(tmp_path / "hn.pt") and list(hn.labels) == list(HEAD_AND_NECK)
+    defaults = CTVParams().to_dict()
+    # Spacing, patch, width...: the defaults, until chosen by measurement; here the structures and the overrides.
+    assert {k for k, v in hn.params.to_dict().items() if v != defaults[k]} == {"structures", "threshold", "window"}
+    assert sorted(ctv.strategy()) == ["review", "uncertain"] and sorted(hn.strategy()) == ["hn_review", "hn_uncertain"]
+    assert sorted(hn.scoring_method()) == ["hn_epistemic", "hn_label_quality", "hn_tta"]
+    assert hn.scoring_method()["hn_epistemic"].method == "hn_epistemic"  # its key in the image info
+    assert sorted(ctv.scoring_method()) == ["epistemic", "label_quality", "tta"]
+    with pytest.raises(ModelUnavailableError, match=f"no hn weights at {tmp_path / 'hn.pt'}") as e:
+        hn.infer().served("cpu")
+    assert e.value.status_code == 503 and "--conf hn_model" in str(e.value)
+    assert hn.infer().labels == hn.labels and hn.trainer().name == "hn"

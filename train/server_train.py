@@ -1,5 +1,5 @@
-"""The server's ``ctv`` training task outside the server: the same pre-processing, augmentation,
-loss, validation and publishing as ``POST /train/ctv``, data-parallel under torchrun.
+"""A server training task outside the server (``ctv``, or ``--name hn``): the same pre-processing,
+augmentation, loss, validation and publishing as ``POST /train/<name>``, data-parallel under torchrun.
 
     torchrun --standalone --nproc_per_node 2 -m ctv_train.server_train \\
         --studies datastore/demo --model runs/model/ctv.pt --param max_epochs=50
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ctv_app.lib.configs.ctv import CTVConfig
+from ctv_app.lib.configs import CONFIGS
 from ctv_app.lib.datastore import CTVDatastore
 
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ctv_train.server_train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", required=True, help="a folder datastore with labels in labels/final/")
     parser.add_argument("--model", required=True, help="the served checkpoint to start from and publish to")
+    parser.add_argument("--name", default="ctv", choices=sorted(CONFIGS), help="the model (default: %(default)s)")
     parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="as the server's --conf, e.g. --conf ctv_target_spacing [6,6,6]")  # fmt: skip
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -45,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s")
 
-    config = CTVConfig()
-    config.init("ctv", os.path.dirname(os.path.abspath(args.model)), {"ctv_model": args.model, **dict(args.conf)}, None)
+    config = CONFIGS[args.name]()
+    conf = {f"{args.name}_model": args.model, **dict(args.conf)}
+    config.init(args.name, os.path.dirname(os.path.abspath(args.model)), conf, None)
     task = config.trainer()
     datastore = CTVDatastore(args.studies, structures=config.params.structure_list, auto_reload=False)
 

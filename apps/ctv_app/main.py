@@ -1,6 +1,6 @@
-"""MONAI Label app: cervical-cancer CTV contouring on planning CT.
+"""MONAI Label app: radiotherapy structures on planning CT (the cervix model ``ctv``, the head-and-neck ``hn``).
 
-monailabel start_server --app apps/ctv_app --studies datastore/demo
+monailabel start_server --app apps/ctv_app --studies datastore/demo [--conf models ctv,hn]
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
@@ -33,7 +32,7 @@ from ctv_app.lib.admission import InferenceGate
 from ctv_app.lib.api import install_api
 from ctv_app.lib.audit import AuditLog
 from ctv_app.lib.cases import CaseStore
-from ctv_app.lib.configs.ctv import CTVConfig
+from ctv_app.lib.configs import CONFIGS, ContouringConfig
 from ctv_app.lib.datastore import CTVDatastore
 from ctv_app.lib.dicom.dicomweb import CTVDicomWebDatastore
 from ctv_app.lib.dicom.results import RTConfig
@@ -46,19 +45,20 @@ from ctv_app.lib.web import ContouringService
 
 logger = logging.getLogger(__name__)
 
-CONFIGS: dict[str, type[TaskConfig]] = {"ctv": CTVConfig}
-
 
 class CTVApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
-        names = [n.strip() for n in conf.get("models", "ctv").split(",") if n.strip()]
+        """``--conf models ctv,hn``: the models served (``configs.CONFIGS``; default ``ctv``), each one
+        ``ContouringConfig``. The first is the default one: the page's and auto-training's, and its
+        scoring methods and strategies keep their plain names (``uncertain``; the others' ``hn_uncertain``)."""
+        names = list(dict.fromkeys(n.strip() for n in conf.get("models", "ctv").split(",") if n.strip()))
         unknown = [n for n in names if n not in CONFIGS]
-        if unknown:
-            raise ValueError(f"unknown models {unknown}; available: {sorted(CONFIGS)}")
-        self.models: dict[str, TaskConfig] = {}
-        for name in names:
+        if unknown or not names:
+            raise ValueError(f"unknown models {unknown or names}; available: {sorted(CONFIGS)}")
+        self.models: dict[str, ContouringConfig] = {}
+        for i, name in enumerate(names):
             config = CONFIGS[name]()
-            config.init(name, os.path.join(app_dir, "model"), conf, None)
+            config.init(name, os.path.join(app_dir, "model"), conf, None, primary=i == 0)
             self.models[name] = config
         self.auto_train_after = int(conf.get("auto_train_after", 0))
         self._labels_since_training = 0
@@ -67,7 +67,9 @@ class CTVApp(MONAILabelApp):
             studies=studies,
             conf=conf,
             name="CTV contouring",
-            description="Cervical-cancer clinical target volume on planning CT; learns from corrected contours",
+            description="Radiotherapy structures on planning CT (models: "
+            + ", ".join(f"{n}: {c.description}" for n, c in self.models.items())
+            + "); learns from corrected contours",
             version=monailabel.__version__,
         )
         # Scores depend on the model: the uncertain strategy rescores lazily instead of after every call.
@@ -75,10 +77,11 @@ class CTVApp(MONAILabelApp):
         self.infer_gate = InferenceGate(
             workers=int(conf.get("infer_workers", 1)), max_waiting=int(conf.get("infer_max_waiting", 8))
         )
-        self._mount_web(app_dir, conf, names[0])
+        self._mount_web(app_dir, conf)
 
-    def _mount_web(self, app_dir: str, conf: dict[str, str], model: str) -> None:
-        """Access control, audit and API changes (``lib/api.py``) and the contouring page at /ctv/.
+    def _mount_web(self, app_dir: str, conf: dict[str, str]) -> None:
+        """Access control, audit and API changes (``lib/api.py``) and the contouring page at /ctv/ (every
+        served model; the first by default).
 
         ``--conf cases_path DIR`` keeps the page's uploads (default <app>/cases); ``--conf audit_log
         FILE`` (or CTV_AUDIT_LOG) the audit trail (default <app>/logs/audit.jsonl); CTV_MAX_UPLOAD_MB
@@ -97,11 +100,15 @@ class CTVApp(MONAILabelApp):
         logger.info(f"other sites' pages allowed: {sorted(origins) or 'none'}; trusted proxies: {proxies or 'none'}")
         dicomweb = self.studies.startswith(("http://", "https://"))
         install_api(server.app, users, AuditLog(audit_path), int(max_upload_mb * 2**20), dicomweb, origins)
-        config = self.models[model]
+        default, config = next(iter(self.models.items()))
         store = CaseStore(conf.get("cases_path") or os.path.join(app_dir, "cases"))
-        self.contouring = ContouringService(store, self, model, config.params.window, config.rt_config,
-                                            max_pending=int(conf.get("contour_max_pending", 16)))  # fmt: skip
-        web.mount(server.app, self.contouring, {0, *config.labels.values()})
+        self.contouring = ContouringService(
+            store, self, default, config.params.window, config.rt_config,
+            max_pending=int(conf.get("contour_max_pending", 16)),
+            models={n: c.params.structure_list for n, c in self.models.items()},
+        )  # fmt: skip
+        # An annotation may hold any structure the datastore knows, in its values.
+        web.mount(server.app, self.contouring, {0, *self.known_structures().labels.values()})
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: config.infer() for name, config in self.models.items()}
@@ -185,7 +192,8 @@ class CTVApp(MONAILabelApp):
         )
 
     def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
-        """Counts saved labels; with ``--conf auto_train_after N`` (N > 0) starts training every N of them."""
+        """Counts saved labels; with ``--conf auto_train_after N`` (N > 0) starts training every N of them
+        (the first model served: with several, the others train on request, ``POST /train/<model>``)."""
         super().on_save_label(image_id, label_id)
         self._labels_since_training += 1
         if 0 < self.auto_train_after <= self._labels_since_training:

@@ -1,7 +1,7 @@
 """Active learning: how unsure the served model is about each unlabelled CT, and which to contour next.
 
-Scores (higher = less sure), stored in the image info under the method's name with the model
-version that made them:
+Scores (higher = less sure), stored in the image info under the method's name (a second served
+model's methods are prefixed with its name: ``hn_epistemic``) with the model version that made them:
 
 - ``epistemic``: MC dropout. N stochastic passes with dropout on; the mean binary entropy of the
   mean probability (normalised to [0, 1]) over the predicted region, i.e. every voxel that any
@@ -191,7 +191,7 @@ class Uncertain(Strategy):
         if not images:
             return None
         version = scorer.model_version()
-        stored = {i: datastore.get_image_info(i).get(method) or {} for i in images}
+        stored = {i: datastore.get_image_info(i).get(scorer.method) or {} for i in images}  # its own key
         scores = {i: s["score"] for i, s in stored.items() if s.get("model") == version}
         missing = [i for i in images if i not in scores]
         for image in missing[: self.max_compute]:

@@ -1,4 +1,5 @@
-"""The CTV model's tunable parameters: one place for defaults, their reasons, and (de)serialisation.
+"""A contouring model's tunable parameters (the ``ctv`` and ``hn`` models alike): one place for defaults,
+their reasons, and (de)serialisation.
 
 Every checkpoint stores the parameters it was trained with, so serving a checkpoint
 always pre-processes exactly as its training did. ``--conf`` overrides apply on top.
@@ -189,19 +190,23 @@ class CTVParams:
         return CTVParams.from_dict(values)
 
     @classmethod
-    def from_conf(cls, conf: dict[str, str], base: "CTVParams | None" = None) -> "CTVParams":
-        """``base`` (a checkpoint's parameters; defaults if None) with the ``--conf`` overrides applied."""
-        return (base or cls()).updated(conf_overrides(conf))
+    def from_conf(cls, conf: dict[str, str], base: "CTVParams | None" = None, model: str = "ctv") -> "CTVParams":
+        """``base`` (a checkpoint's parameters; defaults if None) with model ``model``'s ``--conf``
+        overrides applied."""
+        return (base or cls()).updated(conf_overrides(conf, model))
 
 
-def conf_overrides(conf: dict[str, str]) -> dict[str, Any]:
-    """``--conf ctv_<name> <json value>`` overrides, e.g. ``--conf ctv_flip_tta true``; they apply on top of
-    every checkpoint served, the one at start and any swapped in later."""
+def conf_overrides(conf: dict[str, str], model: str = "ctv") -> dict[str, Any]:
+    """``--conf <model>_<name> <json value>`` overrides of the model named ``model``, e.g. ``--conf
+    ctv_flip_tta true`` or ``--conf hn_threshold 0.4`` (``<model>_model`` names its weights, not a
+    parameter); they apply on top of every checkpoint that model serves, the one at start and any
+    swapped in later. Model names must not be the prefix of other ``--conf`` keys (``rt_`` is RTConfig's)."""
+    prefix = f"{model}_"
     overrides = {}
     for key, raw in conf.items():
-        if key.startswith("ctv_") and key != "ctv_model":
+        if key.startswith(prefix) and key != f"{model}_model":
             try:
-                overrides[key[4:]] = json.loads(raw)
+                overrides[key[len(prefix) :]] = json.loads(raw)
             except json.JSONDecodeError:
-                overrides[key[4:]] = raw
+                overrides[key[len(prefix) :]] = raw
     return overrides

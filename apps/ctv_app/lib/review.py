@@ -108,7 +108,7 @@ class Review(Strategy):
         scores = {}
         missing = []
         for image in images:
-            stored = datastore.get_label_info(image, DefaultLabelTag.FINAL).get(LabelQualityScoring.method) or {}
+            stored = datastore.get_label_info(image, DefaultLabelTag.FINAL).get(self.scoring.method) or {}
             if stored.get("model") == version:
                 scores[image] = stored["score"]
             else:

@@ -1,8 +1,9 @@
 """The contouring page at /ctv/ and its API at /ctv/api/ (upload, contour, view, download, history).
 
 The page is static (``apps/ctv_app/web/``); everything it shows comes from this API. Contouring
-runs the same infer task as ``/infer/ctv``, one case at a time in a background worker, so the
-page polls the result's stage. Slices are rendered in the browser from volumes the server prepares
+runs the same infer task as ``/infer/<model>`` (``model``: any served model, ``GET /ctv/api/models``;
+default the first served), one case at a time in a background worker, so the page polls the result's
+stage. Slices are rendered in the browser from volumes the server prepares
 once per case, in display orientation (axial, patient right on the left of the screen, anterior
 up): the CT windowed to uint8, and each result's structures as a bitmask (bit ``value - 1`` set
 where a voxel is in that structure, so overlapping structures are each shown whole and one hidden
@@ -20,7 +21,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Mapping
 
 import nibabel as nib
 import numpy as np
@@ -47,9 +48,9 @@ WEB_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "web")
 OWNER_COOKIE = "ctv_owner"
 OWNER_HEADER = "X-CTV-Owner"
 # ``nifti``: the label map viewers read (the first-listed structure where structures overlap);
-# ``nifti_bitmask``: every structure whole (docs/model.md, "Structure sets").
-FILE_NAMES = {"nifti": "ctv.nii.gz", "nifti_bitmask": "ctv_bitmask.nii.gz", "rtstruct": "ctv_rtstruct.dcm",
-              "dicom_seg": "ctv_seg.dcm"}  # fmt: skip
+# ``nifti_bitmask``: every structure whole (docs/model.md, "Structure sets"). Named by the model.
+FILE_NAMES = {"nifti": "{model}.nii.gz", "nifti_bitmask": "{model}_bitmask.nii.gz", "rtstruct": "{model}_rtstruct.dcm",
+              "dicom_seg": "{model}_seg.dcm"}  # fmt: skip
 
 
 def display_volume(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -70,9 +71,12 @@ def display_spacing(affine: np.ndarray) -> dict[str, float]:
 
 class ContouringService:
     def __init__(self, store: CaseStore, app: Any, model: str, window: tuple[float, float], rt_config: Any,
-                 max_pending: int = 16):  # fmt: skip
-        """``max_pending``: contours queued or running, all cases together (one per case at most)."""
+                 max_pending: int = 16, models: Mapping[str, Structures] | None = None):  # fmt: skip
+        """``model``: the default model, whose ``window`` the CT is shown in; ``models``: every model served
+        (name -> its structures; default ``model`` alone); ``max_pending``: contours queued or running, all
+        cases together (one per case at most)."""
         self.store, self.app, self.model = store, app, model
+        self.models = dict(models) if models is not None else {model: None}
         self.window, self.rt_config = window, rt_config
         self.max_pending = max_pending
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctv-contour")
@@ -97,8 +101,18 @@ class ContouringService:
             retry_after_s=self._retry_after.seconds(len(self._pending)),
         )
 
-    def contour(self, case: Case) -> dict[str, Any]:
-        """Queue a contour of ``case``: 409 while the case has one queued or running, 503 when the queue is full."""
+    def model_of(self, model: str | None) -> str:
+        """The model a request names (404 naming those served if it is not one), else the default."""
+        if not model:
+            return self.model
+        if model not in self.models:
+            raise ImageNotFoundError(f"model '{model}' is not served here; available: {sorted(self.models)}")
+        return model
+
+    def contour(self, case: Case, model: str | None = None) -> dict[str, Any]:
+        """Queue a contour of ``case`` by ``model`` (default: the default model): 409 while the case has one
+        queued or running, 503 when the queue is full."""
+        model = self.model_of(model)
         with self._pending_lock:
             if case.id in self._pending:
                 raise ConflictError(f"case {case.id} is already being contoured; wait for that result")
@@ -107,7 +121,9 @@ class ContouringService:
             self._pending.add(case.id)
         try:
             result = self.store.new_result(case)
-            self._worker.submit(self._run, case, result["id"])
+            self.store.set_result(case, result["id"], model_name=model)
+            result["model_name"] = model
+            self._worker.submit(self._run, case, result["id"], model)
         except Exception:
             self._done(case.id, None)
             raise
@@ -119,13 +135,13 @@ class ContouringService:
             if seconds is not None:
                 self._retry_after.observe(seconds)
 
-    def _run(self, case: Case, result_id: str) -> None:
+    def _run(self, case: Case, result_id: str, model: str) -> None:
         work = tempfile.mkdtemp(prefix="ctv-result-")
         started = time.monotonic()
         try:
             self.store.set_result(case, result_id, status="running", stage="contouring")
             # The lossless form: every other file (label map, RTSTRUCT, SEG) is written from it.
-            request = {"model": self.model, "image": case.input_path, "result_format": "nifti",
+            request = {"model": model, "image": case.input_path, "result_format": "nifti",
                        "label_encoding": "bitmask"}  # fmt: skip
             out = when_admitted(lambda: self.app.infer(request))  # a full queue: wait for a turn
             params = out["params"]
@@ -133,7 +149,8 @@ class ContouringService:
             if provenance["input"]["sha256"] != case.record["input"]["contoured_sha256"]:
                 raise RuntimeError("the contoured input is not this case's input")
             self.store.set_result(case, result_id, stage="writing")
-            files = {fmt: os.path.join(work, FILE_NAMES[fmt]) for fmt in ("nifti", "nifti_bitmask")}
+            file_names = {fmt: name.format(model=model) for fmt, name in FILE_NAMES.items()}
+            files = {fmt: os.path.join(work, file_names[fmt]) for fmt in ("nifti", "nifti_bitmask")}
             shutil.move(out["file"], files["nifti_bitmask"])
             bitmask = np.asarray(nib.load(files["nifti_bitmask"]).dataobj)
             structures = result_structures(params)
@@ -154,7 +171,7 @@ class ContouringService:
                 else:
                     for fmt in ("rtstruct", "dicom_seg"):
                         path, _ = write_dicom_result(fmt, bitmask, structures, series, self.rt_config, provenance)
-                        files[fmt] = os.path.join(work, FILE_NAMES[fmt])
+                        files[fmt] = os.path.join(work, file_names[fmt])
                         shutil.move(path, files[fmt])
             names = self.store.publish_files(case, result_id, files)
             self.store.set_result(
@@ -251,12 +268,27 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
             response.set_cookie(OWNER_COOKIE, secrets.token_urlsafe(32), httponly=True, samesite="strict")
         return response
 
+    @router.get("/api/models")
+    def models(owner: str = Depends(owner_of)) -> list[dict[str, Any]]:
+        """The models served, the default first, each with the structures it contours (name, type, colour)."""
+        names = [service.model, *(n for n in service.models if n != service.model)]
+        return [
+            {"name": n, "default": n == service.model,
+             "structures": [{"name": s.name, "roi_type": s.roi_type, "colour": list(s.colour)}
+                            for s in service.models[n] or []]}
+            for n in names
+        ]  # fmt: skip
+
     @router.post("/api/cases")
     def upload(
-        file: UploadFile | None = File(None), image: str | None = Form(None), owner: str = Depends(owner_of)
+        file: UploadFile | None = File(None),
+        image: str | None = Form(None),
+        model: str | None = Form(None),
+        owner: str = Depends(owner_of),
     ) -> JSONResponse:
         """Store and check an upload (NIfTI, or a zip of one DICOM series) or a datastore study
-        (``image``: its id), then contour it."""
+        (``image``: its id), then contour it with ``model`` (default: the first served)."""
+        model = service.model_of(model)  # an unknown model: 404 before anything is stored
         service.check_capacity()  # before anything is stored: a full queue would not contour it
         if image:
             path = service.app.datastore().get_image_uri(image)
@@ -282,7 +314,7 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
         else:
             raise InvalidInputError("send a file (NIfTI or a zip of a DICOM series) or image=<datastore id>")
         try:
-            result = service.contour(case)
+            result = service.contour(case, model)
         except ServerBusyError:  # the queue filled while this upload was checked: keep no case without a result
             shutil.rmtree(case.folder, ignore_errors=True)
             raise
@@ -297,9 +329,10 @@ def build_router(service: ContouringService, labels: set[int]) -> APIRouter:
         return public(service.store.get(owner, case_id))
 
     @router.post("/api/cases/{case_id}/contour")
-    def recontour(case_id: str, owner: str = Depends(owner_of)) -> dict[str, Any]:
-        """Contour again with the model served now; earlier results are kept."""
-        return service.contour(service.store.get(owner, case_id))
+    def recontour(case_id: str, model: str | None = None, owner: str = Depends(owner_of)) -> dict[str, Any]:
+        """Contour again with the weights served now of ``model`` (default: the first served); earlier
+        results are kept."""
+        return service.contour(service.store.get(owner, case_id), model)
 
     @router.put("/api/cases/{case_id}/annotation")
     def annotate(case_id: str, file: UploadFile = File(...), owner: str = Depends(owner_of)) -> dict[str, Any]:

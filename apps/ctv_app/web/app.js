@@ -43,6 +43,7 @@ function upload() {
   $("upload").disabled = true;
   const form = new FormData();
   form.append("file", file, file.name);
+  if ($("model").value) form.append("model", $("model").value);
   const xhr = new XMLHttpRequest();
   xhr.open("POST", API + "/cases");
   xhr.upload.onprogress = (e) => { if (e.lengthComputable) setProgress(`Uploading ${file.name}`, 100 * e.loaded / e.total); };
@@ -116,7 +117,7 @@ async function openCase(caseId, resultId) {
   const annotation = c.annotation ? await bytes(`/cases/${caseId}/view/annotation`) : null;
   const done = c.results.filter((r) => r.status === "done");
   const select = $("result");
-  select.replaceChildren(...done.map((r) => new Option(`${new Date(r.created * 1000).toLocaleString()} · model ${r.model.slice(0, 12)}`, r.id)));
+  select.replaceChildren(...done.map((r) => new Option(`${new Date(r.created * 1000).toLocaleString()} · ${r.model_name || "model"} ${r.model.slice(0, 12)}`, r.id)));
   select.value = resultId || (done.length ? done[done.length - 1].id : "");
   await loadResult();
   const m = state.meta;
@@ -146,6 +147,7 @@ async function loadResult() {
   showLegend();
   const rows = [["input", c.input.name], ["input sha256", c.input.sha256]];
   if (c.input.contoured_sha256 !== c.input.sha256) rows.push(["series sha256", c.input.contoured_sha256]);
+  if (result && result.model_name) rows.push(["model", result.model_name]);
   if (result) rows.push(["model sha256", result.model]);
   $("provenance").replaceChildren(...rows.flatMap(([k, v]) => {
     const dt = document.createElement("dt"); dt.textContent = k;
@@ -272,7 +274,8 @@ document.addEventListener("keydown", (e) => {
 });
 
 async function recontour() {
-  const r = await (await api(`/cases/${state.case.id}/contour`, { method: "POST" })).json();
+  const model = $("model").value ? `?model=${encodeURIComponent($("model").value)}` : "";
+  const r = await (await api(`/cases/${state.case.id}/contour${model}`, { method: "POST" })).json();
   await refreshHistory();
   await waitForResult(state.case.id, r.id);
 }
@@ -297,4 +300,18 @@ $("layout").onchange = applyLayout;
 $("result").onchange = loadResult;
 $("recontour").onclick = () => recontour().catch((e) => showError(e.message));
 $("annotation-upload").onclick = saveAnnotation;
+// The models served, the default first; each option's title lists the structures it contours (a result's
+// legend is that result's own structures, from the model that made it).
+async function loadModels() {
+  const models = await (await api("/models")).json();
+  $("model").replaceChildren(...models.map((m) => {
+    const option = new Option(m.name, m.name, m.default, m.default);
+    option.title = m.structures.map((s) => s.name).join(", ");
+    return option;
+  }));
+  $("model").title = models.length ? $("model").selectedOptions[0].title : "";
+  $("model").onchange = () => { $("model").title = $("model").selectedOptions[0].title; };
+}
+
+loadModels().catch((e) => showError(e.message));
 refreshHistory().catch((e) => showError(e.message));

@@ -1,4 +1,4 @@
-"""The CTV infer task: MONAI Label's BasicInferTask with the CTV hooks filled in."""
+"""The contouring infer task (every model's: ``ctv``, ``hn``): MONAI Label's BasicInferTask with its hooks filled in."""
 
 from __future__ import annotations
 
@@ -97,13 +97,17 @@ class CTVInfer(BasicInferTask):
         name: str = "ctv",
         rt_config: RTConfig | None = None,
         overrides: dict[str, Any] | None = None,
+        defaults: CTVParams | None = None,
+        description: str = "Cervical-cancer CTV on planning CT (residual SE-DynUNet)",
         **kwargs,
     ):
-        """``params``: those of the checkpoint at start, with ``overrides`` (``--conf ctv_<name>``) applied;
-        ``overrides`` apply again to every checkpoint swapped in later."""
+        """``params``: those of the checkpoint at start, with ``overrides`` (``--conf <name>_<param>``)
+        applied; ``overrides`` apply again to every checkpoint swapped in later. ``defaults``: the model's
+        parameters for a checkpoint that records none (default ``CTVParams()``)."""
         self.name = name
         self.params = params
         self.overrides = overrides or {}
+        self.defaults = defaults or CTVParams()
         self.rt_config = rt_config or RTConfig()
         self._loaded: dict[str, ServedModel] = {}  # device -> the model served there
         self._request = threading.local()  # .model: the ServedModel of the request this thread runs
@@ -113,7 +117,7 @@ class CTVInfer(BasicInferTask):
             type=InferType.SEGMENTATION,
             labels=params.labels,
             dimension=3,
-            description="Cervical-cancer CTV on planning CT (residual SE-DynUNet)",
+            description=description,
             config={"flip_tta": params.flip_tta, "threshold": params.threshold},
             **kwargs,
         )
@@ -182,18 +186,21 @@ class CTVInfer(BasicInferTask):
         path = self.get_path()
         if not path:
             raise ModelUnavailableError(
-                f"no CTV weights at {self.path[-1]} yet: train a model first (POST /train/{self.name})"
+                f"no {self.name} weights at {self.path[-1]} yet: train a model first (POST /train/{self.name})"
+                f" or give one (--conf {self.name}_model <checkpoint>)"
             )
         mtime = os.stat(path).st_mtime
         cached = self._loaded.get(device)
         if cached is None or cached.mtime != mtime:
             try:
                 self._loaded[device] = self._load(path, device, mtime)
-                logger.info(f"serving CTV model {self._loaded[device].record['sha256'][:12]} from {path}")
+                logger.info(f"serving {self.name} model {self._loaded[device].record['sha256'][:12]} from {path}")
             except Exception as e:
                 if cached is None:
-                    raise ModelUnavailableError(f"cannot load CTV weights {path}: {e}") from e
-                logger.error(f"refusing new CTV weights {path} ({e}); still serving {cached.record['sha256'][:12]}")
+                    raise ModelUnavailableError(f"cannot load {self.name} weights {path}: {e}") from e
+                logger.error(
+                    f"refusing new {self.name} weights {path} ({e}); still serving {cached.record['sha256'][:12]}"
+                )
                 self._loaded[device] = replace(cached, mtime=mtime)
         return self._loaded[device]
 
@@ -206,11 +213,12 @@ class CTVInfer(BasicInferTask):
             blob = f.read()
         checkpoint = load_checkpoint(io.BytesIO(blob), map_location=device)
         trained = checkpoint.get("params")
-        own = CTVParams.from_dict(trained) if trained is not None else CTVParams()
+        own = CTVParams.from_dict(trained) if trained is not None else self.defaults
         params = own.updated(self.overrides)
         if own.structure_list.names != params.structure_list.names:
             raise ValueError(
-                f"it contours {own.structure_list.names}; --conf ctv_structures asks for {params.structure_list.names}"
+                f"it contours {own.structure_list.names}; --conf {self.name}_structures asks for "
+                f"{params.structure_list.names}"
             )
         if params.labels != self.params.labels:
             raise ValueError(f"it contours {params.structure_list.names}, this server serves {self.params.structure_list.names}")

@@ -1,6 +1,8 @@
-"""The CTV train task: MONAI Label's BasicTrainTask with the CTV hooks filled in.
+"""The contouring train task (every model's: ``ctv``, ``hn``): MONAI Label's BasicTrainTask with its hooks filled in.
 
-MONAI Label runs it in a subprocess (POST /train/ctv), so training never blocks inference. Every
+MONAI Label runs it in a subprocess (POST /train/<model>), so training never blocks inference. It trains
+on the datastore's final labels that contain any of the model's structures (``model_datalist``): on a
+server of several models, a label of cervix structures trains ``ctv`` and is skipped by ``hn``. Every
 epoch it validates, and when the validation Dice beats the best so far (at the start: the served
 model's Dice on the same split) it publishes the weights to the served path by atomic rename;
 the running infer task sees the new file and serves it from the next request. A resume
@@ -31,6 +33,7 @@ from ..params import CTVParams, as_bool
 from ..provenance import labels_record
 from ..quality import QualityAwarenessModule, QualityWeightedLoss
 from ..transforms import pre_transforms, train_transforms, val_transforms
+from ..transforms.labels import model_datalist
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +60,13 @@ class CTVTrain(BasicTrainTask):
     patches_per_volume, pretrained, resume, amp, seed, threads, name, device; quality_weighting (QAM+OCM),
     ocm_lambda, qam_lr."""
 
-    def __init__(self, served_path: str, params: CTVParams, name: str = "ctv"):
+    def __init__(self, served_path: str, params: CTVParams, name: str = "ctv", description: str = "the CTV model"):
         self.served_path = served_path
         self.params = params
         self.name = name
         super().__init__(
             model_dir=os.path.join(os.path.dirname(os.path.abspath(served_path)), "train"),
-            description="Train the CTV model on the datastore's final (corrected) labels",
+            description=f"Train {name} ({description}) on the datastore's final (corrected) labels of its structures",
             config={
                 "max_epochs": 50,
                 "val_split": 0.2,
@@ -169,7 +172,10 @@ class CTVTrain(BasicTrainTask):
         val_split = float(context.request.get("val_split", 0.2))
         datalist = context.datalist
         if len(datalist) < 2:
-            raise ValueError(f"training needs at least 2 labelled images, the datastore has {len(datalist)}")
+            raise ValueError(
+                f"training needs at least 2 labelled images, the datastore has {len(datalist)} with structures of "
+                f"model {self.name} ({self.params.structure_list.names})"
+            )
         if val_split <= 0:
             return datalist, []
         n_val = min(max(1, round(len(datalist) * val_split)), len(datalist) - 1)
@@ -203,7 +209,9 @@ class CTVTrain(BasicTrainTask):
         return ddp, optimizer
 
     def pre_process(self, request: dict, datastore: Datastore) -> list[dict[str, Any]]:
-        return datastore.datalist()
+        """The datastore's labelled pairs that contain any of this model's structures (``model_datalist``)."""
+        known = getattr(datastore, "structures", None) or self.params.structure_list
+        return model_datalist(datastore.datalist(), self.params.structure_list, known, self.name)
 
     def train(self, rank, world_size, request, datalist):
         if as_bool(request.get("quality_weighting", False)):
@@ -358,7 +366,7 @@ class PublishBestModel:
         )
         dice_txt = f"{val_dice:.4f}" if val_dice is not None else "n/a"
         logger.info(
-            f"ctv epoch {epoch}/{max_epochs} val_dice {dice_txt} best {self.best:.4f}"
+            f"{self.task.name} epoch {epoch}/{max_epochs} val_dice {dice_txt} best {self.best:.4f}"
             f" ({self.history[-1]['seconds']:.1f}s){published}"
         )
 

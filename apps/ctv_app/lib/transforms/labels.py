@@ -3,16 +3,20 @@ structures a case does not contain so that the loss leaves them out (``losses.UN
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import logging
+import os
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
+from monai.transforms import LoadImage, MapTransform, Transform
 
 from ..losses import UNCONTOURED
 from ..structures import Structures, decode_label
+
+logger = logging.getLogger(__name__)
 
 # Datalist keys (``CTVDatastore.datalist``) saying how a label is encoded and which structures it contains.
 ENCODING_KEY, STRUCTURES_KEY = "label_encoding", "label_structures"
@@ -25,6 +29,41 @@ def label_datalist_keys(label_info: Mapping[str, Any]) -> dict[str, Any]:
     if not label_info.get("structures"):
         return {}
     return {ENCODING_KEY: label_info.get("encoding", "labelmap"), STRUCTURES_KEY: dict(label_info["structures"])}
+
+
+def model_datalist(
+    datalist: Sequence[Mapping[str, Any]], model: Structures, known: Structures, name: str = "this model"
+) -> list[dict[str, Any]]:
+    """The training pairs of ``model`` among a datastore's (``CTVDatastore.datalist``): those whose label
+    contains any of its structures. A label that contains none of them (on a server of several models, a
+    cervix label for the head-and-neck model) would be all ``UNCONTOURED`` for it: no loss, no validation
+    Dice, only a validation slot and a patch of compute. It is left out, and a log line says which.
+
+    A label saved before structures were recorded (no ``STRUCTURES_KEY``) is a label map in the values of
+    the datastore's ``known`` structures, as a save that names none is read (``datastore.label_contents``).
+    Where the model's values are the datastore's (the first model served, or the only one), it is decoded
+    by the model's values as always; otherwise its values are read here once and the structures they mean
+    recorded in its entry, so it is decoded, or left out, by what it contains."""
+    same_values = all(known.labels.get(n) == v for n, v in model.labels.items())
+    kept, skipped = [], []
+    for entry in datalist:
+        entry = dict(entry)
+        structures = entry.get(STRUCTURES_KEY)
+        if structures is None and not same_values:
+            values = {int(v) for v in np.unique(np.asarray(LoadImage(image_only=True)(entry["label"])))}
+            structures = {n: v for n, v in known.labels.items() if v in values}
+            entry.update({ENCODING_KEY: "labelmap", STRUCTURES_KEY: structures})
+        if structures is not None and not set(structures) & set(model.names):
+            skipped.append(entry)
+            continue
+        kept.append(entry)
+    if skipped:
+        names = [os.path.basename(str(e["label"])) for e in skipped]
+        logger.info(
+            f"model {name}: {len(skipped)} of {len(datalist)} labels contain none of its structures "
+            f"{model.names}, not trained on: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}"
+        )
+    return kept
 
 
 class StructureChannels(Transform):
