@@ -127,8 +127,11 @@ def test_ohif_shows_a_study_through_nginx(cluster):
         finally:
             browser.close()
     access = (cluster.nginx.workdir / "access.log").read_text().splitlines()
-    proxied = [line.split('"')[2].split()[0] for line in access if "/proxy/dicom/" in line]
-    assert proxied and all(status.startswith(("2", "3")) for status in proxied), proxied[-20:]
+    proxied = [(line.split('"')[2].split()[0], line.split('"')[1]) for line in access if "/proxy/dicom/" in line]
+    # 499 is nginx's "client closed the request": OHIF cancels frame fetches it no longer needs (its
+    # request pool drops prefetches when the viewports change), so it is not a proxy failure.
+    failed = [f"{status} {request}" for status, request in proxied if not status.startswith(("2", "3", "499"))]
+    assert proxied and not failed, failed[:10]
 
 
 def test_a_replica_killed_mid_load_loses_no_request(cluster):
