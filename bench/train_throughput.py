@@ -1,6 +1,6 @@
 """Training throughput of the CTV network on this machine: patches/s and seconds per epoch.
 
-    python bench/train_throughput.py [--steps 10] [--volumes 14]
+    python bench/train_throughput.py [--steps 10] [--volumes 14] [--params '{"patch_size": [64, 64, 48]}']
 
 Times the training step (forward, Dice+BCE over deep-supervision heads, backward, Adam) on
 batches of the served default configuration, and, as the peer in the same run, the same step
@@ -24,6 +24,7 @@ from ctv_app.lib.losses import DeepSupervisionLoss
 from ctv_app.lib.networks import network_for
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.transforms import train_transforms
+from ctv_app.lib.transforms.labels import CONTAINED_KEY
 
 
 def time_steps(params: CTVParams, batch: int, steps: int) -> float:
@@ -32,7 +33,7 @@ def time_steps(params: CTVParams, batch: int, steps: int) -> float:
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     loss_fn = DeepSupervisionLoss(params.loss)
     x = torch.rand(batch, 1, *params.patch_size)
-    y = (torch.rand(batch, 1, *params.patch_size) > 0.7).float()
+    y = (torch.rand(batch, len(params.structures), *params.patch_size) > 0.7).float()
     times = []
     for i in range(steps + 2):
         t0 = time.perf_counter()
@@ -47,15 +48,16 @@ def time_steps(params: CTVParams, batch: int, steps: int) -> float:
 def time_augmentation(params: CTVParams, samples: int, repeats: int) -> float:
     """Seconds to crop and augment ``samples`` patches from one cached (pre-processed) volume."""
     rng = np.random.default_rng(0)
-    shape = (1, 96, 84, 80)  # a small phantom at 4 mm
-    image = torch.as_tensor(rng.random(shape, dtype=np.float32))
-    label = torch.zeros(shape)
+    # a small phantom at 4 mm, grown to hold the patch; one label channel per structure
+    grid = tuple(max(g, p + 16) for g, p in zip((96, 84, 80), params.patch_size))
+    image = torch.as_tensor(rng.random((1, *grid), dtype=np.float32))
+    label = torch.zeros((len(params.structures), *grid))
     label[:, 30:60, 30:55, 25:55] = 1
     chain = Compose(train_transforms(params, samples))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        chain({"image": image.clone(), "label": label.clone()})
+        chain({"image": image.clone(), "label": label.clone(), CONTAINED_KEY: np.ones(len(label), bool)})
         times.append(time.perf_counter() - t0)
     return float(np.mean(times))  # mean, not median: the elastic deformation runs on 20 % of calls
 
@@ -64,9 +66,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--volumes", type=int, default=14, help="training volumes per epoch for the s/epoch figure")
+    ap.add_argument("--params", default="{}", help="JSON overrides of CTVParams (e.g. the hn model's candidates)")
     args = ap.parse_args()
     batch = 4  # 2 volumes x 2 patches, the offline trainer's default
-    served = CTVParams()
+    served = CTVParams().updated(json.loads(args.params))
     plain = served.updated({"architecture": "unet", "loss": "bce"})
     step = time_steps(served, batch, args.steps)
     step_plain = time_steps(plain, batch, args.steps)
@@ -74,7 +77,10 @@ def main() -> None:
     steps_per_epoch = args.volumes / 2
     epoch_s = steps_per_epoch * (step + 2 * aug)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    print(f"patch {served.patch_size} at {served.target_spacing} mm, filters {served.filters}, batch {batch}")
+    print(
+        f"patch {served.patch_size} at {served.target_spacing} mm, filters {served.filters}, "
+        f"{len(served.structures)} structures, batch {batch}"
+    )
     print(f"training step (served SE-res DynUNet, Dice+BCE): {step:.3f} s = {batch / step:.1f} patches/s")
     print(f"training step (plain UNet, BCE; peer): {step_plain:.3f} s; ratio served/plain {step / step_plain:.2f}")
     print(f"augmentation: {aug:.3f} s per volume (2 patches, elastic/affine at their default probabilities)")

@@ -116,6 +116,10 @@ def test_edge_cases():
     next_slice = compare(np.roll(one, 1, axis=2), one, spacing)
     assert next_slice.dice == 0.0 and next_slice.hd95_mm == pytest.approx(2.5) and next_slice.msd_mm == 2.5
     assert (next_slice.surface_dice_2mm, next_slice.surface_dice_3mm) == (0.0, 1.0)
+    next_row = compare(np.roll(one, 1, axis=0), one, spacing)  # one in-plane voxel (3.9 mm) off
+    assert (next_row.surface_dice_3mm, next_row.surface_dice_voxel) == (0.0, 1.0)
+    two_rows = compare(np.roll(one, 2, axis=0), one, spacing)
+    assert two_rows.surface_dice_voxel == 0.0
 
     d_pred, d_truth = surface_distances(one, empty, spacing)
     assert d_truth.size == 0 and np.isinf(d_pred).all() and d_pred.size == 1

@@ -45,6 +45,9 @@ class TrainConfig:
     volumes_per_batch: int = 2
     patches_per_volume: int = 2
     val_fraction: float = 0.15
+    # Validate (and so pick the best checkpoint) every n-th epoch and at the last: sliding-window
+    # validation of a real CT costs seconds per case, as much as an epoch of training on 2 cores.
+    val_every: int = 1
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # 0: torch default
@@ -57,6 +60,8 @@ class TrainConfig:
     init: str = ""
 
     def __post_init__(self) -> None:
+        if self.val_every < 1:
+            raise ValueError(f"val_every must be >= 1, got {self.val_every}")
         if self.quality_weighting and (
             self.volumes_per_batch < 2 or self.volumes_per_batch * self.patches_per_volume < 4
         ):
@@ -188,8 +193,9 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
             loss.backward()
             opt.step()
             losses.append(float(loss))
+        validating = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
         if rank == 0:
-            val_dice = validate(net, val_ds, params, cfg.device)
+            val_dice = validate(net, val_ds, params, cfg.device) if validating else None
             history.append(
                 {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": val_dice, "seconds": time.time() - t0}
             )
@@ -203,7 +209,7 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
             }
             if weighting is not None:
                 meta["qam"] = weighting.state_dict()  # scores labelled cases for review
-            if val_dice > best:
+            if val_dice is not None and val_dice > best:
                 best = val_dice
                 save_checkpoint(out, net.state_dict(), params, {**meta, "best_val_dice": best})
             save_checkpoint(
@@ -213,7 +219,9 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
                 {**meta, "best_val_dice": best, "history": history, "optimizer": opt.state_dict()},
             )
             log(
-                f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} val_dice {val_dice:.4f} best {best:.4f}"
+                f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f}"
+                + (f" val_dice {val_dice:.4f}" if val_dice is not None else "")
+                + f" best {best:.4f}"
                 f" ({time.time() - t0:.0f}s)"
             )
         if world > 1:

@@ -17,7 +17,10 @@ conventions are fixed here and written down in ``docs/metrics.md``:
   statistics). HD: the largest distance either way. MSD: the mean of the pooled distances of both
   surfaces (each boundary voxel counts once, so the larger surface weighs more than in the average of
   the two directed means). Surface Dice at tolerance t (Nikolov et al. 2018): the fraction of the
-  boundary voxels of both masks within t mm (``<=``) of the other surface.
+  boundary voxels of both masks within t mm (``<=``) of the other surface; at 2 mm, 3 mm and one voxel
+  (the largest spacing): on a grid coarser than the tolerance, a surface one voxel off counts as
+  missed at 2 and 3 mm (surface points are voxel centres), so the one-voxel figure says how much of
+  the surface is off by at most the grid's own resolution.
 - Volume: voxel count x voxel volume, in ml; difference signed, prediction minus truth, and relative
   to the truth's volume in %.
 - Empty masks: both empty -> every overlap and distance metric is None (nothing to score; summaries
@@ -127,6 +130,7 @@ class StructureMetrics:
     msd_mm: float | None
     surface_dice_2mm: float | None
     surface_dice_3mm: float | None
+    surface_dice_voxel: float | None  # tolerance: the largest voxel spacing
     volume_pred_ml: float
     volume_truth_ml: float
     volume_diff_ml: float
@@ -166,6 +170,7 @@ def compare(pred, truth, spacing: Sequence[float]) -> StructureMetrics:
         msd_mm=float((d_pred.sum() + d_truth.sum()) / (d_pred.size + d_truth.size)) if distances else None,
         surface_dice_2mm=surface_dice(d_pred, d_truth, TOLERANCES_MM[0]),
         surface_dice_3mm=surface_dice(d_pred, d_truth, TOLERANCES_MM[1]),
+        surface_dice_voxel=surface_dice(d_pred, d_truth, max(spacing)),
         volume_pred_ml=v_pred,
         volume_truth_ml=v_truth,
         volume_diff_ml=v_pred - v_truth,
