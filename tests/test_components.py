@@ -217,6 +217,9 @@ def test_ablation_variants_differ_only_in_their_blocks():
     assert not any("conv3" in n or n.endswith(".se") for n in modules["unet"])  # no residual path, no SE
     assert any("conv3" in n for n in modules["resunet"]) and not any(n.endswith(".se") for n in modules["resunet"])
     assert any(n.endswith(".se") for n in modules["se_resunet"])
+    assert any("convInit" in n for n in modules["segresnet"])  # MONAI's SegResNet, the named peer
+    with pytest.raises(ValueError, match="doubles"):
+        network_for(CTVParams(architecture="segresnet", filters=(8, 16, 24)))
     with pytest.raises(ValueError, match="architecture"):
         CTVParams(architecture="vnet")
 

@@ -60,6 +60,12 @@ STEPS: list[tuple[str, str, dict, str]] = [
         {"architecture": "se_resunet", "loss": "dice_bce", "refinement_passes": 2},
         DICE_THROUGHOUT,
     ),
+    (
+        "segresnet",
+        "MONAI SegResNet (the design's named alternative)",
+        {"architecture": "segresnet", "loss": "dice_bce"},
+        DICE_THROUGHOUT,
+    ),
 ]
 
 
@@ -99,16 +105,19 @@ def run_ablation(args: argparse.Namespace, log=print) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], command: str, n_images: int, folds: int) -> str:
+SYNTHETIC = "SYNTHETIC phantoms (`ctv_datastore.phantom`)"
+
+
+def markdown(rows: list[dict], command: str, n_images: int, folds: int, about: str = SYNTHETIC) -> str:
     lines = [
-        "# Ablation: what each component of the CTV network adds",
+        "# Ablation: what each component of the contouring network adds",
         "",
-        f"{folds}-fold cross-validation on {n_images} SYNTHETIC phantoms (`ctv_datastore.phantom`); each fold's",
+        f"{folds}-fold cross-validation on {n_images} {about}; each fold's",
         "test images are never trained on, and Dice is measured through the served pipeline on the",
         "input grid. All rows share the folds, the seed, the epochs and the optimiser settings below.",
         "",
     ]
-    for table in (PUBLISHED, DICE_THROUGHOUT):
+    for table in (t for t in (PUBLISHED, DICE_THROUGHOUT) if any(r["table"] == t for r in rows)):
         lines += [
             f"## {table}",
             "",
@@ -141,13 +150,14 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--steps", nargs="*", choices=sorted({s[0] for s in STEPS}), help="run only these steps")
     ap.add_argument("--doc", help="write the markdown table here")
+    ap.add_argument("--about", default=SYNTHETIC, help="what the images are, for the table's heading")
     args = ap.parse_args()
     rows = run_ablation(args)
     if args.doc:
         command = "python -m ctv_train.ablation " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         n_images = len(parse_training_args(args)[0])
         with open(args.doc, "w") as f:
-            f.write(markdown(rows, command, n_images, args.folds))
+            f.write(markdown(rows, command, n_images, args.folds, args.about))
     print(json.dumps([{k: r[k] for k in ("step", "mean", "sd")} for r in rows]))
 
 

@@ -88,7 +88,7 @@ class AugmentParams:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
 
 
-ARCHITECTURE_NAMES = ("unet", "resunet", "se_resunet")
+ARCHITECTURE_NAMES = ("unet", "resunet", "se_resunet", "segresnet")
 LOSS_NAMES = ("dice_bce", "bce")
 
 

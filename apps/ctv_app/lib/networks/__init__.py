@@ -1,6 +1,7 @@
 from .se_dynunet import (
     ARCHITECTURES,
     CTVDynUNet,
+    CTVSegResNet,
     IterativeRefinementNet,
     PlainDynUNet,
     SEResBlock,
@@ -12,6 +13,7 @@ from .se_dynunet import (
 __all__ = [
     "ARCHITECTURES",
     "CTVDynUNet",
+    "CTVSegResNet",
     "PlainDynUNet",
     "SEResBlock",
     "SEResDynUNet",

@@ -1,5 +1,5 @@
-"""The CTV networks: residual DynUNet with squeeze-and-excitation (served), its ablation variants,
-and optional iterative refinement."""
+"""The contouring networks: residual DynUNet with squeeze-and-excitation (served), its ablation variants,
+MONAI's SegResNet as the named peer, and optional iterative refinement."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from monai.networks.blocks import ChannelSELayer
 from monai.networks.blocks.dynunet_block import UnetResBlock
-from monai.networks.nets import DynUNet
+from monai.networks.nets import DynUNet, SegResNet
 from torch import nn
 
 from ..params import CTVParams
@@ -124,11 +124,33 @@ class SEResDynUNet(CTVDynUNet):
         return nn.ModuleList([self._block(i, o, k, s) for i, o, k, s in pairs])
 
 
+class CTVSegResNet(SegResNet):
+    """MONAI's SegResNet (Myronenko 2018: residual pre-activation blocks, 1-2-2-4 per encoder level, one per
+    decoder level, additive skips), the design's named alternative to DynUNet, as the ablation's peer.
+    Widths double per level from ``filters[0]``, as SegResNet builds them; no deep supervision (the loss
+    takes its plain logits)."""
+
+    def __init__(self, in_channels: int, out_channels: int, filters: Sequence[int], dropout: float | None = None):
+        levels = len(filters)
+        if any(f != filters[0] * 2**k for k, f in enumerate(filters)):
+            raise ValueError(f"SegResNet doubles its width per level: filters must be f, 2f, 4f..., got {list(filters)}")
+        super().__init__(
+            spatial_dims=3,
+            init_filters=filters[0],
+            in_channels=in_channels,
+            out_channels=out_channels,
+            dropout_prob=dropout,
+            blocks_down=(1, 2, 2, 4, 4, 4)[:levels],
+            blocks_up=(1,) * (levels - 1),
+        )
+
+
 # The ablation's steps, by name (docs/ablation.md); "se_resunet" is the served design.
-ARCHITECTURES: dict[str, type[CTVDynUNet]] = {
+ARCHITECTURES: dict[str, type[nn.Module]] = {
     "unet": PlainDynUNet,
     "resunet": CTVDynUNet,
     "se_resunet": SEResDynUNet,
+    "segresnet": CTVSegResNet,
 }
 
 
@@ -179,17 +201,20 @@ def build_network(
         raise ValueError(f"need at least 3 levels, got filters={list(filters)}")
     strides = [1] + [2] * (levels - 1)
     in_channels = 1 + out_channels if refinement_passes else 1
-    net = ARCHITECTURES[architecture](
-        spatial_dims=3,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        kernel_size=[3] * levels,
-        strides=strides,
-        filters=list(filters),
-        deep_supervision=deep_supr_num > 0,
-        deep_supr_num=max(deep_supr_num, 1),
-        dropout=dropout,
-    )
+    if architecture == "segresnet":
+        net = CTVSegResNet(in_channels, out_channels, filters, dropout)
+    else:
+        net = ARCHITECTURES[architecture](
+            spatial_dims=3,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            kernel_size=[3] * levels,
+            strides=strides,
+            filters=list(filters),
+            deep_supervision=deep_supr_num > 0,
+            deep_supr_num=max(deep_supr_num, 1),
+            dropout=dropout,
+        )
     if refinement_passes:
         return IterativeRefinementNet(net, image_channels=1, mask_channels=out_channels, passes=refinement_passes)
     return net
