@@ -192,7 +192,7 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
             loss = weigh(per_sample, image, label) if weigh is not None else per_sample.mean()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
         validating = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
         if rank == 0:
             val_dice = validate(net, val_ds, params, cfg.device) if validating else None
