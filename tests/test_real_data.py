@@ -240,3 +240,52 @@ def test_real_patient_round_trips_as_dicom_through_the_folder_datastore(tmp_path
     assert all(d >= MIN_DICE for _, d, *_ in rows), rows
     assert all(t == g for t, g in overlaps.values()), overlaps
     assert any("PTV" in a + b and "Parotid" in a + b for a, b in overlaps)  # a PTV over a parotid
+
+
+HN_MODEL = Path(__file__).resolve().parents[1] / "apps" / "ctv_app" / "model" / "hn.pt"
+HN_FIGURES = HN_MODEL.with_suffix(".metrics.json")  # train/evaluate.py --out on the test split, as shipped
+HN_CI_CASES = ("openkbp_train_099", "openkbp_train_200", "openkbp_validation_222")  # 10, 10, 9 structures
+HN_DICE_MARGIN = 0.02  # served over REST vs in-process: the same infer task; only thread-dependent rounding differs
+
+
+@pytest.mark.skipif(not HN_FIGURES.exists(), reason="the hn model's test-split figures are not shipped yet")
+def test_shipped_hn_model_contours_real_test_patients_through_the_server(tmp_path):
+    """The shipped ``hn`` weights contour 3 real patients of the test split (never trained or selected on)
+    through the real server (``--conf models ctv,hn``, MONAILabelClient as Slicer calls it), and every
+    structure's Dice against the clinical contour is at least the figure documented for that patient and
+    structure (``hn.metrics.json``, docs/real_data.md) minus ``HN_DICE_MARGIN``."""
+    from monailabel.client import MONAILabelClient
+
+    from ctv_datastore.openkbp import load_cases, split_cases, structure_masks
+
+    from .support import ServerProcess
+
+    assert set(HN_CI_CASES) <= set(split_cases("test"))
+    documented = json.loads(HN_FIGURES.read_text())["metrics"]
+    cases = {c["id"]: c for c in load_cases(OPENKBP)}
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for case in HN_CI_CASES:
+        (studies / f"{case}.nii.gz").symlink_to(OPENKBP / f"{case}.nii.gz")
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copyfile(HN_MODEL, models / "hn.pt")  # a copy: a server may train into its weights file
+    shutil.copyfile(HN_MODEL.parent / "ctv.pt", models / "ctv.pt")
+    conf = {"models": "ctv,hn", "ctv_model": str(models / "ctv.pt"), "hn_model": str(models / "hn.pt")}
+    structures = Structures(HEAD_AND_NECK)
+    shortfalls, scored = [], 0
+    with ServerProcess(studies, tmp_path / "server", conf=conf) as server:
+        client = MONAILabelClient(server.url, tmpdir=str(tmp_path / "client"))
+        for case in HN_CI_CASES:
+            result_file, result = client.infer("hn", case, {"label_encoding": "bitmask"})
+            assert result["provenance"]["model"]["name"] == "hn"
+            bitmask = np.asarray(nib.load(result_file).dataobj)
+            masks, _ = structure_masks(OPENKBP, cases[case])
+            for name, truth in masks.items():
+                figure = documented[name]["dice"]["per_case"][case]
+                served = dice(structures.mask(bitmask, name), truth)
+                scored += 1
+                print(f"{case} {name}: Dice {served:.3f} (documented {figure:.3f})")
+                if served < figure - HN_DICE_MARGIN:
+                    shortfalls.append(f"{case} {name}: {served:.3f} < {figure:.3f} - {HN_DICE_MARGIN}")
+    assert scored >= 20 and not shortfalls, shortfalls
