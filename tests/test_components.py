@@ -271,14 +271,23 @@ def test_train_transforms_give_several_augmented_patches_per_volume():
 def test_uncertainty_scores_rise_with_disagreement():
     from ctv_app.lib.activelearning import _disagreement_score, _entropy_score
 
-    sure = torch.zeros(4, 10, 10, 10)
-    sure[:, 3:7, 3:7, 3:7] = 0.99
+    sure = torch.zeros(4, 1, 10, 10, 10)  # [samples, structures, ...]
+    sure[:, :, 3:7, 3:7, 3:7] = 0.99
     unsure = sure.clone()
-    unsure[1:, 3:7, 3:7, 3:7] = torch.rand(3, 4, 4, 4) * 0.5 + 0.25
+    unsure[1:, :, 3:7, 3:7, 3:7] = torch.rand(3, 1, 4, 4, 4) * 0.5 + 0.25
     assert _entropy_score(sure) < 0.1 < _entropy_score(unsure)
     assert _disagreement_score(sure) == 0.0 < _disagreement_score(unsure)
-    nothing = torch.zeros(4, 10, 10, 10)
+    nothing = torch.zeros(4, 1, 10, 10, 10)
     assert _entropy_score(nothing) == 1.0 and _disagreement_score(nothing) == 1.0
+    # Two structures, each predicted surely in its own place: sure. (Averaging the two structures'
+    # probabilities per voxel would read each region as p = 0.5, the most unsure there is.)
+    two = torch.zeros(4, 2, 10, 10, 10)
+    two[:, 0, 1:4, 1:4, 1:4] = 0.99
+    two[:, 1, 6:9, 6:9, 6:9] = 0.99
+    assert _entropy_score(two) < 0.1 and _disagreement_score(two) == 0.0
+    # A structure predicted nowhere is left out, not counted as certain or as unsure.
+    partly = torch.cat([unsure, torch.zeros(4, 1, 10, 10, 10)], dim=1)
+    assert _entropy_score(partly) == pytest.approx(_entropy_score(unsure))
 
 
 def test_datastore_refuses_bad_labels_and_keeps_every_version(tmp_path):

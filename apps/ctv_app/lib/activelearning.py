@@ -3,14 +3,16 @@
 Scores (higher = less sure), stored in the image info under the method's name (a second served
 model's methods are prefixed with its name: ``hn_epistemic``) with the model version that made them:
 
-- ``epistemic``: MC dropout. N stochastic passes with dropout on; the mean binary entropy of the
-  mean probability (normalised to [0, 1]) over the predicted region, i.e. every voxel that any
-  pass calls CTV. Models trained without dropout get ``dropout`` (default 0.1) inserted at scoring
-  time, which probes the weights' sensitivity rather than a trained posterior.
-- ``tta``: disagreement of test-time augmentations (flips on each axis, a small rotation):
-  1 - mean Dice of each augmented mask against their majority mask.
+- ``epistemic``: MC dropout. N stochastic passes with dropout on; per structure, the mean binary
+  entropy of the mean probability (normalised to [0, 1]) over its predicted region, i.e. every voxel
+  that any pass puts in it. Models trained without dropout get ``dropout`` (default 0.1) inserted at
+  scoring time, which probes the weights' sensitivity rather than a trained posterior.
+- ``tta``: disagreement of test-time augmentations (flips on each axis, a small rotation): per
+  structure, 1 - mean Dice of each augmented mask against their majority mask.
 
-A CT with no predicted CTV at all scores 1: every planning CT of this site has one.
+Structures are scored each on its own (their probabilities are never averaged together: a voxel sure to
+be parotid and sure not to be larynx is a sure voxel), and a CT's score is the mean over the structures
+that any pass predicts. A CT where nothing at all is predicted scores 1: every planning CT has some.
 """
 
 from __future__ import annotations
@@ -36,27 +38,41 @@ from .transforms import pre_transforms
 logger = logging.getLogger(__name__)
 
 
-def _entropy_score(probs: torch.Tensor) -> float:
-    """probs: [N, ...] per-sample probabilities -> mean normalised entropy of their mean in the predicted region."""
+def _per_structure(probs: torch.Tensor, score: Callable[[torch.Tensor], float | None]) -> float:
+    """probs: [N samples, C structures, ...] -> mean over structures of ``score([N, ...])`` (None: the
+    structure is predicted nowhere, left out); 1.0 when no structure is predicted anywhere."""
+    scores = [s for s in (score(probs[:, c]) for c in range(probs.shape[1])) if s is not None]
+    return float(sum(scores) / len(scores)) if scores else 1.0
+
+
+def _entropy(probs: torch.Tensor) -> float | None:
+    """One structure's [N, ...] probabilities -> mean normalised entropy of their mean in its predicted region."""
     region = (probs > 0.5).any(dim=0)
     if not region.any():
-        return 1.0
+        return None
     p = probs.mean(dim=0)[region].clamp(1e-6, 1 - 1e-6)
-    entropy = -(p * p.log() + (1 - p) * (1 - p).log()) / math.log(2)
-    return float(entropy.mean())
+    return float((-(p * p.log() + (1 - p) * (1 - p).log()) / math.log(2)).mean())
 
 
-def _disagreement_score(probs: torch.Tensor) -> float:
-    """1 - mean Dice of each sample's mask against the majority mask."""
+def _disagreement(probs: torch.Tensor) -> float | None:
+    """One structure's [N, ...] probabilities -> 1 - mean Dice of each sample's mask against the majority mask."""
     masks = probs > 0.5
-    majority = masks.float().mean(dim=0) >= 0.5
     if not masks.any():
-        return 1.0
+        return None
+    majority = masks.float().mean(dim=0) >= 0.5
     dices = []
     for m in masks:
         denom = m.sum() + majority.sum()
         dices.append(1.0 if denom == 0 else float(2 * (m & majority).sum() / denom))
     return 1.0 - sum(dices) / len(dices)
+
+
+def _entropy_score(probs: torch.Tensor) -> float:
+    return _per_structure(probs, _entropy)
+
+
+def _disagreement_score(probs: torch.Tensor) -> float:
+    return _per_structure(probs, _disagreement)
 
 
 def _rotation_theta(degrees: float, axis: int) -> torch.Tensor:
@@ -87,19 +103,23 @@ class UncertaintyScoring(ScoringMethod):
         return self.infer.model_record()["sha256"]
 
     def probabilities(self, image: torch.Tensor, served: ServedModel, request: dict[str, Any]) -> torch.Tensor:
-        """[N, D, H, W] per-sample CTV probabilities on the resampled grid."""
+        """[N samples, C structures, D, H, W] probabilities on the resampled grid."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def score_image(self, image_id: str, datastore: Datastore, request: dict[str, Any] | None = None) -> float:
+    def score_file(self, path: str, request: dict[str, Any] | None = None) -> tuple[float, str]:
+        """(score, model sha256) of the CT at ``path``, storing nothing (offline experiments use it too)."""
         request = request or {}
         served = self.infer.served("cpu")  # one model, with its own pre-processing, for the whole score
-        image = Compose(pre_transforms(served.params))({"image": datastore.get_image_uri(image_id)})["image"]
-        seed = int(request.get("seed", 0))
-        torch.manual_seed(seed)
+        image = Compose(pre_transforms(served.params))({"image": path})["image"]
+        torch.manual_seed(int(request.get("seed", 0)))
         probs = self.probabilities(torch.as_tensor(image)[None].float(), served, request)
-        value = self.summarise(probs)
-        model = served.record["sha256"]
+        return self.summarise(probs), served.record["sha256"]
+
+    def score_image(self, image_id: str, datastore: Datastore, request: dict[str, Any] | None = None) -> float:
+        request = request or {}
+        value, model = self.score_file(datastore.get_image_uri(image_id), request)
+        seed = int(request.get("seed", 0))
         datastore.update_image_info(
             image_id, {self.method: {"score": value, "model": model, "ts": int(time.time()), "seed": seed}}
         )
@@ -118,7 +138,7 @@ class EpistemicScoring(UncertaintyScoring):
     method = "epistemic"
 
     def __init__(self, infer: CTVInfer, samples: int = 8, dropout: float = 0.1):
-        super().__init__(infer, f"MC-dropout entropy inside the predicted CTV ({samples} samples)")
+        super().__init__(infer, f"MC-dropout entropy inside each predicted structure ({samples} samples)")
         self.samples = samples
         self.dropout = dropout
 
@@ -138,7 +158,7 @@ class EpistemicScoring(UncertaintyScoring):
             raise InvalidInputError(f"samples must be in [2, 64], got {samples}")
         net = self._mc_network(served, float(request.get("dropout", self.dropout)))
         inferer = build_inferer(served.params, device="cpu", flip_tta=False)
-        return torch.cat([torch.sigmoid(inferer(image, net))[0] for _ in range(samples)])
+        return torch.stack([torch.sigmoid(inferer(image, net))[0] for _ in range(samples)])
 
     def summarise(self, probs: torch.Tensor) -> float:
         return _entropy_score(probs)
@@ -166,7 +186,7 @@ class TTAScoring(UncertaintyScoring):
         out = []
         for forward, inverse in self._augmentations():
             out.append(inverse(torch.sigmoid(inferer(forward(image), served.network)))[0])
-        return torch.cat(out)
+        return torch.stack(out)
 
     def summarise(self, probs: torch.Tensor) -> float:
         return _disagreement_score(probs)
