@@ -105,6 +105,24 @@ def test_crossval_cli_prints_per_fold_dice(tmp_path):
     assert "fold 0: Dice" in out and "fold 1: Dice" in out and "2-fold Dice:" in out
     assert (tmp_path / "cv" / "fold0" / "ctv.pt").exists() and (tmp_path / "cv" / "fold1" / "ctv.pt").exists()
 
+    # A stopped run keeps its finished folds: run again, fold 1's scores gone, only fold 1 trains.
+    (tmp_path / "cv" / "fold1" / "scores.json").unlink()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+    assert "fold 0: epoch" not in again and "fold 1: epoch 1/1" in again
+    assert json.loads(again.strip().splitlines()[-1])["fold_dice"][0] == summary["fold_dice"][0]
+
+
+def test_validation_every_n_epochs_and_at_the_last(tmp_path):
+    data = tmp_path / "data"
+    build(str(data), [1, 2, 3], labelled={1, 2, 3})
+    params = CTVParams(filters=(8, 16, 32), patch_size=(32, 32, 32))
+    cfg = TrainConfig(epochs=3, lr=1e-3, val_fraction=0.34, val_every=2, patches_per_volume=1)
+    result = train(find_pairs(str(data)), str(tmp_path / "ctv.pt"), params, cfg, log=lambda m: None)
+    assert [h["val_dice"] is None for h in result["history"]] == [True, False, False]  # epochs 2 and 3 (last)
+    assert load_checkpoint(str(tmp_path / "ctv.pt"))["meta"]["epoch"] in (1, 2)
+    with pytest.raises(ValueError, match="val_every"):
+        TrainConfig(val_every=0)
+
 
 def test_torchrun_two_cpu_ranks_hold_identical_weights(tmp_path):
     """DDP under torchrun (gloo): after training steps both ranks hold bit-identical weights."""

@@ -54,8 +54,15 @@ def cross_validate(
     results = []
     for fold, (train_pairs, test_pairs) in enumerate(kfold(pairs, folds, cfg.seed)):
         model = os.path.join(out_dir, f"fold{fold}", "ctv.pt")
-        train(train_pairs, model, params, cfg, log=lambda msg, f=fold: log(f"fold {f}: {msg}"))
-        scores = evaluate_pairs(model, test_pairs)
+        kept = os.path.join(out_dir, f"fold{fold}", "scores.json")  # a stopped run keeps its finished folds
+        if os.path.exists(kept):
+            with open(kept) as f:
+                scores = json.load(f)
+        else:
+            train(train_pairs, model, params, cfg, log=lambda msg, f=fold: log(f"fold {f}: {msg}"))
+            scores = evaluate_pairs(model, test_pairs)
+            with open(kept, "w") as f:
+                json.dump(scores, f)
         results.append(scores)
         log(f"fold {fold}: Dice {scores['mean']:.3f} +- {scores['sd']:.3f} on {scores['n']} test images")
     means = np.array([r["mean"] for r in results])
