@@ -263,7 +263,7 @@ def test_bad_model_uploads_are_refused_and_the_previous_model_keeps_serving(serv
     current = file_sha256(served.model)
     served.model.write_bytes(good[:3000])
     assert served_model_sha(served) == current
-    assert "refusing new CTV weights" in served.log_tail(200_000)
+    assert "refusing new ctv weights" in served.log_tail(200_000)  # names the model
 
 
 class RunsCommand:
