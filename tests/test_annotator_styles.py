@@ -57,6 +57,7 @@ def test_styled_datastore_restyles_the_requested_fraction(tmp_path):
 
 def test_review_finds_restyled_labels(tmp_path):
     from ctv_app.lib.datastore import CTVDatastore
+    from ctv_app.lib.structures import CERVIX
     from ctv_app.lib.infers.ctv import CTVInfer
     from ctv_app.lib.networks import network_for
     from ctv_app.lib.params import CTVParams
@@ -69,7 +70,9 @@ def test_review_finds_restyled_labels(tmp_path):
     # not what it finds (docs/noisy_labels.md, section 2).
     styles = ("tight", "missing_slices")
     record = make_styled_datastore(str(tmp_path / "clean"), str(tmp_path / "studies"), 0.5, 0, styles)
-    store = CTVDatastore(str(tmp_path / "studies"), structures=["CTV"], auto_reload=False)
+    # The cervix datastore of the model's structures: its labels, saved without a structure record, are
+    # label maps in the model's values that draw the CTV alone (as before datastores recorded structures).
+    store = CTVDatastore(str(tmp_path / "studies"), structures=CERVIX, auto_reload=False)
     params = CTVParams(filters=(8, 16, 32, 64), patch_size=(32, 32, 32), target_spacing=(6, 6, 6))
     served = tmp_path / "model" / "ctv.pt"
     request = {"max_epochs": EPOCHS, "train_batch_size": 4, "patches_per_volume": 2, "val_split": 0.2}
