@@ -61,52 +61,62 @@ def pick(
     return ranked[:k], scores
 
 
+def read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, value: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+def train_and_test(labelled: list[dict], test: list[dict], model: str, params: CTVParams, args, seed: int) -> dict:
+    """One point of a curve: a model trained on ``labelled`` (about ``args.steps`` steps), scored on ``test``."""
+    t0 = time.process_time()
+    cfg = TrainConfig(lr=args.lr, seed=seed, val_every=args.val_every)
+    cfg.epochs = epochs_for(len(labelled), args.steps, cfg)
+    os.makedirs(os.path.dirname(model), exist_ok=True)
+    train(labelled, model, params, cfg, log=lambda m: None)
+    scores = evaluate_pairs(model, test, name=args.name)
+    return {
+        "size": len(labelled),
+        "labelled": sorted(p["id"] for p in labelled),
+        "mean_dice": scores["mean"],
+        "structures": {n: s["mean"] for n, s in scores["structures"].items()},
+        "epochs": cfg.epochs,
+        "model": model,
+        "cpu_seconds": time.process_time() - t0,
+    }
+
+
 def run(args: argparse.Namespace, log=print) -> dict:
     """{seed: {strategy: {size: result}}}, each point trained, tested and kept (or read back if kept)."""
     pool, test = find_pairs(args.pool), find_pairs(args.test)
     params = CTVParams().updated(json.loads(args.params))
     sizes = [int(s) for s in args.sizes.split(",")]
+    strategies = args.strategies.split(",")
+    if unknown := set(strategies) - set(STRATEGIES):
+        raise SystemExit(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
     results: dict = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         start = random.Random(seed).sample(pool, sizes[0])
-        for strategy in args.strategies.split(","):
-            if strategy not in STRATEGIES:
-                raise SystemExit(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+        first_path = os.path.join(args.out, str(seed), "start", f"{sizes[0]}.json")  # one model for all strategies
+        for strategy in strategies:
             # the uncertainty methods draw the same candidates; random draws its own picks
             labelled, rng = list(start), random.Random(seed * 1000 + (2 if strategy == "random" else 1))
             for i, size in enumerate(sizes):
-                folder = os.path.join(args.out, str(seed), strategy)
-                point = os.path.join(folder, f"{size}.json")
-                if os.path.exists(point):
-                    with open(point) as f:
-                        result = json.load(f)
-                    labelled = [p for p in pool if p["id"] in set(result["labelled"])]
-                else:
-                    shared = os.path.join(args.out, str(seed), "start", f"{size}.json")  # sizes[0]: one model
-                    if i == 0 and os.path.exists(shared):
-                        with open(shared) as f:
-                            result = json.load(f)
-                    else:
-                        t0 = time.process_time()
-                        cfg = TrainConfig(lr=args.lr, seed=seed, val_every=args.val_every)
-                        cfg.epochs = epochs_for(len(labelled), args.steps, cfg)
-                        model = os.path.join(folder, f"{size}.pt")
-                        os.makedirs(folder, exist_ok=True)
-                        train(labelled, model, params, cfg, log=lambda m: None)
-                        scores = evaluate_pairs(model, test, name=args.name)
-                        result = {
-                            "size": size,
-                            "labelled": sorted(p["id"] for p in labelled),
-                            "mean_dice": scores["mean"],
-                            "structures": {n: s["mean"] for n, s in scores["structures"].items()},
-                            "epochs": cfg.epochs,
-                            "model": model,
-                            "cpu_seconds": time.process_time() - t0,
-                        }
-                        if i == 0:
-                            os.makedirs(os.path.dirname(shared), exist_ok=True)
-                            with open(shared, "w") as f:
-                                json.dump(result, f, indent=1)
+                point = os.path.join(args.out, str(seed), strategy, f"{size}.json")
+                result = read_json(point)
+                if result is None:
+                    result = (read_json(first_path) if i == 0 else None) or train_and_test(
+                        labelled, test, point[: -len(".json")] + ".pt", params, args, seed
+                    )
+                    if i == 0:
+                        write_json(first_path, result)
                     if i + 1 < len(sizes):
                         t0 = time.process_time()
                         unlabelled = [p for p in pool if p["id"] not in set(result["labelled"])]
@@ -115,9 +125,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                         )
                         result = {**result, "chose": [p["id"] for p in chosen], "scores": scores,
                                   "scoring_cpu_seconds": time.process_time() - t0}  # fmt: skip
-                    os.makedirs(folder, exist_ok=True)
-                    with open(point, "w") as f:
-                        json.dump(result, f, indent=1)
+                    write_json(point, result)
                 log(f"seed {seed} {strategy} {size} cases: mean Dice {result['mean_dice']:.3f}")
                 results.setdefault(seed, {}).setdefault(strategy, {})[size] = result
                 if i + 1 < len(sizes):
