@@ -55,6 +55,53 @@ def test_styled_datastore_restyles_the_requested_fraction(tmp_path):
         assert record[pair["id"]]["dice_to_truth"] < 0.95 or record[pair["id"]]["style"] == "true"
 
 
+def test_styled_structure_sets_restyle_each_structure_and_keep_what_they_contain(tmp_path):
+    """A datastore of recorded structure sets (real clinical sets, e.g. OpenKBP's) is restyled structure by
+    structure: an untouched label keeps its bitmask, a wide one grows every structure it contains and a tight
+    one shrinks every one, overlaps stay possible, and the styled copy records the same (partial) structures."""
+    from ctv_app.lib.datastore import CTVDatastore
+    from ctv_app.lib.structures import Structures, voxels_of
+    from ctv_app.lib.transforms.labels import ENCODING_KEY, STRUCTURES_KEY
+
+    seeds = [41, 42, 43, 44, 45, 46]
+    build(str(tmp_path / "clean"), seeds, labelled=set())
+    structures = Structures(["CTV", "Bladder", "Rectum"])
+    store = CTVDatastore(str(tmp_path / "clean"), structures, auto_reload=False)
+    for seed in seeds:
+        image = nib.load(str(tmp_path / "clean" / f"phantom_{seed:05d}.nii.gz"))
+        bitmask = np.zeros(image.shape, np.uint8)
+        bitmask[30:60, 30:60, 20:40] |= 1  # CTV
+        bitmask[50:80, 40:70, 25:45] |= 2  # Bladder, overlapping the CTV
+        contains = {"CTV": 1, "Bladder": 2}
+        if seed % 2:  # every other set also draws a Rectum; the others did not contour it
+            bitmask[40:50, 70:80, 10:50] |= 4
+            contains["Rectum"] = 3
+        label = tmp_path / f"{seed}.nii.gz"
+        nib.save(nib.Nifti1Image(bitmask, image.affine), str(label))
+        store.save_label(f"phantom_{seed:05d}", str(label), "final", {"encoding": "bitmask", "label_names": contains})
+
+    record = make_styled_datastore(str(tmp_path / "clean"), str(tmp_path / "styled"), 0.5, seed=3, margin=(1, 2))
+    assert sorted(r["style"] for r in record.values()) == sorted(["true"] * 3 + list(STYLES))
+    clean = {p["id"]: p for p in find_pairs(str(tmp_path / "clean"))}
+    for pair in find_pairs(str(tmp_path / "styled")):
+        truth_pair, style = clean[pair["id"]], record[pair["id"]]["style"]
+        assert pair[STRUCTURES_KEY] == truth_pair[STRUCTURES_KEY] and pair[ENCODING_KEY] == "bitmask"
+        styled, truth = (np.asarray(nib.load(p["label"]).dataobj) for p in (pair, truth_pair))
+        assert np.array_equal(styled, truth) == (style == "true")
+        for name, value in pair[STRUCTURES_KEY].items():
+            got, want = voxels_of(styled, value, "bitmask"), voxels_of(truth, value, "bitmask")
+            if style == "wide":
+                assert got[want].all() and got.sum() > want.sum(), name
+            elif style == "tight":
+                assert not got[~want].any() and 0 < got.sum() < want.sum(), name
+            elif style == "missing_slices":
+                kept = got.any(axis=(0, 1))
+                assert np.array_equal(got[..., kept], want[..., kept]) and kept.sum() < want.any(axis=(0, 1)).sum()
+        if style == "wide":  # grown structures overlap more, both bits kept
+            assert ((styled & 3) == 3).sum() > ((truth & 3) == 3).sum()
+        assert 0 < record[pair["id"]]["dice_to_truth"] <= 1
+
+
 def test_review_finds_restyled_labels(tmp_path):
     from ctv_app.lib.datastore import CTVDatastore
     from ctv_app.lib.structures import CERVIX

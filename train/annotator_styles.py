@@ -1,9 +1,16 @@
-"""QAM + OCM in 3D: training on phantoms contoured by annotators with different styles.
+"""QAM + OCM in 3D: training on labels drawn by annotators with different styles.
 
     python -m ctv_train.annotator_styles --out runs/styles --doc runs/styles/summary.json
+    python -m ctv_train.annotator_styles --data runs/openkbp_ablation --test runs/openkbp_test --name hn \
+        --params '{"structures": [...], "target_spacing": [6, 6, 6], "patch_size": [32, 32, 32]}' \
+        --arms true_labels styled_plain styled_qam_ocm --out runs/styles_openkbp
 
-Synthetic phantoms (SYNTHETIC anatomy, datastore/phantom.py) get their true CTV; then a fraction
-of the cases (default 50%) is re-contoured by one of three simulated annotator styles:
+Without ``--data``, synthetic phantoms (SYNTHETIC anatomy, datastore/phantom.py) get their true CTV and
+are scored on held-out phantoms. With ``--data``, a labelled datastore of real clinical structure sets
+(e.g. OpenKBP's, ``ctv_datastore.openkbp``) is the truth, every structure a label contains is restyled,
+the styled copy is saved through ``CTVDatastore.save_label`` with the same recorded structures, and the
+models are scored on the ``--test`` datastore. Either way a fraction of the cases (default 50%) is
+re-contoured by one of three simulated annotator styles:
 
 - ``wide``: every axial contour dilated by 2-4 voxels (in plane, slice by slice);
 - ``tight``: eroded by 2-4 voxels in the same way;
@@ -11,7 +18,8 @@ of the cases (default 50%) is re-contoured by one of three simulated annotator s
 
 The arms (``ARMS``) train the same network, seed and budget with ``ctv_train.train``: the true
 labels (reference), the styled labels with the plain loss, and the styled labels with quality
-weighting (QAM+OCM, at two QAM learning rates). Each is scored by the served pipeline on held-out phantoms with their true CTV. The
+weighting (QAM+OCM, at two QAM learning rates). Each is scored by the served pipeline on held-out
+cases with their true labels. The
 quality-weighted arms' QAMs then score every training label; the ROC AUC says how well a low
 score finds the styled ones (what the ``review`` strategy relies on). A finished arm is kept in
 ``<out>/<arm>/result.json``, so a stopped run continues where it stopped.
@@ -33,10 +41,12 @@ from scipy import ndimage
 
 from ctv_app.lib.metrics import dice, summarise
 from ctv_app.lib.params import CTVParams
+from ctv_app.lib.structures import Structures, voxels_of
+from ctv_app.lib.transforms.labels import ENCODING_KEY, STRUCTURES_KEY
 from ctv_datastore.build import build, parse_seeds
 
 from .data import find_pairs
-from .evaluate import evaluate, served_infer_task
+from .evaluate import evaluate, evaluate_pairs, served_infer_task
 from .train import TrainConfig, train
 
 STYLES = ("wide", "tight", "missing_slices")
@@ -51,11 +61,14 @@ ARMS = {
 PARAMS = {"target_spacing": [6, 6, 6], "patch_size": [32, 32, 32], "filters": [8, 16, 32, 64]}
 
 
-def restyle(label: np.ndarray, style: str, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-    """One annotator's version of a true label (axes x, y, z; z axial). Returns it and what was done."""
+def restyle(
+    label: np.ndarray, style: str, rng: np.random.Generator, margin: tuple[int, int] = (2, 4)
+) -> tuple[np.ndarray, dict]:
+    """One annotator's version of a true label (axes x, y, z; z axial). Returns it and what was done.
+    ``margin``: the range of voxels (inclusive) a wide or tight contour is grown or shrunk by."""
     mask = label > 0
     if style in ("wide", "tight"):
-        voxels = int(rng.integers(2, 5))
+        voxels = int(rng.integers(margin[0], margin[1] + 1))
         in_plane = (1.0, 1.0, 1e6)  # contours are drawn slice by slice: grow or shrink within each slice
         if style == "wide":
             out = ndimage.distance_transform_edt(~mask, sampling=in_plane) <= voxels
@@ -74,34 +87,81 @@ def restyle(label: np.ndarray, style: str, rng: np.random.Generator) -> tuple[np
 
 
 def make_styled_datastore(
-    clean: str, out: str, fraction: float, seed: int, styles: tuple[str, ...] = STYLES
+    clean: str,
+    out: str,
+    fraction: float,
+    seed: int,
+    styles: tuple[str, ...] = STYLES,
+    margin: tuple[int, int] = (2, 4),
 ) -> dict[str, dict]:
     """A copy of the ``clean`` folder datastore (images linked) where ``fraction`` of the labels are
     restyled, styles taken in turn. Returns ``{id: {"style", ..., "dice_to_truth"}}`` (style
-    ``true`` for the untouched ones), also written to ``<out>/annotators.json``."""
+    ``true`` for the untouched ones), also written to ``<out>/annotators.json``.
+
+    A datastore that records its labels' structures (real structure sets) has every structure of a
+    restyled label restyled, and its copy is saved as a bitmask of the same structures through the
+    app's datastore; ``dice_to_truth`` is then the mean over the label's structures. Plain label
+    files (phantoms) are restyled as one mask."""
     pairs = find_pairs(clean)
     rng = np.random.default_rng(seed)
     chosen = set(rng.choice(len(pairs), size=int(round(fraction * len(pairs))), replace=False).tolist())
+    recorded = all(STRUCTURES_KEY in p for p in pairs)
     os.makedirs(os.path.join(out, "labels", "final"), exist_ok=True)
+    for pair in pairs:
+        link = os.path.join(out, os.path.basename(pair["image"]))
+        if not os.path.lexists(link):
+            os.symlink(os.path.abspath(pair["image"]), link)
+    store = _structure_datastore(out, pairs) if recorded else None
     record = {}
     restyled = 0
     for i, pair in enumerate(pairs):
         name = os.path.basename(pair["image"])
-        link = os.path.join(out, name)
-        if not os.path.exists(link):
-            os.symlink(os.path.abspath(pair["image"]), link)
         truth_img = nib.load(pair["label"])
         truth = np.asarray(truth_img.dataobj)
-        if i in chosen:
-            styled, info = restyle(truth, styles[restyled % len(styles)], rng)
-            restyled += 1
-        else:
-            styled, info = truth.astype(np.uint8), {"style": "true"}
-        nib.save(nib.Nifti1Image(styled, truth_img.affine), os.path.join(out, "labels", "final", name))
-        record[pair["id"]] = {**info, "dice_to_truth": dice(styled, truth)}
+        style = styles[restyled % len(styles)] if i in chosen else "true"
+        restyled += i in chosen
+        if store is None:
+            styled, info = restyle(truth, style, rng, margin) if style != "true" else (truth.astype(np.uint8), {})
+            nib.save(nib.Nifti1Image(styled, truth_img.affine), os.path.join(out, "labels", "final", name))
+            record[pair["id"]] = {"style": style, **info, "dice_to_truth": dice(styled, truth)}
+            continue
+        encoding, structures = pair[ENCODING_KEY], pair[STRUCTURES_KEY]
+        bitmask = np.zeros(truth.shape, dtype=store.structures.bitmask_dtype)
+        per_structure, dices = {}, []
+        for structure, value in structures.items():
+            mask = voxels_of(truth, value, encoding)
+            styled_mask, info = restyle(mask, style, rng, margin) if style != "true" else (mask, {})
+            bitmask[styled_mask > 0] |= bitmask.dtype.type(1 << (store.structures.value(structure) - 1))
+            per_structure[structure] = info
+            dices.append(dice(styled_mask, mask))
+        tmp = os.path.join(out, f".{name}")
+        nib.save(nib.Nifti1Image(bitmask, truth_img.affine), tmp)
+        try:
+            label_names = {n: store.structures.value(n) for n in structures}
+            store.save_label(pair["id"], tmp, "final", {"encoding": "bitmask", "label_names": label_names,
+                                                        "annotator": f"simulated {style}"})  # fmt: skip
+        finally:
+            os.unlink(tmp)
+        scored = [d for d in dices if d is not None]
+        record[pair["id"]] = {
+            "style": style,
+            "structures": per_structure,
+            "dice_to_truth": float(np.mean(scored)) if scored else None,
+        }
     with open(os.path.join(out, "annotators.json"), "w") as f:
         json.dump(record, f, indent=1)
     return record
+
+
+def _structure_datastore(folder: str, pairs: list[dict]):
+    """The app's datastore at ``folder``, knowing the structures the ``pairs`` record, in their values."""
+    from ctv_app.lib.datastore import CTVDatastore  # the app's datastore: imports the server's stack
+
+    values = {name: value for p in pairs for name, value in p[STRUCTURES_KEY].items()}
+    names = sorted(values, key=values.get)
+    if [values[n] for n in names] != list(range(1, len(names) + 1)):
+        raise ValueError(f"the labels' structure values are not 1..{len(names)}: {values}")
+    return CTVDatastore(folder, Structures(names), auto_reload=False)
 
 
 def roc_auc(positive_scores, negative_scores) -> float:
@@ -113,12 +173,19 @@ def roc_auc(positive_scores, negative_scores) -> float:
     return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
 
 
-def label_quality_auc(model: str, pairs: list[dict[str, str]], record: dict[str, dict]) -> dict:
+def _label_info(pair: dict) -> dict | None:
+    """The label info a datastore pair carries (its encoding and structures), as the scorer reads it."""
+    if STRUCTURES_KEY not in pair:
+        return None
+    return {"encoding": pair[ENCODING_KEY], "structures": pair[STRUCTURES_KEY]}
+
+
+def label_quality_auc(model: str, pairs: list[dict], record: dict[str, dict], name: str = "ctv") -> dict:
     """Score every label with the model's QAM; AUC of 'true labels score above styled ones'."""
     from ctv_app.lib.review import LabelQualityScoring
 
-    scoring = LabelQualityScoring(served_infer_task(model))
-    scores = {p["id"]: scoring.score(p["image"], p["label"]) for p in pairs}
+    scoring = LabelQualityScoring(served_infer_task(model, None, name))
+    scores = {p["id"]: scoring.score(p["image"], p["label"], _label_info(p)) for p in pairs}
     true = [s for i, s in scores.items() if record[i]["style"] == "true"]
     styled = [s for i, s in scores.items() if record[i]["style"] != "true"]
     by_style = {
@@ -130,12 +197,16 @@ def label_quality_auc(model: str, pairs: list[dict[str, str]], record: dict[str,
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
-    clean = os.path.join(args.out, "clean")
     styled = os.path.join(args.out, "styled")
-    build(clean, parse_seeds(args.train_seeds), labelled=set(parse_seeds(args.train_seeds)))
-    record = make_styled_datastore(clean, styled, args.fraction, args.seed)
+    if args.data:
+        clean, test_pairs = args.data, find_pairs(args.test)
+    else:
+        clean, test_pairs = os.path.join(args.out, "clean"), None
+        build(clean, parse_seeds(args.train_seeds), labelled=set(parse_seeds(args.train_seeds)))
+    margin = tuple(int(v) for v in args.margin.split("-"))
+    record = make_styled_datastore(clean, styled, args.fraction, args.seed, margin=margin)
     folders = {"clean": clean, "styled": styled}
-    params = CTVParams().updated(PARAMS)
+    params = CTVParams().updated(json.loads(args.params) if args.params else PARAMS)
     results = {}
     for arm in args.arms:
         labels, weighted, qam_lr = ARMS[arm]
@@ -160,7 +231,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
         t0 = time.time()
         trained = train(pairs, model, params, cfg, log=lambda m, a=arm: log(f"{a}: {m}"))
         seconds = time.time() - t0
-        held_out = evaluate(model, parse_seeds(args.test_seeds))
+        if test_pairs is None:
+            held_out = evaluate(model, parse_seeds(args.test_seeds))
+        else:
+            held_out = evaluate_pairs(model, test_pairs, name=args.name)
         result = {
             "labels": labels,
             "quality_weighting": weighted,
@@ -171,7 +245,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             "held_out_per_case": held_out["per_case"],
         }
         if weighted:
-            result["label_quality"] = label_quality_auc(model, pairs, record)
+            result["label_quality"] = label_quality_auc(model, pairs, record, args.name)
         with open(result_path, "w") as f:
             json.dump(result, f, indent=1)
         results[arm] = result
@@ -180,7 +254,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     return {
         "command": "python -m ctv_train.annotator_styles " + " ".join(sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
-        "params": PARAMS,
+        "params": params.to_dict(),
         "config": {k: v for k, v in vars(args).items() if k != "doc"},
         "annotators": record,
         "style_dice_to_truth": {s: {k: v for k, v in d.items() if k != "per_case"} for s, d in styles.items()},
@@ -209,7 +283,12 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--train-seeds", default="4000-4023")
     ap.add_argument("--test-seeds", default="9000-9009")
+    ap.add_argument("--data", help="labelled datastore of real structure sets (instead of phantoms)")
+    ap.add_argument("--test", help="with --data: the labelled datastore every arm is scored on")
+    ap.add_argument("--name", default="ctv", help="the model's infer task (hn for head-and-neck structures)")
+    ap.add_argument("--params", help=f"JSON CTVParams overrides (default {json.dumps(PARAMS)})")
     ap.add_argument("--fraction", type=float, default=0.5, help="fraction of cases restyled")
+    ap.add_argument("--margin", default="2-4", help="voxels a wide or tight annotator grows or shrinks by (range)")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--volumes-per-batch", type=int, default=4)
@@ -218,6 +297,8 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     ap.add_argument("--doc", help="write the summary JSON here (docs/annotator_styles.json)")
     args = ap.parse_args()
+    if bool(args.data) != bool(args.test):
+        ap.error("--data and --test go together")
     summary = run(args)
     if args.doc:
         with open(args.doc, "w") as f:

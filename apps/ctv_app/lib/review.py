@@ -59,9 +59,10 @@ class LabelQualityScoring(ScoringMethod):
         return self._qam[1], served
 
     @torch.no_grad()
-    def score(self, image_path: str, label_path: str) -> float:
-        """The served QAM's raw score of one image + label pair (higher: more consistent)."""
-        return self._score(image_path, label_path)[0]
+    def score(self, image_path: str, label_path: str, label_info: dict | None = None) -> float:
+        """The served QAM's raw score of one image + label pair (higher: more consistent); ``label_info``:
+        the label's recorded encoding and structures, as the datastore keeps them."""
+        return self._score(image_path, label_path, label_info)[0]
 
     def _score(self, image_path: str, label_path: str, label_info: dict | None = None) -> tuple[float, str]:
         """The score and the version of the model that gave it, pre-processed as that model was trained."""
