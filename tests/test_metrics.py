@@ -308,3 +308,38 @@ def test_real_masks_against_deepmind_surface_distance():
         ours = (m.hd95_mm, m.msd_mm, m.surface_dice_2mm, m.surface_dice_3mm)
         cells = " | ".join(f"{o:.2f} / {d:.2f}" for o, d in zip(ours, dm))
         print(f"| {what} | {' x '.join(f'{x:.3g}' for x in spacing)} | {m.dice:.3f} | {cells} |")
+
+
+# --- added path length -------------------------------------------------------------------------------
+
+
+def test_added_path_length_of_known_edits():
+    """APL on constructed edits with a known answer: a contour equal to the truth adds nothing; leaving k
+    slices out adds exactly those slices' contours; a contour one pixel off is all redrawn at tolerance 0
+    and none at a tolerance of one pixel; what the contour has beyond the truth is deleted, not drawn."""
+    spacing = (1.2, 0.8, 3.0)  # anisotropic in-plane pixels: each contour pixel is 1.0 mm long
+    truth = np.zeros((40, 40, 12), bool)
+    truth[10:30, 12:28, 2:10] = True  # a 20 x 16 pixel box on 8 slices: 68 contour pixels per slice
+    truth[14:18, 16:20, 5] = False  # a hole in one slice: the 16 pixels beside it are contour too
+    per_slice = metrics.contour_pixels(truth).sum(axis=(0, 1))
+    assert per_slice[2] == 2 * 20 + 2 * 16 - 4 and per_slice[5] == per_slice[2] + 4 * 4
+
+    assert metrics.added_path_length(truth, truth, spacing) == 0.0
+    for missing in ([2], [2, 3, 9], [5]):
+        pred = truth.copy()
+        pred[..., missing] = False
+        assert metrics.added_path_length(pred, truth, spacing) == pytest.approx(per_slice[missing].sum() * 1.0)
+    assert metrics.added_path_length(np.zeros_like(truth), truth, spacing) == pytest.approx(per_slice.sum())
+
+    shifted = np.roll(truth, 1, axis=0)  # one pixel (1.2 mm) off in x
+    apl = metrics.added_path_length(shifted, truth, spacing)
+    assert 0 < apl < per_slice.sum()
+    assert metrics.added_path_length(shifted, truth, spacing, tolerance_mm=1.2) == 0.0
+
+    wider = ndimage.binary_dilation(truth, structure=np.ones((7, 7, 1), bool))  # 3 pixels too wide
+    assert metrics.added_path_length(wider, truth, spacing) == pytest.approx(per_slice.sum())  # all redrawn
+    extra = truth.copy()
+    extra[32:38, 32:38, 2:10] = True  # a second piece the truth lacks: deleted, adds no path
+    assert metrics.added_path_length(extra, truth, spacing) == 0.0
+    with pytest.raises(ValueError, match="does not match"):
+        metrics.added_path_length(truth, truth, (1.0, 1.0))

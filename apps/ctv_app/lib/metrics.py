@@ -189,6 +189,34 @@ def compare_structures(
     return out
 
 
+def contour_pixels(mask) -> np.ndarray:
+    """Each axial slice's (last axis) contour: the mask's pixels with a 4-connected in-plane neighbour outside
+    it (outside the array is outside). Slices are drawn one by one, so no neighbour across slices counts."""
+    mask = _mask(mask)
+    in_plane = np.zeros((3,) * mask.ndim, bool)
+    in_plane[(slice(None), slice(None)) + (1,) * (mask.ndim - 2)] = ndimage.generate_binary_structure(2, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=in_plane, border_value=0)
+
+
+def added_path_length(pred, truth, spacing: Sequence[float], tolerance_mm: float = 0.0) -> float:
+    """Added path length in mm (Vaassen et al., Phys Imaging Radiat Oncol 2020): how much of ``truth``'s
+    contour a clinician draws to turn ``pred`` into it. Per axial slice (the last axis), the contour pixels
+    of ``truth`` (:func:`contour_pixels`) farther than ``tolerance_mm`` from every contour pixel of ``pred``
+    on the same slice, each one pixel long (the mean in-plane spacing); a slice ``pred`` leaves empty adds
+    its whole contour. What ``pred`` has and ``truth`` lacks is deleted, not drawn, and adds nothing."""
+    if len(spacing) != np.ndim(truth) or np.ndim(truth) < 3:
+        raise ValueError(f"spacing {tuple(spacing)} does not match {np.ndim(truth)}-D masks (x, y, axial)")
+    drawn, kept = contour_pixels(truth), contour_pixels(pred)
+    pixel_mm = (float(spacing[0]) + float(spacing[1])) / 2.0
+    if not kept.any():
+        return float(drawn.sum()) * pixel_mm
+    # distances within each slice: across slices the grid is made too far apart for any to be the nearest
+    far = 1e3 * (max(np.shape(truth)[:2]) * max(float(spacing[0]), float(spacing[1])) + tolerance_mm + 1.0)
+    sampling = (float(spacing[0]), float(spacing[1])) + (far,) * (np.ndim(truth) - 2)
+    distance = ndimage.distance_transform_edt(~kept, sampling=sampling)
+    return float(np.count_nonzero(distance[drawn] > tolerance_mm + ROUNDING_MM)) * pixel_mm
+
+
 def summarise(per_case: Mapping[str, float | None]) -> dict:
     """n, mean, sd (n-1), median, min, max over the defined values of ``{case id: value}``;
     ``n_undefined`` counts the cases whose value is None (e.g. HD95 of a structure the prediction missed),
