@@ -282,3 +282,20 @@ def test_plain_folders_and_unrecorded_datastores_are_read_as_files(tmp_path):
              "objects": {"phantom_00001": unrecorded}}  # fmt: skip
     (tmp_path / "datastore_v2.json").write_text(json.dumps(index))
     assert find_pairs(str(tmp_path)) == expected
+
+
+def test_ablation_table_gives_each_structure_dice_for_models_of_several():
+    """One mean over ten structures hides which structures a component helps: the ablation's markdown adds a
+    table of each row's Dice per structure (empty where no test image contains it), only for several."""
+    from ctv_train.ablation import markdown
+
+    def row(label, dices):
+        metrics = {n: {"dice": {"mean": d}} for n, d in dices.items()}
+        return {"label": label, "table": "t", "mean": 0.5, "sd": 0.0, "fold_dice": [0.5], "cpu_seconds": 60,
+                "metrics": metrics}  # fmt: skip
+
+    text = markdown([row("UNet", {"PTV_7000": 0.41, "Larynx": None}), row("+ Dice", {"PTV_7000": 0.52, "Larynx": 0.3})],
+                    "cmd", 30, 2, "real plans")  # fmt: skip
+    assert "| step | PTV_7000 | Larynx |" in text
+    assert "| UNet | 0.410 |  |" in text and "| + Dice | 0.520 | 0.300 |" in text
+    assert "Dice per structure" not in markdown([row("UNet", {"CTV": 0.8})], "cmd", 18, 3)

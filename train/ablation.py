@@ -130,6 +130,7 @@ def markdown(rows: list[dict], command: str, n_images: int, folds: int, about: s
                 f"| {r['label']} | {r['mean']:.3f} +- {r['sd']:.3f} | {folds_txt} | {r['cpu_seconds'] / 60:.1f} |"
             )
         lines.append("")
+    lines += structure_table(rows)
     lines += [
         "",
         f"Made on {time.strftime('%Y-%m-%d')}, {platform.machine()} with {torch.get_num_threads()} torch threads"
@@ -141,6 +142,24 @@ def markdown(rows: list[dict], command: str, n_images: int, folds: int, about: s
         "",
     ]
     return "\n".join(lines)
+
+
+def structure_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: each row's Dice per structure (mean over the folds' test images that contain it),
+    for models of several structures, where one mean hides which structures a component helps."""
+    names = list(rows[0].get("metrics", {})) if rows else []
+    if len(names) < 2:
+        return []
+    lines = [
+        "## Dice per structure (mean over the test images that contain it, all folds)",
+        "",
+        "| step | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for r in rows:
+        cells = [r["metrics"].get(n, {}).get("dice", {}).get("mean") for n in names]
+        lines.append(f"| {r['label']} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return lines + [""]
 
 
 def main() -> None:
