@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from ctv_app.lib.checkpoint import file_sha256
+from ctv_app.lib.provenance import file_sha256
 from ctv_datastore.dicom_export import write_ct_series
 from ctv_datastore.phantom import make_phantom
 

@@ -20,7 +20,8 @@ import requests
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from ctv_app.lib.checkpoint import file_sha256, load_checkpoint
+from ctv_app.lib.checkpoint import load_checkpoint
+from ctv_app.lib.provenance import file_sha256
 from ctv_app.lib.metrics import dice
 from ctv_datastore.build import HELD_OUT_SEED_START, build
 from ctv_datastore.phantom import make_water_phantom, save_nifti

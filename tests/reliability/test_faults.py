@@ -20,7 +20,8 @@ import requests
 import torch
 from monailabel.client import MONAILabelClient
 
-from ctv_app.lib.checkpoint import file_sha256, load_checkpoint
+from ctv_app.lib.checkpoint import load_checkpoint
+from ctv_app.lib.provenance import file_sha256
 from ctv_app.lib.datastore import CTVDatastore
 from ctv_datastore.build import HELD_OUT_SEED_START, build
 from ctv_datastore.dicom_export import write_ct_series

@@ -51,7 +51,7 @@ from monailabel.utils.others.generic import file_checksum
 
 from .audit import AuditLog
 from .cases import safe_extract
-from .checkpoint import file_sha256
+from .provenance import file_sha256
 from .datastore import SERVER_LABEL_FIELDS, atomic_copy
 from .errors import ImageNotFoundError, InvalidInputError, NotAuthorisedError
 from .security import AccessControl, Users, current_user, install, remove_cors_layer

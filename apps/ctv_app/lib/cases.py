@@ -25,7 +25,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import file_sha256
+from .provenance import file_sha256
 from .datastore import atomic_write_text
 from .errors import ImageNotFoundError, InvalidInputError, PayloadTooLargeError
 from .transforms.validation import MAX_VOXELS

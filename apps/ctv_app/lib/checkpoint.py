@@ -21,14 +21,7 @@ from typing import IO, Any
 import torch
 
 from .params import CTVParams
-
-
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+from .provenance import file_sha256
 
 
 def save_checkpoint(path: str, state_dict: dict, params: CTVParams, meta: dict[str, Any]) -> str:

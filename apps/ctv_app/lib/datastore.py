@@ -29,7 +29,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from monailabel.interfaces.datastore import DefaultLabelTag
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
-from .checkpoint import file_sha256
+from .provenance import file_sha256
 from .dicom.results import RTConfig
 from .dicom.rtstruct import check_clinical, read_rtstruct, training_label
 from .dicom.scan import VIEW_FOLDER, DicomScanner, FoundStructureSet, link_view

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from .checkpoint import file_sha256
 from .dicom.series import SeriesRead, read_series_headers
 from .params import CTVParams
 
@@ -21,6 +20,15 @@ class InputRead:
 
     sha256: str
     series: SeriesRead | None = None
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks (a version of a model, a label, an input)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def input_sha256(path: str) -> str:

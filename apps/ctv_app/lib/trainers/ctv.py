@@ -25,7 +25,8 @@ from monai.transforms import Activationsd, AsDiscreted, Lambdad
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint, weights_digest
+from ..checkpoint import load_checkpoint, save_checkpoint, weights_digest
+from ..provenance import file_sha256
 from ..inferers import build_inferer
 from ..losses import DeepSupervisionLoss
 from ..networks import network_for
