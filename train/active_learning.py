@@ -9,7 +9,9 @@ A simulation of the annotation loop the server runs, with the pool's own labels 
 seed, every strategy starts from the same random ``sizes[0]`` labelled cases; a model is trained on the
 labelled cases (``train.train``, the same budget of about ``--steps`` optimiser steps at every size) and
 scored on the test folder through the served pipeline (``evaluate.evaluate_pairs``: mean Dice over each
-case's structures); then the strategy picks the cases that bring the labelled set to the next size:
+case's structures). With ``--fine-tune`` each round instead goes on from the previous round's model, as the
+server retrains from the model it serves, and the first model gets ``--first-steps``; every strategy still
+gets the same steps at every size. Then the strategy picks the cases that bring the labelled set to the next size:
 ``random``, or the highest scores of the product's own scoring methods (``activelearning.EpistemicScoring``,
 ``TTAScoring``) for the model just trained. Scoring the whole pool costs ~samples inferences per case, so
 each round scores ``--candidates`` unlabelled cases drawn at random (the same draw for both uncertainty
@@ -74,11 +76,14 @@ def write_json(path: str, value: dict) -> None:
         json.dump(value, f, indent=1)
 
 
-def train_and_test(labelled: list[dict], test: list[dict], model: str, params: CTVParams, args, seed: int) -> dict:
-    """One point of a curve: a model trained on ``labelled`` (about ``args.steps`` steps), scored on ``test``."""
+def train_and_test(
+    labelled: list[dict], test: list[dict], model: str, params: CTVParams, args, seed: int, steps: int, init: str = ""
+) -> dict:
+    """One point of a curve: a model trained on ``labelled`` (about ``steps`` steps, from ``init``'s weights
+    if given), scored on ``test``."""
     t0 = time.process_time()
-    cfg = TrainConfig(lr=args.lr, seed=seed, val_every=args.val_every)
-    cfg.epochs = epochs_for(len(labelled), args.steps, cfg)
+    cfg = TrainConfig(lr=args.lr, seed=seed, val_every=args.val_every, init=init)
+    cfg.epochs = epochs_for(len(labelled), steps, cfg)
     os.makedirs(os.path.dirname(model), exist_ok=True)
     train(labelled, model, params, cfg, log=lambda m: None)
     scores = evaluate_pairs(model, test, name=args.name)
@@ -88,6 +93,7 @@ def train_and_test(labelled: list[dict], test: list[dict], model: str, params: C
         "mean_dice": scores["mean"],
         "structures": {n: s["mean"] for n, s in scores["structures"].items()},
         "epochs": cfg.epochs,
+        "init": init,
         "model": model,
         "cpu_seconds": time.process_time() - t0,
     }
@@ -112,8 +118,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
                 point = os.path.join(args.out, str(seed), strategy, f"{size}.json")
                 result = read_json(point)
                 if result is None:
+                    steps = args.first_steps if args.fine_tune and i == 0 else args.steps
+                    init = previous["model"] if args.fine_tune and i > 0 else ""
                     result = (read_json(first_path) if i == 0 else None) or train_and_test(
-                        labelled, test, point[: -len(".json")] + ".pt", params, args, seed
+                        labelled, test, point[: -len(".json")] + ".pt", params, args, seed, steps, init
                     )
                     if i == 0:
                         write_json(first_path, result)
@@ -128,6 +136,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                     write_json(point, result)
                 log(f"seed {seed} {strategy} {size} cases: mean Dice {result['mean_dice']:.3f}")
                 results.setdefault(seed, {}).setdefault(strategy, {})[size] = result
+                previous = result
                 if i + 1 < len(sizes):
                     labelled = [p for p in pool if p["id"] in set(result["labelled"]) | set(result["chose"])]
     return results
@@ -158,6 +167,8 @@ def main() -> None:
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--steps", type=int, default=300, help="optimiser steps per model, at every size")
+    ap.add_argument("--fine-tune", action="store_true", help="each round goes on from the previous round's model")
+    ap.add_argument("--first-steps", type=int, default=900, help="with --fine-tune: the first model's steps")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--val-every", type=int, default=10)
     ap.add_argument("--candidates", type=int, default=30, help="unlabelled cases scored per round")
