@@ -156,7 +156,11 @@ def structure_table(rows: list[dict]) -> list[str]:
         "| step | " + " | ".join(names) + " |",
         "|---" * (len(names) + 1) + "|",
     ]
+    seen = set()
     for r in rows:
+        if r.get("step", r["label"]) in seen:
+            continue  # a step in both tables (the Dice-loss row) is listed once
+        seen.add(r.get("step", r["label"]))
         cells = [r["metrics"].get(n, {}).get("dice", {}).get("mean") for n in names]
         lines.append(f"| {r['label']} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
     return lines + [""]
