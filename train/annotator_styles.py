@@ -223,6 +223,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             volumes_per_batch=args.volumes_per_batch,
             patches_per_volume=args.patches_per_volume,
             seed=args.seed,
+            val_every=args.val_every,
             quality_weighting=weighted,
             qam_lr=qam_lr or TrainConfig.qam_lr,
         )
@@ -294,6 +295,7 @@ def main() -> None:
     ap.add_argument("--volumes-per-batch", type=int, default=4)
     ap.add_argument("--patches-per-volume", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val-every", type=int, default=1, help="validate every n-th epoch and at the last")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     ap.add_argument("--doc", help="write the summary JSON here (docs/annotator_styles.json)")
     args = ap.parse_args()
