@@ -126,14 +126,13 @@ def make_styled_datastore(
             record[pair["id"]] = {"style": style, **info, "dice_to_truth": dice(styled, truth)}
             continue
         encoding, structures = pair[ENCODING_KEY], pair[STRUCTURES_KEY]
-        bitmask = np.zeros(truth.shape, dtype=store.structures.bitmask_dtype)
-        per_structure, dices = {}, []
+        styled_masks, per_structure, dices = {}, {}, []
         for structure, value in structures.items():
             mask = voxels_of(truth, value, encoding)
             styled_mask, info = restyle(mask, style, rng, margin) if style != "true" else (mask, {})
-            bitmask[styled_mask > 0] |= bitmask.dtype.type(1 << (store.structures.value(structure) - 1))
-            per_structure[structure] = info
+            styled_masks[structure], per_structure[structure] = styled_mask > 0, info
             dices.append(dice(styled_mask, mask))
+        bitmask = store.structures.pack([styled_masks.get(n) for n in store.structures.names])
         tmp = os.path.join(out, f".{name}")
         nib.save(nib.Nifti1Image(bitmask, truth_img.affine), tmp)
         try:
