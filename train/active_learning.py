@@ -181,7 +181,7 @@ def main() -> None:
         with open(args.doc, "w") as f:
             f.write(markdown(results, command))
     if args.plot:
-        from .figures import learning_curves
+        from ctv_app.lib.figures import learning_curves
 
         curves: dict = {}
         for by_strategy in results.values():

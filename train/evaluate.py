@@ -28,7 +28,8 @@ import numpy as np
 
 from ctv_app.lib.configs import CONFIGS
 from ctv_app.lib.infers.ctv import CTVInfer
-from ctv_app.lib.metrics import METRICS, compare, summarise, voxel_spacing
+from ctv_app.lib.evaluation import contour_and_compare
+from ctv_app.lib.metrics import METRICS, summarise
 from ctv_app.lib.structures import decode_label
 from ctv_app.lib.transforms.labels import ENCODING_KEY, STRUCTURES_KEY
 from ctv_datastore.build import build, parse_seeds
@@ -67,24 +68,13 @@ def evaluate_pairs(
     per_structure: dict[str, dict[str, dict]] = {name: {} for name in structures.names}
     per_case = {}
     for pair in pairs:
-        result_path, _ = task({"image": pair["image"], "device": "cpu", "label_encoding": "bitmask"})
-        bitmask = np.asarray(nib.load(result_path).dataobj)
-        os.unlink(result_path)
-        label = nib.load(pair["label"])
-        truth, contained = decode_label(
-            np.asarray(label.dataobj),
-            structures,
-            pair.get(ENCODING_KEY) or "labelmap",
+        case = contour_and_compare(
+            task, pair["image"], pair["label"], pair.get(ENCODING_KEY) or "labelmap",
             pair.get(STRUCTURES_KEY, label_structures),
-        )
-        spacing = voxel_spacing(label.affine)
-        case = {}
-        for c, name in enumerate(structures.names):
-            if contained[c]:
-                result = compare(structures.mask(bitmask, name), truth[c], spacing).as_dict()
-                per_structure[name][pair["id"]] = result
-                case[name] = result["dice"]
-        scored = [d for d in case.values() if d is not None]  # None: the structure is in neither mask
+        )  # fmt: skip
+        for name, result in case.figures.items():
+            per_structure[name][pair["id"]] = result
+        scored = [r["dice"] for r in case.figures.values() if r["dice"] is not None]  # None: in neither mask
         per_case[pair["id"]] = float(np.mean(scored)) if scored else None
     scored_structures = {name: cases for name, cases in per_structure.items() if cases}
     return {
@@ -137,7 +127,7 @@ def draw_cases(
 ) -> dict[str, str]:
     """Pictures of the best, median and worst case by mean Dice (``figures.contour_slice``); returns
     {rank: PNG path}."""
-    from .figures import contour_slice
+    from ctv_app.lib.figures import contour_slice
 
     ranked = sorted((d, i) for i, d in result["per_case"].items() if d is not None)
     chosen = {"best": ranked[-1], "median": ranked[len(ranked) // 2], "worst": ranked[0]}

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from ctv_app.lib.structures import Structures  # noqa: E402
+from .structures import Structures  # noqa: E402
 
 
 def busiest_slice(truth: Mapping[str, np.ndarray]) -> int:
