@@ -80,8 +80,9 @@ class ServerProcess:
             "--port",
             str(self.port),
         ]
-        # The page's uploads and the audit log go to the work folder, never into the app folder.
-        defaults = {"cases_path": str(self.workdir / "cases"), "audit_log": str(self.workdir / "audit.jsonl")}
+        # The page's uploads, the audit log and the model versions go to the work folder, never into the app folder.
+        defaults = {"cases_path": str(self.workdir / "cases"), "audit_log": str(self.workdir / "audit.jsonl"),
+                    "data_dir": str(self.workdir / "data")}  # fmt: skip
         for key, value in {**defaults, **self.conf}.items():
             cmd += ["--conf", key, value]
         with open(self.log_path, "wb") as log:

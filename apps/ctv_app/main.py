@@ -32,6 +32,7 @@ from ctv_app.lib.admission import InferenceGate
 from ctv_app.lib.api import install_api
 from ctv_app.lib.audit import AuditLog
 from ctv_app.lib.cases import CaseStore
+from ctv_app.lib.commissioning import AcceptanceCriteria, CommissioningSet, commission, report_html, save_report
 from ctv_app.lib.configs import CONFIGS, ContouringConfig
 from ctv_app.lib.datastore import CTVDatastore
 from ctv_app.lib.dicom.dicomweb import CTVDicomWebDatastore
@@ -41,9 +42,23 @@ from ctv_app.lib.params import as_bool, check_infer_request
 from ctv_app.lib.provenance import software_versions
 from ctv_app.lib.security import Users, configured_origins, trust_forwarded_headers_from, trusted_proxies
 from ctv_app.lib.structures import Structure, Structures
+from ctv_app.lib.transforms.labels import model_datalist
+from ctv_app.lib.versions import ModelVersions
 from ctv_app.lib.web import ContouringService
 
 logger = logging.getLogger(__name__)
+
+
+def data_dir(studies: str, conf: dict[str, str]) -> str:
+    """Where the server keeps what it makes (model versions, commissioning): ``--conf data_dir``, else
+    $CTV_DATA, else ``<studies>/.ctv`` beside a folder datastore (hidden: never scanned as images), else
+    ``~/.ctv-label`` (a DICOMweb datastore has no folder of its own). Never the app's folder, which git tracks."""
+    chosen = conf.get("data_dir") or os.environ.get("CTV_DATA")
+    if not chosen:
+        remote = studies.startswith(("http://", "https://"))
+        chosen = os.path.join(os.path.expanduser("~"), ".ctv-label") if remote else os.path.join(studies, ".ctv")
+    os.makedirs(chosen, exist_ok=True)
+    return os.path.abspath(chosen)
 
 
 class CTVApp(MONAILabelApp):
@@ -51,6 +66,7 @@ class CTVApp(MONAILabelApp):
         """``--conf models ctv,hn``: the models served (``configs.CONFIGS``; default ``ctv``), each one
         ``ContouringConfig``. The first is the default one: the page's and auto-training's, and its
         scoring methods and strategies keep their plain names (``uncertain``; the others' ``hn_uncertain``)."""
+        conf = {**conf, "data_dir": data_dir(studies, conf)}
         names = list(dict.fromkeys(n.strip() for n in conf.get("models", "ctv").split(",") if n.strip()))
         unknown = [n for n in names if n not in CONFIGS]
         if unknown or not names:
@@ -60,6 +76,9 @@ class CTVApp(MONAILabelApp):
             config = CONFIGS[name]()
             config.init(name, os.path.join(app_dir, "model"), conf, None, primary=i == 0)
             self.models[name] = config
+        self.clinical = as_bool(conf.get("clinical_mode", False))
+        self.commissioning = CommissioningSet(conf["data_dir"])
+        self.criteria = AcceptanceCriteria.load(conf.get("acceptance_criteria"))
         self.auto_train_after = int(conf.get("auto_train_after", 0))
         self._labels_since_training = 0
         super().__init__(
@@ -109,6 +128,31 @@ class CTVApp(MONAILabelApp):
         )  # fmt: skip
         # An annotation may hold any structure the datastore knows, in its values.
         web.mount(server.app, self.contouring, {0, *self.known_structures().labels.values()})
+
+    # --- the clinical lifecycle: versions, commissioning, approval (docs/clinical.md) ---------------------
+    def versions(self, model: str) -> ModelVersions:
+        config = self.models.get(model)
+        if config is None or config.versions is None:
+            raise ImageNotFoundError(f"model '{model}' is not served here; available: {sorted(self.models)}")
+        return config.versions
+
+    def commission(self, model: str, version: str) -> dict[str, Any]:
+        """Run the commissioning report of a version of ``model`` on the commissioning cases (lib/commissioning.py)."""
+        versions, config = self.versions(model), self.models[model]
+        sha = versions.resolve(version)
+        datalist = model_datalist(self.datastore().datalist(), config.params.structure_list, self.known_structures(), model)
+        cases = self.commissioning.select(datalist)
+        approved_sha = versions.approved_version()
+        approved = None
+        if approved_sha and approved_sha != sha:
+            approved = (approved_sha, config.task_for(versions.checkpoint_path(approved_sha)))
+        task = config.task_for(versions.checkpoint_path(sha))
+        report, comparisons = commission(model, sha, task, cases, self.criteria, approved,
+                                         lambda case: logger.info(f"commissioning {model} {sha[:12]}: {case}"))  # fmt: skip
+        html = report_html(report, comparisons, task.served("cpu").params.structure_list)
+        summary = save_report(self.commissioning, report, html)
+        versions.add_report(sha, summary)
+        return {**summary, "version": sha, "structures": {n: s["passed"] for n, s in report["structures"].items()}}
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: config.infer() for name, config in self.models.items()}

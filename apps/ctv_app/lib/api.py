@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
-import time
 from typing import Any, Optional
 
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Query, Response, UploadFile
@@ -47,12 +47,10 @@ from monailabel.interfaces.exception import (
     MONAILabelException,
 )
 from monailabel.interfaces.utils.app import app_instance
-from monailabel.utils.others.generic import file_checksum
 
 from .audit import AuditLog
 from .cases import safe_extract
-from .provenance import file_sha256
-from .datastore import SERVER_LABEL_FIELDS, atomic_copy
+from .datastore import SERVER_LABEL_FIELDS
 from .errors import ImageNotFoundError, InvalidInputError, NotAuthorisedError
 from .security import AccessControl, Users, current_user, install, remove_cors_layer
 
@@ -69,6 +67,7 @@ def install_api(app, users: Users | None, audit: AuditLog, max_body_bytes: int, 
     for path, endpoint in (("/image", add_image), ("/image/info", put_image_info), ("/label", save_label),
                            ("/label/info", put_label_info)):  # fmt: skip
         _replace_route(monailabel_datastore.router, path, "PUT", endpoint)
+    _replace_route(monailabel_datastore.router, "/label", "DELETE", remove_label)
     _replace_route(monailabel_datastore.router, "/updatelabelinfo", "PUT", put_label_info)
     _replace_route(monailabel_logs.router, "/", "GET", server_log)
     _replace_route(monailabel_logs.router, "/gpu", "GET", gpu_info)
@@ -85,6 +84,7 @@ def install_api(app, users: Users | None, audit: AuditLog, max_body_bytes: int, 
     _replace_route(monailabel_model.router, "/{model}", "PUT", upload_model)
     app.add_api_route("/audit/", _audit_reader(audit), methods=["GET"], tags=["Audit"],
                       summary="(admin) The audit log: who saved, trained, uploaded or deleted what")  # fmt: skip
+    _add_lifecycle_routes(app, audit)
     if users is not None:
         _add_login_routes(app, users)
 
@@ -228,7 +228,15 @@ def put_image_info(image: str, info: str = Form("{}")):
 def save_label(background_tasks: BackgroundTasks, image: str, params: str = Form("{}"), tag: str = "final",
                label: UploadFile = File(...)):  # fmt: skip
     json_object(params, "params")
+    if tag == "final":
+        app_instance().commissioning.check_unlocked(image)
     return monailabel_datastore.save_label(background_tasks, image, params, tag, label, _user_name())
+
+
+def remove_label(id: str, tag: str):
+    if tag == "final":
+        app_instance().commissioning.check_unlocked(id)
+    return monailabel_datastore.remove_label(id, tag, _user_name())
 
 
 def put_label_info(label: str, tag: str, info: str = Form("{}")):
@@ -259,29 +267,87 @@ def infer(
 
 
 def upload_model(model: str, file: UploadFile = File(...)) -> dict[str, Any]:
-    """Replace the served weights, only with weights the served network loads (422 otherwise)."""
+    """A new version of the model, only with weights the served network loads (422 otherwise); research mode
+    serves it at once, clinical mode keeps it as a candidate (lib/versions.py)."""
     instance = app_instance()
     task = instance._infers.get(model)
     if task is None or not hasattr(task, "check_weights"):
         raise ImageNotFoundError(f"model '{model}' is not served here; available: {sorted(instance._infers)}")
-    served = task.get_path(validate=False)
-    folder = os.path.dirname(served)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".pt", dir=folder)
+    versions = instance.versions(model)
+    fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".pt", dir=versions.root)
     try:
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(file.file, out)
         try:
-            record = {**task.check_weights(tmp), "file": os.path.basename(served)}  # not the temp file's name
+            record = task.check_weights(tmp)
         except Exception as e:
             raise InvalidInputError(f"refused: these are not weights this server can serve as '{model}': {e}") from e
-        if os.path.exists(served):
-            kept = f"{served}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.replaced"
-            shutil.copy2(served, kept)
-        atomic_copy(tmp, served)
+        version = versions.publish(tmp, "uploaded", _user_name())
     finally:
         os.unlink(tmp)
-    return {"sha256": file_sha256(served), "checksum": file_checksum(served), "model": record}
+    served = versions.served_version() == version["sha256"]
+    return {"sha256": version["sha256"], "served": served, "mode": versions.mode,
+            "model": {**record, "file": os.path.basename(versions.served_path)}}  # fmt: skip
+
+
+def _add_lifecycle_routes(app, audit: AuditLog) -> None:
+    """Model versions, commissioning, approval and rollback (docs/clinical.md); roles in security.RULES."""
+
+    def list_versions(model: str) -> dict[str, Any]:
+        """The model's mode, served version, versions (with their commissioning reports) and journal."""
+        return app_instance().versions(model).summary()
+
+    def approve(model: str, version: str = Query(...), comment: str = Query("")) -> dict[str, Any]:
+        """(physicist) Serve a version whose newest commissioning report passed."""
+        entry = app_instance().versions(model).approve(version, _user_name(), comment)
+        audit.record({"user": entry["user"], "action": "model.approved", "model": model, "version": entry["version"],
+                      "comment": entry["comment"], "report": entry["report"], "report_sha256": entry["report_sha256"]})  # fmt: skip
+        return entry
+
+    def rollback(model: str, version: str = Query(...), comment: str = Query("")) -> dict[str, Any]:
+        """(physicist) Serve again a version approved before."""
+        entry = app_instance().versions(model).rollback(version, _user_name(), comment)
+        audit.record({"user": entry["user"], "action": "model.rolled_back", "model": model, "version": entry["version"],
+                      "comment": entry["comment"], "report": entry["report"], "report_sha256": entry["report_sha256"]})  # fmt: skip
+        return entry
+
+    def list_cases() -> dict[str, Any]:
+        return app_instance().commissioning.cases()
+
+    def mark_case(image: str) -> dict[str, Any]:
+        """(reviewer) Keep a study with a final label aside as a commissioning case: never trained on."""
+        instance = app_instance()
+        return instance.commissioning.mark(image, _user_name(), instance.datastore())
+
+    def unmark_case(image: str) -> dict[str, str]:
+        app_instance().commissioning.unmark(image)
+        return {"removed": image}
+
+    def commission_model(model: str, version: str = Query(...)) -> dict[str, Any]:
+        """(physicist) The commissioning report of a version on every commissioning case: JSON and HTML."""
+        summary = app_instance().commission(model, version)
+        return {**summary, "json": f"/commission/reports/{summary['id']}.json",
+                "html": f"/commission/reports/{summary['id']}.html"}  # fmt: skip
+
+    def get_report(name: str) -> Response:
+        stem, _, ext = name.rpartition(".")
+        if ext not in ("json", "html") or not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", stem):
+            raise ImageNotFoundError(f"no report {name!r}: reports are <id>.json or <id>.html")
+        path = os.path.join(app_instance().commissioning.reports_dir, name)
+        if not os.path.exists(path):
+            raise ImageNotFoundError(f"no report {name!r}")
+        with open(path, "rb") as f:
+            return Response(f.read(), media_type="application/json" if ext == "json" else "text/html")
+
+    tags = ["Clinical lifecycle"]
+    app.add_api_route("/models/{model}", list_versions, methods=["GET"], tags=tags)
+    app.add_api_route("/models/{model}/approve", approve, methods=["POST"], tags=tags)
+    app.add_api_route("/models/{model}/rollback", rollback, methods=["POST"], tags=tags)
+    app.add_api_route("/commission/cases", list_cases, methods=["GET"], tags=tags)
+    app.add_api_route("/commission/cases/{image}", mark_case, methods=["PUT"], tags=tags)
+    app.add_api_route("/commission/cases/{image}", unmark_case, methods=["DELETE"], tags=tags)
+    app.add_api_route("/commission/reports/{name}", get_report, methods=["GET"], tags=tags)
+    app.add_api_route("/commission/{model}", commission_model, methods=["POST"], tags=tags)
 
 
 def _audit_reader(audit: AuditLog):

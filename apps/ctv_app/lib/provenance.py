@@ -38,15 +38,17 @@ def input_sha256(path: str) -> str:
     return file_sha256(path)
 
 
-def labels_record(label_paths: list[str]) -> dict[str, Any]:
-    """The training labels a model saw: file names, and one sha256 over names and file digests."""
+def labels_record(label_paths: list[str], annotators: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """The training labels a model saw: file names, one sha256 over names and file digests, and each label's
+    sha256 and annotator (``annotators``: file name -> who saved it, where known)."""
     h = hashlib.sha256()
-    names = []
+    names, detail = [], []
     for path in sorted(label_paths, key=os.path.basename):
-        name = os.path.basename(path)
+        name, sha = os.path.basename(path), file_sha256(path)
         names.append(name)
-        h.update(f"{name}:{file_sha256(path)}\n".encode())
-    return {"train_labels": names, "train_labels_sha256": h.hexdigest()}
+        detail.append({"id": name, "sha256": sha, "annotator": (annotators or {}).get(name)})
+        h.update(f"{name}:{sha}\n".encode())
+    return {"train_labels": names, "train_labels_sha256": h.hexdigest(), "train_labels_detail": detail}
 
 
 def software_versions() -> dict[str, str]:

@@ -4,7 +4,11 @@ Users hold one role each; a role includes the ones before it:
 
 - ``annotator``: read images, run inference, save labels, use the contouring page and OHIF;
 - ``reviewer``: also delete labels and rescore the worklist;
-- ``admin``: also train, upload or delete models and images, read server logs and the audit log.
+- ``physicist``: also mark commissioning cases, commission models, approve a model version for clinical
+  use and roll back to an earlier approved one;
+- ``admin``: also train, upload or delete models and images, read server logs and the audit log; but
+  not approve or roll back models: whoever runs the IT does not sign a model off for clinical use
+  (``SIGNED_OFF``: the roles held by that role only).
 
 Users come from a JSON file named by ``CTV_AUTH_FILE``::
 
@@ -48,7 +52,8 @@ import anyio
 
 from .audit import AuditLog, clip
 
-ROLES = ("annotator", "reviewer", "admin")
+ROLES = ("annotator", "reviewer", "physicist", "admin")
+SIGNED_OFF = frozenset({"physicist"})  # held by that role alone, not by the roles after it
 # A request body that stops arriving for this long is answered 408 and its connection closed: a
 # stalled upload would otherwise hold its connection and worker forever (CTV_BODY_TIMEOUT_S to change).
 BODY_TIMEOUT_S = float(os.environ.get("CTV_BODY_TIMEOUT_S", 60))
@@ -66,6 +71,8 @@ class User:
             raise ValueError(f"user name {self.name!r}: letters, digits and _ . @ - only")
 
     def has(self, role: str) -> bool:
+        if role in SIGNED_OFF:
+            return self.role == role
         return ROLES.index(self.role) >= ROLES.index(role)
 
 
@@ -237,6 +244,11 @@ RULES: tuple[Rule, ...] = (
     _rule("GET", r"/(ohif|proxy)/.*", "annotator"),
     _rule("POST", r"/proxy/dicom/.*", "annotator", "dicom.store"),
     _rule("GET", r"/audit/?", "admin"),
+    _rule("GET", r"/models/[^/]+|/commission/cases|/commission/reports/[^/]+", "annotator"),
+    _rule("POST", r"/models/[^/]+/approve", "physicist", "model.approve"),
+    _rule("POST", r"/models/[^/]+/rollback", "physicist", "model.rollback"),
+    _rule("PUT DELETE", r"/commission/cases/[^/]+", "reviewer", "commission.case"),
+    _rule("POST", r"/commission/[^/]+", "physicist", "commission.report"),
     _rule("GET", r"/ctv(/.*)?", "annotator"),
     _rule("POST", r"/ctv/api/cases", "annotator", "case.upload"),
     _rule("POST", r"/ctv/api/cases/[^/]+/contour", "annotator", "case.contour"),
@@ -254,7 +266,7 @@ def rule_for(method: str, path: str) -> Rule:
 
 
 Send = Callable[[dict], Awaitable[None]]
-_AUDITED_QUERY = ("image", "id", "tag", "label", "model")
+_AUDITED_QUERY = ("image", "id", "tag", "label", "model", "version", "comment")
 _REFUSED = (401, 403, 408, 413)  # this middleware's refusals: anyone can cause them, so bounded in the log
 
 

@@ -8,7 +8,12 @@ named subclass (``configs/ctv.py``, ``configs/hn.py``) and ``configs.CONFIGS`` l
 
 For the model named ``<name>``:
 
-- weights: ``--conf <name>_model <path>``, else ``<app>/model/<name>.pt`` (training publishes there);
+- weights: served from the model's versions (``lib/versions.py``) under the data folder (``--conf
+  data_dir``): research mode serves ``--conf <name>_model <path>`` if given (training publishes there),
+  else ``<data_dir>/models/<name>/served.pt``, first a copy of the shipped ``<app>/model/<name>.pt``,
+  which is never written; clinical mode (``--conf clinical_mode true``) serves only the version a
+  physicist approved, and training makes candidates. Without ``data_dir`` (offline tools, tests of one
+  task) there are no versions: the given or shipped file is served as it is;
 - parameters: the checkpoint's own (what it was trained with), else the model's ``defaults``; then the
   ``--conf <name>_<param>`` overrides, e.g. ``--conf ctv_flip_tta true``, ``--conf hn_threshold 0.4``
   (``params.conf_overrides``); the overrides never re-label a checkpoint's structures;
@@ -35,9 +40,10 @@ from ..checkpoint import read_params
 from ..dicom.results import RTConfig
 from ..infers.ctv import CTVInfer
 from ..networks import network_for
-from ..params import CTVParams, conf_overrides
+from ..params import CTVParams, as_bool, conf_overrides
 from ..review import LabelQualityScoring, Review
 from ..trainers.ctv import CTVTrain
+from ..versions import ModelVersions
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +67,13 @@ class ContouringConfig(TaskConfig):
         self._infer: CTVInfer | None = None
         self._scorers: dict[str, ScoringMethod] = {}
         self.task_prefix = "" if primary else f"{name}_"
-        self.path = conf.get(f"{name}_model") or os.path.join(model_dir, f"{name}.pt")
+        given = conf.get(f"{name}_model")
+        self.versions: ModelVersions | None = None
+        self.path = given or os.path.join(model_dir, f"{name}.pt")
+        if conf.get("data_dir"):
+            self.versions = ModelVersions(conf["data_dir"], name, as_bool(conf.get("clinical_mode", False)), given)
+            self.versions.start(self.path, "given" if given else "shipped")
+            self.path = self.versions.served_path
         trained = read_params(self.path)
         defaults = self.default_params()
         self.overrides = conf_overrides(conf, name)
@@ -86,6 +98,10 @@ class ContouringConfig(TaskConfig):
         if self._infer is None:
             # Load the weights at start-up: the first request is not slowed, and a bad file fails loudly now.
             preload = os.path.exists(self.path)
+            missing = None
+            if self.versions is not None and self.versions.mode == "clinical":
+                missing = (f"no {self.name} version is approved for clinical use: commission one (POST /commission/"
+                           f"{self.name}?version=...) and have a physicist approve it (POST /models/{self.name}/approve)")  # fmt: skip
             if not preload:
                 logger.warning(f"{self.name} weights not found at {self.path}: /infer/{self.name} answers 503 until "
                                f"trained (POST /train/{self.name}) or given (--conf {self.name}_model)")  # fmt: skip
@@ -98,9 +114,17 @@ class ContouringConfig(TaskConfig):
                 overrides=self.overrides,
                 defaults=self.default_params(),
                 description=self.description,
+                missing=missing,
                 preload=preload,
             )
         return self._infer
+
+    def task_for(self, path: str) -> CTVInfer:
+        """An infer task for the checkpoint at ``path`` (a version being commissioned), built as the served one."""
+        params = (read_params(path) or self.default_params()).updated(self.overrides)
+        return CTVInfer(path=path, network=network_for(params), params=params, name=self.name, rt_config=self.rt_config,
+                        overrides=self.overrides, defaults=self.default_params(), description=self.description,
+                        preload=True)  # fmt: skip
 
     def scoring_method(self) -> dict[str, ScoringMethod]:
         """``--conf epistemic_samples 8``, ``--conf epistemic_dropout 0.1`` (every model's)."""
@@ -137,4 +161,5 @@ class ContouringConfig(TaskConfig):
         }
 
     def trainer(self) -> Optional[TrainTask]:
-        return CTVTrain(served_path=self.path, params=self.params, name=self.name, description=self.description)
+        return CTVTrain(served_path=self.path, params=self.params, name=self.name, description=self.description,
+                        versions=self.versions)  # fmt: skip

@@ -99,12 +99,15 @@ class CTVInfer(BasicInferTask):
         overrides: dict[str, Any] | None = None,
         defaults: CTVParams | None = None,
         description: str = "Cervical-cancer CTV on planning CT (residual SE-DynUNet)",
+        missing: str | None = None,
         **kwargs,
     ):
         """``params``: those of the checkpoint at start, with ``overrides`` (``--conf <name>_<param>``)
         applied; ``overrides`` apply again to every checkpoint swapped in later. ``defaults``: the model's
-        parameters for a checkpoint that records none (default ``CTVParams()``)."""
+        parameters for a checkpoint that records none (default ``CTVParams()``). ``missing``: what a
+        request is told while there are no weights at ``path`` (default: train or give some)."""
         self.name = name
+        self.missing = missing
         self.params = params
         self.overrides = overrides or {}
         self.defaults = defaults or CTVParams()
@@ -186,7 +189,8 @@ class CTVInfer(BasicInferTask):
         path = self.get_path()
         if not path:
             raise ModelUnavailableError(
-                f"no {self.name} weights at {self.path[-1]} yet: train a model first (POST /train/{self.name})"
+                self.missing
+                or f"no {self.name} weights at {self.path[-1]} yet: train a model first (POST /train/{self.name})"
                 f" or give one (--conf {self.name}_model <checkpoint>)"
             )
         mtime = os.stat(path).st_mtime

@@ -4,9 +4,14 @@ MONAI Label runs it in a subprocess (POST /train/<model>), so training never blo
 on the datastore's final labels that contain any of the model's structures (``model_datalist``): on a
 server of several models, a label of cervix structures trains ``ctv`` and is skipped by ``hn``. Every
 epoch it validates, and when the validation Dice beats the best so far (at the start: the served
-model's Dice on the same split) it publishes the weights to the served path by atomic rename;
-the running infer task sees the new file and serves it from the next request. A resume
+model's Dice on the same split) it keeps the weights. In research mode it publishes them at once: a new
+model version (``lib/versions.py``) and the served file, by atomic rename, which the running infer task
+serves from the next request. In clinical mode the served file is never touched: the run's best weights
+become one candidate version when the run ends, for commissioning and a physicist's approval. A resume
 checkpoint is written every epoch; a killed run continues from it.
+
+Commissioning cases (``lib/commissioning.py``) are never trained or validated on: ``pre_process`` drops
+them from the datalist before the split.
 """
 
 from __future__ import annotations
@@ -26,15 +31,16 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from ..checkpoint import load_checkpoint, save_checkpoint, weights_digest
-from ..provenance import file_sha256
+from ..commissioning import CommissioningSet
 from ..inferers import build_inferer
 from ..losses import DeepSupervisionLoss
 from ..networks import network_for
 from ..params import CTVParams, as_bool
-from ..provenance import labels_record
+from ..provenance import file_sha256, labels_record
 from ..quality import QualityAwarenessModule, QualityWeightedLoss
 from ..transforms import pre_transforms, train_transforms, val_transforms
 from ..transforms.labels import model_datalist
+from ..versions import ModelVersions
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +67,14 @@ class CTVTrain(BasicTrainTask):
     patches_per_volume, pretrained, resume, amp, seed, threads, name, device; quality_weighting (QAM+OCM),
     ocm_lambda, qam_lr."""
 
-    def __init__(self, served_path: str, params: CTVParams, name: str = "ctv", description: str = "the CTV model"):
+    def __init__(self, served_path: str, params: CTVParams, name: str = "ctv", description: str = "the CTV model",
+                 versions: ModelVersions | None = None):  # fmt: skip
+        """``versions``: the model's versions (None: no data folder; training publishes to ``served_path``)."""
         self.served_path = served_path
         self.params = params
         self.name = name
+        self.versions = versions
+        self._annotators: dict[str, str | None] = {}
         super().__init__(
             model_dir=os.path.join(os.path.dirname(os.path.abspath(served_path)), "train"),
             description=f"Train {name} ({description}) on the datastore's final (corrected) labels of its structures",
@@ -210,9 +220,17 @@ class CTVTrain(BasicTrainTask):
         return ddp, optimizer
 
     def pre_process(self, request: dict, datastore: Datastore) -> list[dict[str, Any]]:
-        """The datastore's labelled pairs that contain any of this model's structures (``model_datalist``)."""
+        """The datastore's labelled pairs that contain any of this model's structures (``model_datalist``),
+        less the commissioning cases; who annotated each label is noted for the version's record."""
         known = getattr(datastore, "structures", None) or self.params.structure_list
-        return model_datalist(datastore.datalist(), self.params.structure_list, known, self.name)
+        datalist = model_datalist(datastore.datalist(), self.params.structure_list, known, self.name)
+        if self.versions is not None:
+            datalist = CommissioningSet.of(self.versions).exclude(datalist)
+        for entry in datalist:
+            image_id = os.path.basename(str(entry["label"])).split(".")[0]
+            info = datastore.get_label_info(image_id, "final") if hasattr(datastore, "get_label_info") else {}
+            self._annotators[os.path.basename(str(entry["label"]))] = (info or {}).get("annotator")
+        return datalist
 
     def train(self, rank, world_size, request, datalist):
         if as_bool(request.get("quality_weighting", False)):
@@ -274,8 +292,11 @@ class PublishBestModel:
         self.resume_path = os.path.join(task._model_dir, context.request["name"], "resume.pt")
         self.best = -1.0
         self.history: list[dict[str, Any]] = []
-        self.labels = labels_record([str(d["label"]) for d in context.train_datalist])
+        self.labels = labels_record([str(d["label"]) for d in context.train_datalist], task._annotators)
         self.epoch_start = time.time()
+        # Clinical mode: the run's best weights wait here until the run ends, then become a candidate version.
+        self.candidate_path = os.path.join(task._model_dir, context.request["name"], "candidate.pt")
+        self.clinical = task.versions is not None and task.versions.mode == "clinical"
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
@@ -302,8 +323,9 @@ class PublishBestModel:
                 logger.info(f"resumed at epoch {engine.state.epoch} from {self.resume_path}; best Dice {self.best:.4f}")
                 return
             logger.warning(f"ignoring {self.resume_path}: it was trained with other parameters")
-        if os.path.exists(self.task.served_path) and self.context.evaluator is not None:
-            # A new model replaces the served one only if it is better on this run's validation split.
+        if not self.clinical and os.path.exists(self.task.served_path) and self.context.evaluator is not None:
+            # A new model replaces the served one only if it is better on this run's validation split. (In
+            # clinical mode the run's best epoch is the candidate: the commissioning set judges it.)
             served = self._served_dice()
             if served is not None:
                 self.best = served
@@ -352,8 +374,14 @@ class PublishBestModel:
         score = val_dice if val_dice is not None else -1.0
         if val_dice is None or score > self.best:
             self.best = max(score, self.best)
-            sha = save_checkpoint(self.task.served_path, self.net.state_dict(), self.task.params, meta)
-            published = f"; published {sha[:12]}"
+            if self.clinical:
+                sha = save_checkpoint(self.candidate_path, self.net.state_dict(), self.task.params, meta)
+                published = f"; best so far {sha[:12]} (a candidate when the run ends)"
+            else:
+                sha = save_checkpoint(self.task.served_path, self.net.state_dict(), self.task.params, meta)
+                if self.task.versions is not None:
+                    self.task.versions.publish(self.task.served_path, "trained")
+                published = f"; published {sha[:12]}"
         save_checkpoint(
             self.resume_path,
             self.net.state_dict(),
@@ -372,5 +400,10 @@ class PublishBestModel:
         )
 
     def completed(self, engine: Engine) -> None:
+        if self.clinical and os.path.exists(self.candidate_path):
+            record = self.task.versions.add(self.candidate_path, "trained")
+            os.unlink(self.candidate_path)
+            logger.info(f"{self.task.name}: candidate version {record['sha256'][:12]} for commissioning; "
+                        f"the served version is unchanged")  # fmt: skip
         if engine.state.epoch >= engine.state.max_epochs and os.path.exists(self.resume_path):
             os.unlink(self.resume_path)  # finished: nothing to resume
