@@ -252,3 +252,75 @@ def check_report_numbers(report: dict, clinic) -> None:
             theirs = report["structures"][name]["cases"][case]
             for metric in ("dice", "hd95_mm", "msd_mm", "surface_dice_2mm", "surface_dice_3mm", "volume_diff_ml"):
                 assert theirs[metric] == pytest.approx(mine[metric], abs=1e-9), (case, name, metric)
+
+
+def test_monitoring_follows_known_edits_raises_the_alarm_and_ranks_the_most_edited(tmp_path):
+    """Corrections with known edits of the served model's contours: the stored agreement is the metrics
+    module's, the added path length of a slice the model missed is that slice's contour, and the alarm
+    follows the rolling median of surface Dice @3 mm against the default criterion (>= 0.8)."""
+    import nibabel as nib
+    from monailabel.client import MONAILabelClient
+
+    from ctv_app.lib.metrics import added_path_length, contour_pixels
+    from ctv_app.lib.structures import Structures
+
+    images = [f"phantom_{s:05d}" for s in (HELD_OUT_SEED_START + 5, HELD_OUT_SEED_START + 6, HELD_OUT_SEED_START + 7)]
+    studies = tmp_path / "studies"
+    build(str(studies), [HELD_OUT_SEED_START + 5, HELD_OUT_SEED_START + 6, HELD_OUT_SEED_START + 7], labelled=set())
+    model = tmp_path / "model" / "ctv.pt"
+    model.parent.mkdir()
+    shutil.copy(SHIPPED, model)
+    conf = {"ctv_model": str(model), "monitor_window": "3"}
+    with ServerProcess(studies, tmp_path / "server", conf=conf) as server:
+        client = MONAILabelClient(server.url, tmpdir=str(tmp_path / "client"))
+        expected = {}
+        for i, image in enumerate(images):
+            result, params = client.infer("ctv", image, {"label_encoding": "bitmask", "result_compress": False})
+            ref = nib.load(result)
+            pred = np.asarray(ref.dataobj)
+            structures = Structures([s["name"] for s in params["structures"]])
+            ctv = structures.mask(pred, "CTV")
+            final_ctv = ctv.copy()
+            if i == 0:  # the model stopped one slice short: the clinician draws one more, a copy of its top slice
+                top = int(np.flatnonzero(ctv.any(axis=(0, 1)))[-1])
+                final_ctv[..., top + 1] = ctv[..., top]
+            else:  # a gross correction: the CTV moved 12 voxels to one side
+                final_ctv = np.roll(ctv, 12, axis=0)
+            final = pred & ~np.asarray(1, pred.dtype)  # every structure as the model drew it, but the CTV (bit 0)
+            final |= final_ctv.astype(pred.dtype)
+            path = tmp_path / f"{image}_final.nii.gz"
+            nib.save(nib.Nifti1Image(final, ref.affine), path)
+            client.save_label(image, str(path), tag="final",
+                              params={"encoding": "bitmask", "label_names": structures.labels})  # fmt: skip
+            spacing = tuple(float(s) for s in ref.header.get_zooms()[:3])
+            expected[image] = compare(ctv, final_ctv, spacing).as_dict()
+            expected[image]["apl_mm"] = added_path_length(ctv, final_ctv, spacing)
+            if i == 0:
+                pixel_mm = (spacing[0] + spacing[1]) / 2
+                assert expected[image]["apl_mm"] == pytest.approx(contour_pixels(ctv[..., top]).sum() * pixel_mm)
+                voxel_ml = np.prod(spacing) / 1000
+                added_ml = ctv[..., top].sum() * voxel_ml
+            summary = requests.get(f"{server.url}/monitoring/ctv", timeout=30).json()
+            stored = summary["edits"][-1]
+            assert stored["image"] == image and stored["version"] == file_sha256(model)
+            for metric in ("surface_dice_3mm", "dice", "apl_mm"):
+                assert stored["structures"]["CTV"][metric] == pytest.approx(expected[image][metric], abs=1e-9), metric
+            untouched = {n: f for n, f in stored["structures"].items() if n != "CTV"}
+            assert untouched and all(f["apl_mm"] == 0 and f["added_ml"] == 0 and f["removed_ml"] == 0 for f in untouched.values())
+            if i == 0:
+                assert stored["structures"]["CTV"]["added_ml"] == pytest.approx(added_ml)
+                assert stored["structures"]["CTV"]["removed_ml"] == 0
+                first_ok = expected[image]["surface_dice_3mm"] >= 0.8
+                assert summary["structures"]["CTV"]["alarm"] is (not first_ok)
+        # Two gross corrections: the median of the last three falls below 0.8, the alarm is on everywhere.
+        assert max(expected[i]["surface_dice_3mm"] for i in images[1:]) < 0.8
+        summary = requests.get(f"{server.url}/monitoring/ctv", timeout=30).json()
+        assert summary["structures"]["CTV"]["alarm"] is True
+        assert [n for n, s in summary["structures"].items() if s["alarm"]] == ["CTV"]
+        assert "CTV" in requests.get(f"{server.url}/info/", timeout=30).json()["lifecycle"]["ctv"]["alarms"]
+        audit = [json.loads(line) for line in (tmp_path / "server" / "audit.jsonl").read_text().splitlines()]
+        assert [e["structure"] for e in audit if e["action"] == "monitoring.alarm"] == ["CTV"]
+        # most_edited offers the study whose correction redrew the most contour.
+        most = max(images, key=lambda i: sum(f["apl_mm"] for f in next(
+            e for e in reversed(summary["edits"]) if e["image"] == i)["structures"].values()))  # fmt: skip
+        assert client.next_sample("most_edited", {})["id"] == most

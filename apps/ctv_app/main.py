@@ -38,6 +38,7 @@ from ctv_app.lib.datastore import CTVDatastore
 from ctv_app.lib.dicom.dicomweb import CTVDicomWebDatastore
 from ctv_app.lib.dicom.results import RTConfig
 from ctv_app.lib.errors import CTVError, ImageNotFoundError, InvalidInputError
+from ctv_app.lib.monitoring import EditMonitor, MostEdited
 from ctv_app.lib.params import as_bool, check_infer_request
 from ctv_app.lib.provenance import software_versions
 from ctv_app.lib.security import Users, configured_origins, trust_forwarded_headers_from, trusted_proxies
@@ -79,6 +80,7 @@ class CTVApp(MONAILabelApp):
         self.clinical = as_bool(conf.get("clinical_mode", False))
         self.commissioning = CommissioningSet(conf["data_dir"])
         self.criteria = AcceptanceCriteria.load(conf.get("acceptance_criteria"))
+        self.monitor = EditMonitor(conf["data_dir"], self.criteria, window=int(conf.get("monitor_window", 10)))
         self.auto_train_after = int(conf.get("auto_train_after", 0))
         self._labels_since_training = 0
         super().__init__(
@@ -118,7 +120,9 @@ class CTVApp(MONAILabelApp):
         trust_forwarded_headers_from(proxies)
         logger.info(f"other sites' pages allowed: {sorted(origins) or 'none'}; trusted proxies: {proxies or 'none'}")
         dicomweb = self.studies.startswith(("http://", "https://"))
-        install_api(server.app, users, AuditLog(audit_path), int(max_upload_mb * 2**20), dicomweb, origins)
+        audit = AuditLog(audit_path)
+        self.monitor.on_alarm = audit.record  # an alarm's start is audited
+        install_api(server.app, users, audit, int(max_upload_mb * 2**20), dicomweb, origins)
         default, config = next(iter(self.models.items()))
         store = CaseStore(conf.get("cases_path") or os.path.join(app_dir, "cases"))
         self.contouring = ContouringService(
@@ -154,8 +158,21 @@ class CTVApp(MONAILabelApp):
         versions.add_report(sha, summary)
         return {**summary, "version": sha, "structures": {n: s["passed"] for n, s in report["structures"].items()}}
 
+    def info(self) -> dict[str, Any]:
+        """MONAI Label's, with each model's mode, served version and monitoring alarms."""
+        meta = super().info()
+        meta["lifecycle"] = {
+            name: {"mode": config.versions.mode, "served_version": config.versions.served_version(),
+                   "alarms": self.monitor.alarms(name)}
+            for name, config in self.models.items() if config.versions is not None
+        }  # fmt: skip
+        return meta
+
     def init_infers(self) -> dict[str, InferTask]:
-        return {name: config.infer() for name, config in self.models.items()}
+        infers = {name: config.infer() for name, config in self.models.items()}
+        for task in infers.values():
+            task.on_prediction = self.monitor.remember
+        return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:
         trainers = {}
@@ -169,6 +186,7 @@ class CTVApp(MONAILabelApp):
         strategies: dict[str, Strategy] = {"random": Random(), "first": First()}
         for config in self.models.values():
             strategies.update(config.strategy() or {})
+            strategies[f"{config.task_prefix}most_edited"] = MostEdited(self.monitor, config.name)
         return strategies
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
@@ -239,6 +257,7 @@ class CTVApp(MONAILabelApp):
         """Counts saved labels; with ``--conf auto_train_after N`` (N > 0) starts training every N of them
         (the first model served: with several, the others train on request, ``POST /train/<model>``)."""
         super().on_save_label(image_id, label_id)
+        self._monitor_edit(image_id, label_id)
         self._labels_since_training += 1
         if 0 < self.auto_train_after <= self._labels_since_training:
             if AsyncTask.status("train", check_if_running=True)[0] is None:
@@ -246,6 +265,20 @@ class CTVApp(MONAILabelApp):
                 self._labels_since_training = 0
                 return {"train": self.async_training(list(self.models)[0])}
         return {}
+
+    def _monitor_edit(self, image_id: str, label_id: str) -> None:
+        """Compare the saved final label with the served models' contours of the study (lib/monitoring.py);
+        monitoring never fails a save."""
+        try:
+            store = self.datastore()
+            path = store.get_label_uri(label_id, "final")
+            if path:
+                info = store.get_label_info(label_id, "final") or {}
+                models = {n: c.infer().served("cpu").params.structure_list for n, c in self.models.items()
+                          if os.path.exists(c.path)}  # fmt: skip
+                self.monitor.record_edit(image_id, path, info, models)
+        except Exception:
+            logger.exception(f"monitoring: could not compare the label of {image_id} with the model's contours")
 
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         strategy = request.get("strategy") or "random"
@@ -291,6 +324,9 @@ class CTVApp(MONAILabelApp):
                     raise ImageNotFoundError(f"image '{image}' is not in the datastore")
                 if os.path.exists(image):  # an id that is also a relative path here: the id wins
                     request = {**request, "image": uri}
+                request = {**request, "datastore_image": image}  # monitoring keeps the contours of a study
+            else:
+                request = {**request, "datastore_image": None}  # never the client's
             store_result = as_bool(request.get("store_result", False))
             if store_result:
                 if not isinstance(store, CTVDicomWebDatastore):

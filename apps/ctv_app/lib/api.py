@@ -339,7 +339,14 @@ def _add_lifecycle_routes(app, audit: AuditLog) -> None:
         with open(path, "rb") as f:
             return Response(f.read(), media_type="application/json" if ext == "json" else "text/html")
 
+    def monitoring(model: str) -> dict[str, Any]:
+        """Agreement of the served model's contours with clinicians' final ones: per structure, alarms, most edited."""
+        instance = app_instance()
+        instance.versions(model)  # 404 for a model not served
+        return instance.monitor.summary(model)
+
     tags = ["Clinical lifecycle"]
+    app.add_api_route("/monitoring/{model}", monitoring, methods=["GET"], tags=tags)
     app.add_api_route("/models/{model}", list_versions, methods=["GET"], tags=tags)
     app.add_api_route("/models/{model}/approve", approve, methods=["POST"], tags=tags)
     app.add_api_route("/models/{model}/rollback", rollback, methods=["POST"], tags=tags)

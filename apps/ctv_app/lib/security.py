@@ -244,7 +244,7 @@ RULES: tuple[Rule, ...] = (
     _rule("GET", r"/(ohif|proxy)/.*", "annotator"),
     _rule("POST", r"/proxy/dicom/.*", "annotator", "dicom.store"),
     _rule("GET", r"/audit/?", "admin"),
-    _rule("GET", r"/models/[^/]+|/commission/cases|/commission/reports/[^/]+", "annotator"),
+    _rule("GET", r"/models/[^/]+(/card)?|/commission/cases|/commission/reports/[^/]+|/monitoring/[^/]+", "annotator"),
     _rule("POST", r"/models/[^/]+/approve", "physicist", "model.approve"),
     _rule("POST", r"/models/[^/]+/rollback", "physicist", "model.rollback"),
     _rule("PUT DELETE", r"/commission/cases/[^/]+", "reviewer", "commission.case"),

@@ -108,6 +108,9 @@ class CTVInfer(BasicInferTask):
         request is told while there are no weights at ``path`` (default: train or give some)."""
         self.name = name
         self.missing = missing
+        # Called with (model, image id, bitmask, structures, affine, version) for each result on a datastore
+        # study (the request's ``datastore_image``, set by the app): monitoring keeps it.
+        self.on_prediction: Callable[..., None] | None = None
         self.params = params
         self.overrides = overrides or {}
         self.defaults = defaults or CTVParams()
@@ -252,6 +255,9 @@ class CTVInfer(BasicInferTask):
         affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
         structures = self._model().params.structure_list
         bitmask = np.asarray(data["pred"])  # post_transforms: one bit per structure, on the input grid
+        if self.on_prediction is not None and data.get("datastore_image"):
+            record = data.get("model_record") or {}
+            self.on_prediction(self.name, data["datastore_image"], bitmask, structures, affine, record.get("sha256"))
         returned = returned_structures(structures, data.get("structures"))
         if returned != structures:  # a subset: renumbered, so values and bits follow the list returned
             bitmask = returned.pack([structures.mask(bitmask, s.name) for s in returned])
