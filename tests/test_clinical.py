@@ -92,7 +92,7 @@ def test_commission_approve_train_rollback_and_survive_kill(clinic, tmp_path):
         assert "approved" in r.json()["detail"]
         listed = call(server, clinic, "annotator", "GET", "/models/ctv").json()
         assert listed["mode"] == "clinical" and listed["served"] is None
-        assert [(v["sha256"], v["source"], v["status"]) for v in listed["versions"]] == [(given_sha, "given", "candidate")]
+        assert [(v["sha256"], v["source"], v["status"]) for v in listed["versions"]] == [(given_sha, "shipped", "candidate")]
 
         # No report: no approval.
         r = call(server, clinic, "physicist", "POST", f"/models/ctv/approve?version={given_sha[:12]}&comment=ok")
@@ -115,6 +115,7 @@ def test_commission_approve_train_rollback_and_survive_kill(clinic, tmp_path):
         html = call(server, clinic, "annotator", "GET", summary["html"])
         assert html.status_code == 200 and "PASSED" in html.text and "data:image/png;base64," in html.text
         (clinic["root"] / "report.html").write_text(html.text)
+        check_report_renders(clinic["root"] / "report.html")
 
         # The reference labels a report used are locked.
         label = clinic["studies"] / "labels" / "final" / f"{COMMISSIONING[0]}.nii.gz"
@@ -324,3 +325,45 @@ def test_monitoring_follows_known_edits_raises_the_alarm_and_ranks_the_most_edit
         most = max(images, key=lambda i: sum(f["apl_mm"] for f in next(
             e for e in reversed(summary["edits"]) if e["image"] == i)["structures"].values()))  # fmt: skip
         assert client.next_sample("most_edited", {})["id"] == most
+        check_quality_page(server.url, most)
+
+
+def check_quality_page(url: str, most: str) -> None:
+    """The models-and-quality page in Chromium: the alarm, the chart's CTV line, the versions and card."""
+    from playwright.sync_api import sync_playwright
+
+    from .test_ohif import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_context(viewport={"width": 1200, "height": 1300}).new_page()
+        page.goto(f"{url}/ctv/static/clinical.html?model=ctv")
+        page.wait_for_function("() => document.body.dataset.loaded || document.body.dataset.error", timeout=60_000)
+        assert page.evaluate("() => document.body.dataset.loaded") == "ctv", page.evaluate("() => document.body.dataset.error")
+        assert page.is_visible("#alarm") and "CTV" in page.inner_text("#alarm")
+        assert page.locator("#chart polyline[data-structure=CTV]").count() == 1
+        assert page.locator("#chart circle").count() >= 3
+        assert page.inner_text("#most-edited tbody tr:first-child td:first-child") == most
+        assert page.locator("#versions tbody tr.served").count() == 1
+        assert "SYNTHETIC" in page.inner_text("#card")
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "clinical_quality.png"), full_page=True)
+        browser.close()
+
+
+def check_report_renders(path: Path) -> None:
+    """The self-contained report in Chromium, offline: its box plots and worst-case slices are drawn."""
+    from playwright.sync_api import sync_playwright
+
+    from .test_ohif import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_context(viewport={"width": 1250, "height": 1400}).new_page()
+        page.goto(path.as_uri())
+        drawn = page.evaluate("() => [...document.images].map((i) => i.complete && i.naturalWidth > 100)")
+        assert len(drawn) == 4 and all(drawn), drawn  # the box plots and the three worst cases
+        assert page.inner_text("#verdict").startswith("PASSED")
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "commissioning_report.png"), full_page=True)
+        browser.close()

@@ -297,6 +297,11 @@ def _add_lifecycle_routes(app, audit: AuditLog) -> None:
         """The model's mode, served version, versions (with their commissioning reports) and journal."""
         return app_instance().versions(model).summary()
 
+    def card(model: str, version: Optional[str] = None) -> dict[str, Any]:
+        """A version's model card (default: the served version)."""
+        instance = app_instance()
+        return instance.versions(model).card(version, instance.models[model].shipped_card)
+
     def approve(model: str, version: str = Query(...), comment: str = Query("")) -> dict[str, Any]:
         """(physicist) Serve a version whose newest commissioning report passed."""
         entry = app_instance().versions(model).approve(version, _user_name(), comment)
@@ -348,6 +353,7 @@ def _add_lifecycle_routes(app, audit: AuditLog) -> None:
     tags = ["Clinical lifecycle"]
     app.add_api_route("/monitoring/{model}", monitoring, methods=["GET"], tags=tags)
     app.add_api_route("/models/{model}", list_versions, methods=["GET"], tags=tags)
+    app.add_api_route("/models/{model}/card", card, methods=["GET"], tags=tags)
     app.add_api_route("/models/{model}/approve", approve, methods=["POST"], tags=tags)
     app.add_api_route("/models/{model}/rollback", rollback, methods=["POST"], tags=tags)
     app.add_api_route("/commission/cases", list_cases, methods=["GET"], tags=tags)

@@ -283,6 +283,44 @@ class ModelVersions:
         return self._serve({"action": "rollback", "version": sha, "user": user, "comment": comment.strip(),
                             "report": approvals[-1].get("report"), "report_sha256": approvals[-1].get("report_sha256")})  # fmt: skip
 
+    def card(self, version: str | None, shipped: dict[str, str]) -> dict[str, Any]:
+        """The model card of a version (default: the served one, else the newest): intended use and limitations,
+        training data, commissioning results and approval history. ``shipped``: what the weights shipped with
+        the server are (intended use, limitations, data, licence), from the model's config."""
+        sha = self.resolve(version) if version else (self.served_version() or (self.records() or [{}])[-1].get("sha256"))
+        if not sha:
+            raise ImageNotFoundError(f"model {self.name} has no versions yet")
+        record = self.record(sha)
+        history = [e for e in self.journal() if e["version"] == sha]
+        approved = any(e["action"] in SERVING_ACTIONS["clinical"] for e in history)
+        labels = record["training"]["labels"]
+        annotators: dict[str, int] = {}
+        for label in labels:
+            annotators[label.get("annotator") or "unknown"] = annotators.get(label.get("annotator") or "unknown", 0) + 1
+        if record["source"] == "shipped":
+            use, limits, data = shipped["intended_use"], shipped["limitations"], shipped["data"]
+        else:
+            use = (f"Contouring {', '.join(record['structures'])} on this department's planning CT, as its commissioning "
+                   "report and approval state" if approved else "None clinically: not approved by a physicist")
+            limits = ("Judged only on this department's commissioning cases (below); trained on the labels listed, "
+                      "so it inherits their annotators' conventions")
+            data = f"{len(labels)} labels of this server's datastore ({record['source']})"
+        params = record.get("params") or {}
+        return {
+            "model": self.name, "version": sha, "created": record["created"], "source": record["source"],
+            "parent": record["parent"], "status": "served" if sha == self.served_version() else
+            "approved before" if approved else "candidate",
+            "intended_use": use, "limitations": limits, "data": data,
+            "structures": record["structures"],
+            "network": {k: params.get(k) for k in ("architecture", "filters", "target_spacing", "patch_size", "loss")},
+            "training": {"labels": len(labels), "annotators": annotators,
+                         "validation_labels": len(record["training"]["validation_labels"]),
+                         "labels_sha256": record["training"]["labels_sha256"], "epoch": record["training"]["epoch"],
+                         "val_dice": record["training"]["val_dice"]},
+            "commissioning": record["commissioning"],
+            "approval_history": history,
+        }  # fmt: skip
+
     def summary(self) -> dict[str, Any]:
         """What the API and page list: the mode, the served version, every version with its status."""
         served, approved = self.served_version(), set(self.approved_versions())

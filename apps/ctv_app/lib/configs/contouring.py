@@ -41,6 +41,7 @@ from ..dicom.results import RTConfig
 from ..infers.ctv import CTVInfer
 from ..networks import network_for
 from ..params import CTVParams, as_bool, conf_overrides
+from ..provenance import file_sha256
 from ..review import LabelQualityScoring, Review
 from ..trainers.ctv import CTVTrain
 from ..versions import ModelVersions
@@ -54,6 +55,8 @@ class ContouringConfig(TaskConfig):
     # This model's parameters where they differ from ``CTVParams``' defaults (a checkpoint's own win).
     defaults: dict[str, Any] = {}
     description = "Contours structures on planning CT (residual SE-DynUNet)"
+    # What the weights shipped in <app>/model/<name>.pt are: their versions' model card says it.
+    shipped_card: dict[str, str] = {"intended_use": "unknown", "limitations": "unknown", "data": "unknown"}
 
     @classmethod
     def default_params(cls) -> CTVParams:
@@ -72,7 +75,9 @@ class ContouringConfig(TaskConfig):
         self.path = given or os.path.join(model_dir, f"{name}.pt")
         if conf.get("data_dir"):
             self.versions = ModelVersions(conf["data_dir"], name, as_bool(conf.get("clinical_mode", False)), given)
-            self.versions.start(self.path, "given" if given else "shipped")
+            shipped = os.path.join(model_dir, f"{name}.pt")
+            is_shipped = os.path.exists(shipped) and (not given or file_sha256(given) == file_sha256(shipped))
+            self.versions.start(self.path, "shipped" if is_shipped else "given")  # a copy of the shipped is those
             self.path = self.versions.served_path
         trained = read_params(self.path)
         defaults = self.default_params()
