@@ -3,13 +3,15 @@
 # (default $CTV_DATA/users.json) or $CTV_AUTH_TOKENS. On a first start with neither, a user
 # 'admin' is created and its token printed once: add the department's users with
 #   python -m ctv_app.lib.security add-user NAME annotator|reviewer|admin $CTV_AUTH_FILE
-# State (users, audit log, page cases, served model) lives under $CTV_DATA: mount a volume there;
-# replicas behind nginx share it (docker/compose.yml). STUDIES: a folder or a DICOMweb URL.
+# State (users, audit log, page cases, model versions, commissioning, monitoring) lives under $CTV_DATA:
+# mount a volume there; replicas behind nginx share it (docker/compose.yml). STUDIES: a folder or a
+# DICOMweb URL. Clinical mode is on (docs/clinical.md): nothing is served until a physicist approves a
+# commissioned version; CTV_CLINICAL_MODE=false for a research deployment.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DATA="${CTV_DATA:-/data}"
-mkdir -p "$DATA/model"
-# Replicas share $DATA: the first to start creates the users file and the served model, once.
+mkdir -p "$DATA"
+# Replicas share $DATA: the first to start creates the users file, once.
 exec 9>"$DATA/.first-start.lock"
 flock 9
 if [[ -z "${CTV_AUTH_TOKENS:-}" ]]; then
@@ -18,9 +20,6 @@ if [[ -z "${CTV_AUTH_TOKENS:-}" ]]; then
     token=$(python -m ctv_app.lib.security add-user admin admin "$CTV_AUTH_FILE")
     echo "first start: user 'admin' (role admin) added to $CTV_AUTH_FILE; its token, shown only now: $token"
   fi
-fi
-if [[ ! -f "$DATA/model/ctv.pt" ]]; then
-  cp apps/ctv_app/model/ctv.pt "$DATA/model/.ctv.pt.tmp" && mv "$DATA/model/.ctv.pt.tmp" "$DATA/model/ctv.pt"
 fi
 flock -u 9
 exec 9>&-
@@ -31,4 +30,4 @@ export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}"
 # Inside a container the server listens on all interfaces of the container's own network.
 exec monailabel start_server --app apps/ctv_app --studies "${STUDIES:-/studies}" \
   --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" \
-  --conf cases_path "$DATA/cases" --conf ctv_model "$DATA/model/ctv.pt" "$@"
+  --conf cases_path "$DATA/cases" --conf data_dir "$DATA" --conf clinical_mode "${CTV_CLINICAL_MODE:-true}" "$@"

@@ -476,7 +476,12 @@ def test_docker_entrypoint_turns_access_control_on(tmp_path):
         token = re.search(r"its token, shown only now: (\S+)", log.read_text()).group(1)
         assert requests.get(f"{url}/info/", headers=bearer(token), timeout=10).status_code == 200
         assert requests.get(f"{url}/audit/", headers=bearer(token), timeout=10).status_code == 200
-        assert (tmp_path / "data" / "audit.jsonl").exists() and (tmp_path / "data" / "model" / "ctv.pt").exists()
+        assert (tmp_path / "data" / "audit.jsonl").exists()
+        # Clinical mode: the shipped weights are a candidate version; nothing is served before an approval.
+        lifecycle = requests.get(f"{url}/info/", headers=bearer(token), timeout=10).json()["lifecycle"]["ctv"]
+        assert lifecycle["mode"] == "clinical" and lifecycle["served_version"] is None
+        shipped = hashlib.sha256((REPO / "apps" / "ctv_app" / "model" / "ctv.pt").read_bytes()).hexdigest()
+        assert (tmp_path / "data" / "models" / "ctv" / "versions" / f"{shipped}.pt").exists()
         assert token not in (tmp_path / "data" / "users.json").read_text()
         health = subprocess.run([sys.executable, str(REPO / "docker" / "healthcheck.py")], env={**os.environ, "PORT": str(port)})
         assert health.returncode == 0  # the container's HEALTHCHECK: up, and asking for a token
