@@ -271,6 +271,29 @@ def next_sample(args: argparse.Namespace, client: CTVClient) -> int:
     return 0
 
 
+def commission(args: argparse.Namespace, client: CTVClient) -> int:
+    """Mark commissioning cases (reviewer), then make the report of a version (physicist); writes its JSON
+    and HTML to --out. Exit 0 when it passed the acceptance criteria, 1 when it failed."""
+    for image in args.mark or []:
+        client._check(client.session.put(f"{client.server}/commission/cases/{image}", timeout=60))
+    version = args.version
+    if not version:  # the newest version
+        listing = client._check(client.session.get(f"{client.server}/models/{args.model}", timeout=60)).json()
+        if not listing["versions"]:
+            raise SystemExit(f"model {args.model} has no versions")
+        version = listing["versions"][-1]["sha256"]
+    r = client._check(client.session.post(f"{client.server}/commission/{args.model}", params={"version": version},
+                                          timeout=client.timeout_s))  # fmt: skip
+    summary = r.json()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for kind in ("json", "html"):
+        body = client._check(client.session.get(client.server + summary[kind], timeout=120)).content
+        (out / f"{summary['id']}.{kind}").write_bytes(body)
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["passed"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ctv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", default=os.environ.get("CTV_SERVER", "http://127.0.0.1:8000"))
@@ -291,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="ctv")
     p.add_argument("--epochs", type=int)
     p.set_defaults(run=train)
+    p = commands.add_parser("commission", help="the commissioning report of a model version (docs/clinical.md)")
+    p.add_argument("--model", default="ctv")
+    p.add_argument("--version", help="sha256 or a prefix of 8+ hex digits (default: the newest version)")
+    p.add_argument("--mark", nargs="*", help="first mark these datastore studies as commissioning cases")
+    p.add_argument("--out", required=True, help="folder for the report's JSON and HTML")
+    p.set_defaults(run=commission)
     p = commands.add_parser("next", help="the study to contour next (active learning)")
     p.add_argument("--strategy", default="uncertain")
     p.set_defaults(run=next_sample)

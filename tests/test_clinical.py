@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from ctv_app.lib.checkpoint import load_checkpoint, save_checkpoint
+from ctv_app.lib.errors import ConflictError
 from ctv_app.lib.metrics import compare
 from ctv_app.lib.networks import network_for
 from ctv_app.lib.params import CTVParams
@@ -74,10 +75,10 @@ def served_by_infer(server, clinic) -> str | None:
     return r.json()["provenance"]["model"]["sha256"]
 
 
-def random_weights(path: Path, like: Path) -> Path:
+def random_weights(path: Path, like: Path, seed: int = 1) -> Path:
     import torch
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     params = CTVParams.from_dict(load_checkpoint(str(like))["params"])
     save_checkpoint(str(path), network_for(params).state_dict(), params, {"note": "random weights: fails commissioning"})
     return path
@@ -142,9 +143,14 @@ def test_commission_approve_train_rollback_and_survive_kill(clinic, tmp_path):
             r = call(server, clinic, "admin", "PUT", "/model/ctv", files={"file": f})
         assert r.status_code == 200 and r.json()["served"] is False, r.text
         bad_sha = r.json()["sha256"]
-        r = call(server, clinic, "physicist", "POST", f"/commission/ctv?version={bad_sha[:12]}")
-        assert r.status_code == 200 and r.json()["passed"] is False
-        bad_report = call(server, clinic, "annotator", "GET", r.json()["json"]).json()
+        from ctv_client.cli import main as ctv  # the script client, as a physicist's script would run it
+
+        out = tmp_path / "reports"
+        assert ctv(["--server", server.url, "--token", clinic["tokens"]["physicist"], "commission", "--version",
+                    bad_sha[:12], "--out", str(out)]) == 1  # fmt: skip
+        (bad_json,) = out.glob("*.json")
+        bad_report = json.loads(bad_json.read_text())
+        assert bad_report["passed"] is False and bad_report["version"] == bad_sha and (out / f"{bad_json.stem}.html").exists()
         assert bad_report["approved_version"] == given_sha  # paired with the approved version
         assert all("versus_approved" in s for s in bad_report["structures"].values())
         r = call(server, clinic, "physicist", "POST", f"/models/ctv/approve?version={bad_sha[:12]}&comment=try")
@@ -367,3 +373,36 @@ def check_report_renders(path: Path) -> None:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOTS / "commissioning_report.png"), full_page=True)
         browser.close()
+
+
+def test_journal_is_the_truth_after_a_torn_append_or_a_stale_served_file(tmp_path):
+    """A crash while appending leaves a torn last line: an entry that never happened. A crash between the
+    journal and the served file's copy leaves a stale file: the next start puts it right from the journal."""
+    data = tmp_path / "data"
+    first = random_weights(tmp_path / "a.pt", SHIPPED)
+    versions = ModelVersions(str(data), "ctv", clinical=True)
+    versions.start(str(SHIPPED), "shipped")
+    other = versions.add(str(first), "uploaded")["sha256"]
+    shipped = file_sha256(SHIPPED)
+    assert versions.served_version() is None and not os.path.exists(versions.served_path)
+    for sha in (shipped, other):
+        versions.add_report(sha, {"id": f"r-{sha[:6]}", "sha256": "0" * 64, "passed": True, "time": "t", "cases": 3})
+    versions.approve(shipped, "phys", "first")
+    assert file_sha256(versions.served_path) == shipped
+    with open(versions.journal_path, "a") as f:  # a torn approval of the other version
+        f.write('{"action": "approve", "version": "' + other[:20])
+    restarted = ModelVersions(str(data), "ctv", clinical=True)
+    assert restarted.served_version() == shipped and restarted.reconcile() == shipped
+    restarted.approve(other, "phys", "second")  # appends after the torn line, on a line of its own
+    assert restarted.served_version() == other and len(restarted.journal()) == 2
+    shutil.copy(SHIPPED, restarted.served_path)  # a crash before the served file was replaced
+    again = ModelVersions(str(data), "ctv", clinical=True)
+    again.start(str(SHIPPED), "shipped")
+    assert file_sha256(again.served_path) == other
+    third = again.add(str(random_weights(tmp_path / "b.pt", SHIPPED, seed=2)), "uploaded")["sha256"]
+    with pytest.raises(ConflictError, match="never approved"):
+        again.rollback(third[:12], "phys", "x")
+    with pytest.raises(ConflictError, match="already"):
+        again.rollback(other[:12], "phys", "x")
+    assert again.rollback(shipped[:12], "phys", "back")["version"] == shipped
+    assert file_sha256(again.served_path) == shipped
