@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .provenance import file_sha256
-from .datastore import atomic_write_text
+from .files import atomic_write_text
 from .errors import ImageNotFoundError, InvalidInputError, PayloadTooLargeError
 from .transforms.validation import MAX_VOXELS
 

@@ -37,6 +37,7 @@ from filelock import FileLock
 
 from .errors import ConflictError, ImageNotFoundError, InvalidInputError
 from .evaluation import CaseComparison, contour_and_compare
+from .files import atomic_write_text
 from .metrics import summarise
 from .provenance import file_sha256
 from .transforms.labels import ENCODING_KEY, STRUCTURES_KEY
@@ -52,12 +53,7 @@ _RULE = re.compile(r"^\s*(>=|<=|>|<)\s*(-?[0-9.]+)\s*$")
 
 
 def _atomic_json(value: Any, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(json.dumps(value, indent=1), path)
 
 
 class CommissioningSet:
@@ -248,9 +244,7 @@ def save_report(cases: CommissioningSet, report: dict[str, Any], html: str) -> d
     base = os.path.join(cases.reports_dir, report_id)
     report = {**report, "id": report_id}
     _atomic_json(report, base + ".json")
-    with open(base + ".html.tmp", "w") as f:
-        f.write(html.replace("{{REPORT_ID}}", report_id))
-    os.replace(base + ".html.tmp", base + ".html")
+    atomic_write_text(html.replace("{{REPORT_ID}}", report_id), base + ".html")
     cases.lock_cases(report["cases"], report_id)
     return {"id": report_id, "sha256": file_sha256(base + ".json"), "passed": report["passed"], "time": report["time"],
             "cases": len(report["cases"])}  # fmt: skip

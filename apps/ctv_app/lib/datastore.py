@@ -29,6 +29,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from monailabel.interfaces.datastore import DefaultLabelTag
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
+from .files import atomic_copy, atomic_write_text
 from .provenance import file_sha256
 from .dicom.results import RTConfig
 from .dicom.rtstruct import check_clinical, read_rtstruct, training_label
@@ -52,48 +53,6 @@ RESCAN_DELAY_S = 1.0
 SERVER_LABEL_FIELDS = frozenset({"annotator", "version", "sha256", "previous_sha256", "ts", "name", "encoding",
                                  "structures"})  # fmt: skip
 _VERSION_FILE = re.compile(r"v(\d+)_")  # .label_history/<tag>/<image>/v0001_<time>.json and its label copy
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_copy(src: str, dest: str) -> None:
-    """Copy ``src`` to ``dest`` so that ``dest`` is either the old file or the whole new one."""
-    folder = os.path.dirname(dest)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-        _fsync_dir(folder)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(text: str, dest: str) -> None:
-    folder = os.path.dirname(dest)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _version(info: dict[str, Any]) -> int:

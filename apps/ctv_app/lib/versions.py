@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -32,42 +30,12 @@ from filelock import FileLock
 
 from .checkpoint import load_checkpoint
 from .errors import ConflictError, ImageNotFoundError, InvalidInputError
+from .files import atomic_copy, atomic_write_bytes
 from .provenance import file_sha256
 
 SOURCES = ("shipped", "given", "trained", "uploaded")
 # Journal actions that make a version served; research mode publishes, clinical mode approves.
 SERVING_ACTIONS = {"research": ("import", "publish", "approve", "rollback"), "clinical": ("approve", "rollback")}
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_copy(src: str, dest: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(dest))
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def now() -> str:
@@ -129,7 +97,7 @@ class ModelVersions:
             record_path = os.path.join(self.versions_dir, f"{sha}.json")
             if os.path.exists(record_path):
                 return self.record(sha)
-            _atomic_copy(path, self.checkpoint_path(sha))
+            atomic_copy(path, self.checkpoint_path(sha))
             os.chmod(self.checkpoint_path(sha), 0o444)
             meta, params = ckpt.get("meta") or {}, ckpt.get("params") or {}
             record = {
@@ -151,7 +119,7 @@ class ModelVersions:
                 "commissioning": [],
                 **(extra or {}),
             }
-            _atomic_write(record_path, json.dumps(record, indent=1).encode())
+            atomic_write_bytes(json.dumps(record, indent=1).encode(), record_path)
         return record
 
     def add_report(self, sha: str, summary: dict[str, Any]) -> None:
@@ -159,7 +127,7 @@ class ModelVersions:
         with self.lock:
             record = self.record(sha)
             record["commissioning"].append(summary)
-            _atomic_write(os.path.join(self.versions_dir, f"{sha}.json"), json.dumps(record, indent=1).encode())
+            atomic_write_bytes(json.dumps(record, indent=1).encode(), os.path.join(self.versions_dir, f"{sha}.json"))
 
     # --- the journal ---------------------------------------------------------------------------
     def journal(self) -> list[dict[str, Any]]:
@@ -215,7 +183,7 @@ class ModelVersions:
                 if os.path.exists(self.served_path):
                     os.unlink(self.served_path)
             elif not os.path.exists(self.served_path) or file_sha256(self.served_path) != sha:
-                _atomic_copy(self.checkpoint_path(sha), self.served_path)
+                atomic_copy(self.checkpoint_path(sha), self.served_path)
             return sha
 
     def _serve(self, entry: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +191,7 @@ class ModelVersions:
         with self.lock:
             entry = self._append(entry)
             if not os.path.exists(self.served_path) or file_sha256(self.served_path) != entry["version"]:
-                _atomic_copy(self.checkpoint_path(entry["version"]), self.served_path)
+                atomic_copy(self.checkpoint_path(entry["version"]), self.served_path)
         return entry
 
     def start(self, initial: str, source: str) -> str | None:
@@ -237,7 +205,7 @@ class ModelVersions:
             return self.reconcile()
         if not os.path.exists(self.served_path) and os.path.exists(initial):
             os.makedirs(os.path.dirname(os.path.abspath(self.served_path)), exist_ok=True)
-            _atomic_copy(initial, self.served_path)
+            atomic_copy(initial, self.served_path)
         if not os.path.exists(self.served_path):
             return None
         record = self.add(self.served_path, source)
