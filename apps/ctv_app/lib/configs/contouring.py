@@ -76,7 +76,9 @@ class ContouringConfig(TaskConfig):
         if conf.get("data_dir"):
             self.versions = ModelVersions(conf["data_dir"], name, as_bool(conf.get("clinical_mode", False)), given)
             shipped = os.path.join(model_dir, f"{name}.pt")
-            is_shipped = os.path.exists(shipped) and (not given or file_sha256(given) == file_sha256(shipped))
+            is_shipped = os.path.exists(shipped) and (
+                not given or (os.path.exists(given) and file_sha256(given) == file_sha256(shipped))
+            )
             self.versions.start(self.path, "shipped" if is_shipped else "given")  # a copy of the shipped is those
             self.path = self.versions.served_path
         trained = read_params(self.path)
