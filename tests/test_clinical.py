@@ -406,3 +406,30 @@ def test_journal_is_the_truth_after_a_torn_append_or_a_stale_served_file(tmp_pat
         again.rollback(other[:12], "phys", "x")
     assert again.rollback(shipped[:12], "phys", "back")["version"] == shipped
     assert file_sha256(again.served_path) == shipped
+
+
+def test_research_mode_training_publishes_a_version_and_never_writes_the_shipped_weights(tmp_path):
+    """A server started the standard way (no --conf ctv_model) trains into its data folder: the served
+    version changes, the shipped file in the repository does not."""
+    from monailabel.client import MONAILabelClient
+
+    studies = tmp_path / "studies"
+    build(str(studies), [3200, 3201, 3202], labelled={3200, 3201, 3202})
+    shipped = file_sha256(SHIPPED)
+    with ServerProcess(studies, tmp_path / "server") as server:  # ServerProcess gives only data_dir
+        client = MONAILabelClient(server.url, tmpdir=str(tmp_path / "client"))
+        before = requests.get(f"{server.url}/models/ctv", timeout=30).json()
+        assert before["mode"] == "research" and before["served"] == shipped
+        # No validation split: research mode publishes every epoch (nothing to compare the served model with).
+        client.train_start("ctv", {"max_epochs": 1, "val_split": 0, "train_batch_size": 2, "patches_per_volume": 1})
+        deadline = time.monotonic() + 900
+        while client.train_status().get("status") in ("SUBMITTED", "RUNNING") and time.monotonic() < deadline:
+            time.sleep(2)
+        assert client.train_status()["status"] == "DONE"
+        after = requests.get(f"{server.url}/models/ctv", timeout=30).json()
+        trained = [v for v in after["versions"] if v["source"] == "trained"]
+        assert len(trained) == 1 and after["served"] == trained[0]["sha256"] and trained[0]["parent"] == shipped
+        assert [e["action"] for e in after["journal"]] == ["import", "publish"]
+        _, result = client.infer("ctv", "phantom_03200", {})
+        assert result["provenance"]["model"]["sha256"] == after["served"]
+    assert file_sha256(SHIPPED) == shipped

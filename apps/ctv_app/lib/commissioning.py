@@ -284,7 +284,7 @@ def _worst_cases(report: dict[str, Any], comparisons: dict[str, CaseComparison],
     worst = sorted(report["cases"], key=mean_sdsc)[:n]
     out = []
     for case in worst:
-        c = comparisons[case]
+        c = comparisons[case].as_ras()
         fd, path = tempfile.mkstemp(suffix=".png")
         os.close(fd)
         try:

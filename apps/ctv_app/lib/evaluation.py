@@ -29,6 +29,15 @@ class CaseComparison:
     reference: dict[str, np.ndarray]
     spacing: tuple[float, ...]
     figures: dict[str, dict[str, Any]]
+    affine: np.ndarray  # the reference's: its array axes in the patient's space
+
+    def as_ras(self) -> "CaseComparison":
+        """The same case with every array turned to RAS axes (patient's right, anterior, superior), as the
+        pictures (``figures.contour_slice``) expect."""
+        ornt = nib.orientations.io_orientation(self.affine)
+        turn = lambda a: nib.orientations.apply_orientation(a, ornt)  # noqa: E731
+        return CaseComparison(turn(self.image), {k: turn(v) for k, v in self.predicted.items()},
+                              {k: turn(v) for k, v in self.reference.items()}, self.spacing, self.figures, self.affine)  # fmt: skip
 
 
 def contour_and_compare(
@@ -60,4 +69,4 @@ def contour_and_compare(
             **compare(predicted[name], truths[name], spacing).as_dict(),
             "apl_mm": added_path_length(predicted[name], truths[name], spacing),
         }
-    return CaseComparison(np.asarray(load_ct(image))[0], predicted, truths, spacing, figures)
+    return CaseComparison(np.asarray(load_ct(image))[0], predicted, truths, spacing, figures, reference.affine)
