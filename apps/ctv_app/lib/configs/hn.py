@@ -19,7 +19,7 @@ class HNConfig(ContouringConfig):
     description = "Head-and-neck PTVs and organs at risk on planning CT (residual SE-DynUNet)"
     shipped_card = {
         "intended_use": "Research only. NOT for clinical use: not commissioned (model card: apps/ctv_app/model/hn.md).",
-        "limitations": "4 mm voxels and 100 CPU-minutes of training: far below clinical level for the PTVs and the "
+        "limitations": "4 mm voxels and 66 minutes of training on 2 CPU cores: far below clinical level for the PTVs and the "
         "esophagus (docs/real_data.md); head-and-neck CT as OpenKBP's plans show it only.",
         "data": "OpenKBP (Babier et al., Med Phys 2021; MIT licence; CT and contours from TCIA collections): 163 "
         "training-split plans (train/splits/openkbp.json).",
