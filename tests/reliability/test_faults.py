@@ -252,13 +252,15 @@ def test_bad_model_uploads_are_refused_and_the_previous_model_keeps_serving(serv
         assert file_sha256(served.model) == original, name
     assert served_model_sha(served) == original
 
-    # A good upload replaces the served model; the previous file is kept.
+    # A good upload replaces the served model; the previous one is kept as a version.
     good = checkpoint_bytes(lambda c: c["meta"].update({"note": "re-uploaded"}))
     r = requests.put(f"{served.url}/model/ctv", files={"file": ("ctv.pt", good)}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["sha256"] == file_sha256(served.model) != original
     assert served_model_sha(served) == r.json()["sha256"]
-    assert [file_sha256(p) for p in served.model.parent.glob("ctv.pt.*.replaced")] == [original]
+    listing = requests.get(f"{served.url}/models/ctv", timeout=30).json()
+    assert listing["served"] == r.json()["sha256"]
+    assert {original, r.json()["sha256"]} <= {v["sha256"] for v in listing["versions"]}
 
     # A broken file put straight on disk (a half copy) is not served: the model in memory stays.
     current = file_sha256(served.model)
