@@ -77,7 +77,6 @@ class CTVApp(MONAILabelApp):
             config = CONFIGS[name]()
             config.init(name, os.path.join(app_dir, "model"), conf, None, primary=i == 0)
             self.models[name] = config
-        self.clinical = as_bool(conf.get("clinical_mode", False))
         self.commissioning = CommissioningSet(conf["data_dir"])
         self.criteria = AcceptanceCriteria.load(conf.get("acceptance_criteria"))
         self.monitor = EditMonitor(conf["data_dir"], self.criteria, window=int(conf.get("monitor_window", 10)))

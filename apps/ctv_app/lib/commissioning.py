@@ -284,11 +284,11 @@ def _worst_cases(report: dict[str, Any], comparisons: dict[str, CaseComparison],
     worst = sorted(report["cases"], key=mean_sdsc)[:n]
     out = []
     for case in worst:
-        c = comparisons[case].as_ras()
+        ct, reference, predicted = comparisons[case].ras_arrays()
         fd, path = tempfile.mkstemp(suffix=".png")
         os.close(fd)
         try:
-            contour_slice(path, c.image, c.reference, c.predicted, structures, f"{case}: clinical (solid) vs model (dashed)")
+            contour_slice(path, ct, reference, predicted, structures, f"{case}: clinical (solid) vs model (dashed)")
             with open(path, "rb") as f:
                 out.append((case, mean_sdsc(case), "data:image/png;base64," + base64.b64encode(f.read()).decode()))
         finally:

@@ -24,20 +24,20 @@ class CaseComparison:
     """A case's masks on the reference's grid, and each contained structure's figures (``metrics.compare``
     plus ``apl_mm``, the added path length)."""
 
-    image: np.ndarray  # the CT on the reference's grid (HU), for pictures
+    image: str  # the CT's path: read only for pictures
     predicted: dict[str, np.ndarray]
     reference: dict[str, np.ndarray]
     spacing: tuple[float, ...]
     figures: dict[str, dict[str, Any]]
     affine: np.ndarray  # the reference's: its array axes in the patient's space
 
-    def as_ras(self) -> "CaseComparison":
-        """The same case with every array turned to RAS axes (patient's right, anterior, superior), as the
-        pictures (``figures.contour_slice``) expect."""
+    def ras_arrays(self) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The CT (HU, read now), the reference and the predicted masks, turned to RAS axes (patient's
+        right, anterior, superior) as the pictures (``figures.contour_slice``) expect."""
         ornt = nib.orientations.io_orientation(self.affine)
         turn = lambda a: nib.orientations.apply_orientation(a, ornt)  # noqa: E731
-        return CaseComparison(turn(self.image), {k: turn(v) for k, v in self.predicted.items()},
-                              {k: turn(v) for k, v in self.reference.items()}, self.spacing, self.figures, self.affine)  # fmt: skip
+        ct = np.asarray(load_ct(self.image))[0]  # on the reference's grid: the label was checked against it
+        return turn(ct), {k: turn(v) for k, v in self.reference.items()}, {k: turn(v) for k, v in self.predicted.items()}
 
 
 def contour_and_compare(
@@ -69,4 +69,4 @@ def contour_and_compare(
             **compare(predicted[name], truths[name], spacing).as_dict(),
             "apl_mm": added_path_length(predicted[name], truths[name], spacing),
         }
-    return CaseComparison(np.asarray(load_ct(image))[0], predicted, truths, spacing, figures, reference.affine)
+    return CaseComparison(image, predicted, truths, spacing, figures, reference.affine)

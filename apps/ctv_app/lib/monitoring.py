@@ -69,19 +69,19 @@ class EditMonitor:
 
         written = []
         label = None
-        for model, known in models.items():
+        for model, structures in models.items():
             path = self._prediction_path(model, image_id)
             if not os.path.exists(path):
                 continue
-            kept = np.load(path)
-            structures = known
+            kept = np.load(path)  # an npz: each key read decompresses it again, so each is read once
+            bitmask, version = kept["bitmask"], str(kept["version"]) or None
             if json.loads(str(kept["structures"])) != structures.names:  # a version with other structures made it
                 logger.warning(f"monitoring: {model}'s kept contours of {image_id} are of other structures: not compared")
                 continue
             if label is None:
                 image = nib.load(label_path)
                 label, spacing = np.asarray(image.dataobj), voxel_spacing(image.affine)
-            if label.shape != kept["bitmask"].shape:
+            if label.shape != bitmask.shape:
                 logger.warning(f"monitoring: {image_id}'s label and {model}'s prediction differ in shape: not compared")
                 continue
             truth, contained = decode_label(label, structures, label_info.get("encoding") or "labelmap",
@@ -91,7 +91,7 @@ class EditMonitor:
             for c, name in enumerate(structures.names):
                 if not contained[c]:
                     continue
-                pred, final = structures.mask(kept["bitmask"], name), truth[c] > 0
+                pred, final = structures.mask(bitmask, name), truth[c] > 0
                 m = compare(pred, final, spacing)
                 figures[name] = {
                     "surface_dice_3mm": m.surface_dice_3mm, "dice": m.dice,
@@ -102,7 +102,7 @@ class EditMonitor:
             if not figures:
                 continue
             record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": model, "image": image_id,
-                      "version": str(kept["version"]) or None, "annotator": label_info.get("annotator"),
+                      "version": version, "annotator": label_info.get("annotator"),
                       "structures": figures}  # fmt: skip
             with self._lock:
                 before = self.alarms(model)

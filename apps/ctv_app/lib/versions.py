@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from typing import Any
 
 from filelock import FileLock
@@ -262,9 +263,7 @@ class ModelVersions:
         history = [e for e in self.journal() if e["version"] == sha]
         approved = any(e["action"] in SERVING_ACTIONS["clinical"] for e in history)
         labels = record["training"]["labels"]
-        annotators: dict[str, int] = {}
-        for label in labels:
-            annotators[label.get("annotator") or "unknown"] = annotators.get(label.get("annotator") or "unknown", 0) + 1
+        annotators = Counter(label.get("annotator") or "unknown" for label in labels)
         if record["source"] == "shipped":
             use, limits, data = shipped["intended_use"], shipped["limitations"], shipped["data"]
         else:
@@ -281,7 +280,7 @@ class ModelVersions:
             "intended_use": use, "limitations": limits, "data": data,
             "structures": record["structures"],
             "network": {k: params.get(k) for k in ("architecture", "filters", "target_spacing", "patch_size", "loss")},
-            "training": {"labels": len(labels), "annotators": annotators,
+            "training": {"labels": len(labels), "annotators": dict(annotators),
                          "validation_labels": len(record["training"]["validation_labels"]),
                          "labels_sha256": record["training"]["labels_sha256"], "epoch": record["training"]["epoch"],
                          "val_dice": record["training"]["val_dice"]},

@@ -31,7 +31,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from ..checkpoint import load_checkpoint, save_checkpoint, weights_digest
-from ..commissioning import CommissioningSet
+from ..commissioning import CommissioningSet, case_id
 from ..inferers import build_inferer
 from ..losses import DeepSupervisionLoss
 from ..networks import network_for
@@ -227,8 +227,7 @@ class CTVTrain(BasicTrainTask):
         if self.versions is not None:
             datalist = CommissioningSet.of(self.versions).exclude(datalist)
         for entry in datalist:
-            image_id = os.path.basename(str(entry["label"])).split(".")[0]
-            info = datastore.get_label_info(image_id, "final") if hasattr(datastore, "get_label_info") else {}
+            info = datastore.get_label_info(case_id(entry), "final") if hasattr(datastore, "get_label_info") else {}
             self._annotators[os.path.basename(str(entry["label"]))] = (info or {}).get("annotator")
         return datalist
 
