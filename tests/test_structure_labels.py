@@ -240,6 +240,8 @@ def test_dicomweb_label_is_a_seg_of_its_structures_and_trains_as_them(orthanc, t
     """A saved label is stored in the PACS as a SEG with one segment per structure it contains, and
     training reads it back as a label of those structures: a bitmask where they overlap, else a label
     map in the known structures' values."""
+    known = Structures(KNOWN)
+    store = CTVDicomWebDatastore(orthanc.client(), {"Modality": "CT"}, known, cache_path=str(tmp_path / "cache"))
     uids = {}
     for seed, name in ((9200, "overlapping"), (9201, "apart")):
         folder = tmp_path / name
@@ -247,8 +249,7 @@ def test_dicomweb_label_is_a_seg_of_its_structures_and_trains_as_them(orthanc, t
         write_ct_series(phantom.image, phantom.affine, str(folder), patient_id=f"PHANTOM_{seed}")
         orthanc.stow(sorted(folder.glob("*.dcm")))
         uids[name] = str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
-    known = Structures(KNOWN)
-    store = CTVDicomWebDatastore(orthanc.client(), {"Modality": "CT"}, known, cache_path=str(tmp_path / "cache"))
+        assert uids[name] in store.list_images()  # a series sent to the PACS is seen at once, not after a cache expiry
     geometry, _ = read_ct_geometry(store.get_image_uri(uids["overlapping"]))
     masks = boxes(geometry.shape)
 

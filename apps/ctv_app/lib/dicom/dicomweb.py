@@ -31,6 +31,7 @@ from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
+from watchdog.events import FileSystemEventHandler
 
 from ..datastore import LabelContents, check_structure_label, dataset_archive, recorded_info, structure_datalist
 from ..errors import CTVError, ImageNotFoundError, InvalidInputError
@@ -64,8 +65,26 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
         self.structures = structures
         self.software_version = software_version
         super().__init__(client, search_filter, cache_path, fetch_by_frame=False, convert_to_nifti=False)
+        if getattr(self, "_observer", None) is not None:
+            # The cache holds only what this server fetched and wrote. MONAI Label's watcher rescans it
+            # on every file written here, in its own thread, rebuilding label entries while a request
+            # updates them (a SEG read back lost its structures' values that way). Only the index is
+            # watched: another process of this server may rewrite it.
+            handler = FileSystemEventHandler()
+            handler.on_modified = self._on_modify_event
+            self._observer.unschedule_all()
+            self._observer.schedule(handler, path=self._datastore_path, recursive=False)
 
     # --- images --------------------------------------------------------------------------------
+    def list_images(self) -> list[str]:
+        """The series the search filter finds now, every page of them.
+
+        monailabel caches this for MONAI_LABEL_DICOMWEB_CACHE_EXPIRY (2 h) in a cache shared by every
+        instance and keyed by object identity: a CT sent to the PACS stayed unseen for hours, and a new
+        datastore allocated where a freed one lived read the freed one's list."""
+        found = self._client.search_for_series(search_filters=self._search_filter, get_remaining=True)
+        return [str(Dataset.from_json(ds).SeriesInstanceUID) for ds in found]
+
     def _series_meta(self, series_uid: str) -> Dataset:
         found = [
             Dataset.from_json(s)
@@ -205,7 +224,7 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
         come in through ``PUT /datastore/label`` and are written here."""
         images = set(self.list_images())
         newest: dict[str, tuple[tuple[str, str], str]] = {}
-        for found in self._client.search_for_series(search_filters={"Modality": "SEG"}):
+        for found in self._client.search_for_series(search_filters={"Modality": "SEG"}, get_remaining=True):
             series = Dataset.from_json(found)
             meta = Dataset.from_json(
                 self._client.retrieve_series_metadata(str(series.StudyInstanceUID), str(series.SeriesInstanceUID))[0]
@@ -256,8 +275,8 @@ class CTVDicomWebDatastore(DICOMWebDatastore):
         path = os.path.join(self._datastore.label_path(label_tag), f"{image_id}.nii.gz")
         nib.save(nib.Nifti1Image(data, geometry.affine), path + ".tmp.nii.gz")
         os.replace(path + ".tmp.nii.gz", path)
-        obj = self._datastore.objects[image_id]  # get_image_uri indexed it
-        with FileLock(self._lock_file):
+        with FileLock(self._lock_file):  # the index may be reloaded from another process's write until then
+            obj = self._datastore.objects[image_id]  # get_image_uri indexed it
             label = obj.labels.get(label_tag)
             if label is None or label.info.get("SeriesInstanceUID") != label_id:
                 # a SEG stored by someone else, or a newer one: index it
