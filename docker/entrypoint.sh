@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DATA="${CTV_DATA:-/data}"
-mkdir -p "$DATA"
+mkdir -p "$DATA" /tmp/ctv-logs  # apps/ctv_app/logs points there (docker/Dockerfile)
 # Replicas share $DATA: the first to start creates the users file, once.
 exec 9>"$DATA/.first-start.lock"
 flock 9
