@@ -30,6 +30,24 @@ def memory_mb(pid: int, field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def infer_retrying(url: str, image: str, token: str | None = None, tries: int = 5) -> tuple[dict, int]:
+    """POST /infer as a hospital script behind nginx would: retry what nginx may not replay (a POST
+    already sent to a server that died). Returns the result and the attempts it took."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    for attempt in range(1, tries + 1):
+        try:
+            r = requests.post(f"{url}/infer/ctv", params={"image": image, "output": "json"}, headers=headers,
+                              timeout=600)  # fmt: skip
+        except requests.ConnectionError:
+            r = None
+        if r is not None and r.status_code == 200:
+            return r.json(), attempt
+        if r is not None and r.status_code not in (502, 503, 504):
+            raise AssertionError(f"{r.status_code}: {r.text}")
+        time.sleep(float(r.headers.get("Retry-After", 1)) if r is not None else 1)
+    raise AssertionError(f"{image}: no answer after {tries} tries")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -33,7 +33,7 @@ from ctv_datastore.dicom_export import write_ct_series
 from ctv_datastore.phantom import make_phantom
 
 from .conftest import series_uid
-from .support import REPO, free_port
+from .support import REPO, free_port, infer_retrying
 
 STATE = Path(os.environ.get("CTV_CONTAINERS_STATE", "/var/tmp/ctv-containers"))
 COMPOSE_FILES = [REPO / "docker" / "compose.yml", REPO / "tests" / "containers" / "compose.local.yml"]
@@ -217,22 +217,7 @@ def test_a_saved_label_trains_and_both_replicas_serve_the_new_model(stack, tmp_p
     assert next(iter(served.values())) != before
     after = client.infer("ctv", stack.series[2].uid, {})[1]["provenance"]["model"]["sha256"]
     assert after == next(iter(served.values()))
-
-
-def infer_with_retry(url: str, token: str, image: str, tries: int = 5) -> tuple[dict, int]:
-    """POST /infer as a hospital script would: retry what nginx may not (a POST already sent)."""
-    for attempt in range(1, tries + 1):
-        try:
-            r = requests.post(f"{url}/infer/ctv", params={"image": image, "output": "json"},
-                              headers={"Authorization": f"Bearer {token}"}, timeout=600)  # fmt: skip
-        except requests.ConnectionError:
-            r = None
-        if r is not None and r.status_code == 200:
-            return r.json(), attempt
-        if r is not None and r.status_code not in (502, 503, 504):
-            raise AssertionError(f"{r.status_code}: {r.text}")
-        time.sleep(1)
-    raise AssertionError(f"{image}: no answer after {tries} tries")
+    stack.trained = after
 
 
 def test_a_replica_container_killed_mid_load_loses_no_request(stack):
@@ -241,7 +226,7 @@ def test_a_replica_container_killed_mid_load_loses_no_request(stack):
     lock = threading.Lock()
 
     def one(image: str) -> tuple[str, dict, int]:
-        result, tries = infer_with_retry(stack.stack.url, stack.token, image)
+        result, tries = infer_retrying(stack.stack.url, image, stack.token)
         with lock:
             done.append(image)
         return image, result, tries
@@ -274,7 +259,7 @@ def test_the_server_runs_as_non_root_and_writes_only_its_volumes(stack):
     assert not outside, outside
 
 
-def test_volumes_keep_labels_users_and_the_audit_log_across_down_and_up(stack, tmp_path):
+def test_volumes_keep_labels_users_the_audit_log_and_the_model_across_down_and_up(stack, tmp_path):
     auth = {"Authorization": f"Bearer {stack.token}"}
     labelled = requests.get(f"{stack.stack.url}/datastore/?output=stats", headers=auth, timeout=60).json()["completed"]
     assert labelled >= 2  # the labels saved above, as SEGs in the PACS
@@ -286,5 +271,6 @@ def test_volumes_keep_labels_users_and_the_audit_log_across_down_and_up(stack, t
     assert requests.get(f"{stack.stack.url}/datastore/?output=stats", headers=auth, timeout=60).json()["completed"] == labelled
     after = requests.get(f"{stack.stack.url}/audit/", headers=auth, timeout=60).json()
     assert len(after) >= len(before) and after[: len(before)] == before  # nothing lost
-    result_file, _ = client_for(stack, tmp_path).infer("ctv", stack.series[0].uid, {})
+    result_file, result = client_for(stack, tmp_path).infer("ctv", stack.series[0].uid, {})
     assert nib.load(result_file).shape == stack.series[0].label.shape
+    assert result["provenance"]["model"]["sha256"] == stack.trained  # the trained model, from the volume

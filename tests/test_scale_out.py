@@ -23,7 +23,7 @@ from ctv_datastore.dicom_export import write_ct_series
 from ctv_datastore.phantom import make_phantom
 
 from .conftest import series_uid
-from .support import APP_DIR, REPO, NginxProcess, OrthancProcess, ServerProcess
+from .support import APP_DIR, REPO, NginxProcess, OrthancProcess, ServerProcess, infer_retrying
 
 SEEDS = (9201, 9202, 9203)  # held-out phantoms (SYNTHETIC)
 
@@ -59,24 +59,9 @@ def infers_served(server: ServerProcess) -> int:
     return sum(json.loads(line)["action"] == "infer" and json.loads(line)["status"] == 200 for line in lines)
 
 
-def infer(url: str, image: str, tries: int = 5) -> tuple[dict, int]:
-    """POST /infer as a hospital script would: retry what nginx may not (a POST already sent)."""
-    for attempt in range(1, tries + 1):
-        try:
-            r = requests.post(f"{url}/infer/ctv", params={"image": image, "output": "json"}, timeout=600)
-        except requests.ConnectionError:
-            r = None
-        if r is not None and r.status_code == 200:
-            return r.json(), attempt
-        if r is not None and r.status_code not in (502, 503, 504):
-            raise AssertionError(f"{r.status_code}: {r.text}")
-        time.sleep(float(r.headers.get("Retry-After", 1)) if r is not None else 1)
-    raise AssertionError(f"{image}: no answer after {tries} tries")
-
-
 def test_requests_through_nginx_reach_both_replicas(cluster):
     for image in cluster.series + cluster.series[:1]:
-        result, _ = infer(cluster.nginx.url, image)
+        result, _ = infer_retrying(cluster.nginx.url, image)
         assert result["provenance"]["input"]["image"] == image
     assert infers_served(cluster.trainer) >= 1 and infers_served(cluster.replica) >= 1
     health = [sys.executable, str(REPO / "docker" / "healthcheck.py")]  # the container's HEALTHCHECK
@@ -105,7 +90,7 @@ def test_training_on_the_trainer_is_served_by_both_replicas(cluster, tmp_path):
     published = file_sha256(cluster.model)
     assert published != before
     for server in (cluster.trainer, cluster.replica):  # each asked directly, not through nginx
-        result, _ = infer(server.url, cluster.series[2])
+        result, _ = infer_retrying(server.url, cluster.series[2])
         assert result["provenance"]["model"]["sha256"] == published, server.url
 
 
@@ -141,7 +126,7 @@ def test_a_replica_killed_mid_load_loses_no_request(cluster):
     served_before = infers_served(cluster.replica)
 
     def one(image: str) -> tuple[str, dict, int]:
-        result, tries = infer(cluster.nginx.url, image)
+        result, tries = infer_retrying(cluster.nginx.url, image)
         with lock:
             done.append(image)
         return image, result, tries
