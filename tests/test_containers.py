@@ -85,11 +85,12 @@ class Stack:
             for cid in ids.stdout.split():
                 podman("healthcheck", "run", cid, check=False, timeout=60)
 
-    def compose(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    def compose(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
         files = [a for f in COMPOSE_FILES for a in ("-f", str(f))]
         run = subprocess.run(["docker-compose", "-p", self.project, *files, *args], capture_output=True, text=True,
                              env=self.env, cwd=REPO / "docker", timeout=timeout)  # fmt: skip
-        assert run.returncode == 0, f"docker-compose {' '.join(args)}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+        if check:
+            assert run.returncode == 0, f"docker-compose {' '.join(args)}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
         return run
 
     def containers(self, service: str) -> list[str]:
@@ -144,10 +145,7 @@ def stack(tmp_path_factory):
         try:
             stack.compose("up", "-d")
         except AssertionError:
-            logs = subprocess.run(["docker-compose", "-p", stack.project, *[a for f in COMPOSE_FILES for a in ("-f", str(f))],
-                                   "logs", "--no-color", "--tail", "60"], capture_output=True, text=True, env=stack.env,
-                                  cwd=REPO / "docker", timeout=120)  # fmt: skip
-            print(logs.stdout[-8000:])
+            print(stack.compose("logs", "--no-color", "--tail", "60", timeout=120, check=False).stdout[-8000:])
             raise
         token = admin_token(stack)
         wait_served(stack.url, token)
