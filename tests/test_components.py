@@ -424,6 +424,29 @@ def test_body_mask_cuts_a_thin_bridge_and_low_density_haze_and_keeps_lungs_and_g
     assert body[phantom.label > 0].all() and body[hu > -100].all()
 
 
+@pytest.mark.parametrize(
+    "spacing, axis, radius_mm",
+    [((0.977, 0.977, 3.0), 2, 3.0), ((3.9, 3.9, 2.5), 2, 3.0), ((1.0, 3.0, 0.7), 1, 5.0), ((0.5, 0.8, 2.0), 2, 6.0),
+     ((2.0, 0.3, 0.3), 0, 4.0)],
+)  # fmt: skip
+def test_in_plane_morphology_is_scipys_to_the_voxel(spacing, axis, radius_mm):
+    """The body's erosion and dilation by a disk (rectangles, segments of doubling runs) against scipy's
+    ``binary_erosion`` / ``binary_dilation`` with the same disk and iterations, borders included."""
+    from scipy import ndimage
+
+    from ctv_app.lib.transforms.postprocessing import in_plane_disk, in_plane_morphology
+
+    rng = np.random.default_rng(int(radius_mm * 10))
+    mask = ndimage.binary_opening(rng.random((61, 50, 37)) > 0.3)
+    mask[:, :, :3] = True  # tissue at the array's edge: the border counts as outside
+    disk, times = in_plane_disk(spacing, axis, radius_mm)
+    for iterations in (times, 2 * times):
+        assert np.array_equal(in_plane_morphology(mask, disk, iterations, erode=True),
+                              ndimage.binary_erosion(mask, disk, iterations=iterations))  # fmt: skip
+        assert np.array_equal(in_plane_morphology(mask, disk, iterations, erode=False),
+                              ndimage.binary_dilation(mask, disk, iterations=iterations))  # fmt: skip
+
+
 def test_checkpoints_hold_only_what_the_safe_loader_reads(tmp_path):
     """Issue 16 item 8: a checkpoint that ``torch.load(weights_only=True)`` refuses is never written, and the
     shipped demo weights load that way."""

@@ -82,6 +82,57 @@ def in_plane_disk(spacing: tuple[float, ...], axis: int, radius_mm: float) -> tu
     return np.expand_dims(i**2 + j**2 <= step**2 * (1 + 1e-6), axis), times
 
 
+def _segment(mask: np.ndarray, axis: int, half: int, erode: bool) -> np.ndarray:
+    """Erosion (AND) or dilation (OR) of ``mask`` by the segment [-half, half] along ``axis``, with False
+    outside the array (scipy's default border), in about log2(2 * half + 1) passes: runs of doubling length."""
+    if half == 0:
+        return mask
+    n, size = mask.shape[axis], 2 * half + 1
+    pad = [(0, 0)] * mask.ndim
+    pad[axis] = (half, half + size)  # False beyond both ends; room for the runs to read past the end
+    run = np.pad(mask, pad)
+    length = 1  # run[i]: combined over padded[i .. i + length - 1]
+
+    def part(start: int, count: int) -> tuple[slice, ...]:
+        index = [slice(None)] * mask.ndim
+        index[axis] = slice(start, start + count)
+        return tuple(index)
+
+    total = run.shape[axis]
+    while length < size:
+        step = min(length, size - length)
+        head = run[part(0, total - step)]
+        if erode:
+            head &= run[part(step, total - step)]
+        else:
+            head |= run[part(step, total - step)]
+        length += step
+    return np.ascontiguousarray(run[part(0, n)])  # padded[i .. i + size - 1] = mask[i - half .. i + half]
+
+
+def in_plane_morphology(mask: np.ndarray, disk: np.ndarray, times: int, erode: bool) -> np.ndarray:
+    """``ndimage.binary_erosion`` (or ``binary_dilation``) of ``mask`` by ``disk`` (``in_plane_disk``'s),
+    ``times`` over, to the voxel, in a fraction of its time: a disk is the union of its rectangles (one per
+    row width), so erosion by it is the intersection of erosions by each rectangle (dilation: the union),
+    and a rectangle's is two segments', each a few whole-array passes."""
+    axis = next(a for a in range(3) if disk.shape[a] == 1)
+    plane = [a for a in range(3) if a != axis]
+    rows = np.squeeze(disk, axis)
+    centre = [n // 2 for n in rows.shape]
+    half_widths = {int(r.sum()) // 2 for r in rows if r.any()}  # each row of a disk is one centred run
+    rectangles = []
+    for width in sorted(half_widths):
+        height = max(abs(i - centre[0]) for i, r in enumerate(rows) if int(r.sum()) // 2 >= width)
+        rectangles.append((height, width))  # (half size along plane[0], along plane[1])
+    for _ in range(times):
+        combined = None
+        for height, width in rectangles:
+            part = _segment(_segment(mask, plane[0], height, erode), plane[1], width, erode)
+            combined = part if combined is None else (combined & part if erode else combined | part)
+        mask = combined
+    return mask
+
+
 def fill_holes_per_slice(mask: np.ndarray, axis: int) -> np.ndarray:
     """``mask`` with the background each slice across ``axis`` encloses filled (lungs, bowel gas,
     the airway), in one labelling: background regions within a slice that touch no edge of it."""
@@ -122,7 +173,7 @@ def patient_body(
         return out
     tissue = tissue[box]
     disk, times = in_plane_disk(spacing, axis, bridge_mm)
-    core = ndimage.binary_erosion(tissue, disk, iterations=times)
+    core = in_plane_morphology(tissue, disk, times, erode=True)
     if not core.any():  # nothing thicker than a bridge: there is nothing to cut
         core = tissue
     core = largest_component(core)
@@ -131,7 +182,7 @@ def patient_body(
     slab = [slice(None)] * 3
     slab[axis] = slice(max(reach.start - first, 0), max(min(reach.stop, box[axis].stop) - first, 0))
     slab = tuple(slab)
-    body = tissue[slab] & ndimage.binary_dilation(core[slab], disk, iterations=2 * times)
+    body = tissue[slab] & in_plane_morphology(core[slab], disk, 2 * times, erode=False)
     out[box][slab] = fill_holes_per_slice(body, axis)
     return out
 
