@@ -38,6 +38,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from ..activelearning import EpistemicScoring, TTAScoring, Uncertain, UncertaintyScoring
 from ..checkpoint import read_params
 from ..dicom.results import RTConfig
+from ..engines import EngineSettings
 from ..infers.ctv import CTVInfer
 from ..networks import network_for
 from ..params import CTVParams, as_bool, conf_overrides
@@ -99,6 +100,7 @@ class ContouringConfig(TaskConfig):
         self.labels = self.params.labels
         self.network = network_for(self.params)
         self.rt_config = RTConfig.from_conf(conf)
+        self.engine_settings = EngineSettings.from_conf(conf)
         logger.info(f"model {name}: {self.path} (exists: {os.path.exists(self.path)}) params {self.params.to_dict()}")
 
     def infer(self) -> InferTask:
@@ -122,6 +124,7 @@ class ContouringConfig(TaskConfig):
                 defaults=self.default_params(),
                 description=self.description,
                 missing=missing,
+                engine_settings=self.engine_settings,
                 preload=preload,
             )
         return self._infer
@@ -131,7 +134,7 @@ class ContouringConfig(TaskConfig):
         params = (read_params(path) or self.default_params()).updated(self.overrides)
         return CTVInfer(path=path, network=network_for(params), params=params, name=self.name, rt_config=self.rt_config,
                         overrides=self.overrides, defaults=self.default_params(), description=self.description,
-                        preload=True)  # fmt: skip
+                        engine_settings=self.engine_settings, preload=True)  # fmt: skip
 
     def scoring_method(self) -> dict[str, ScoringMethod]:
         """``--conf epistemic_samples 8``, ``--conf epistemic_dropout 0.1`` (every model's)."""

@@ -24,9 +24,9 @@ from monailabel.utils.others.generic import name_to_device
 
 from ..checkpoint import load_checkpoint
 from ..dicom.results import RTConfig, check_result_format, write_dicom_result
-from ..errors import ModelUnavailableError
+from ..engines import ENGINES_BY_VERSION, Engine, EngineSettings, choose_engine
+from ..errors import InvalidInputError, ModelUnavailableError
 from ..inferers import build_inferer
-from ..errors import InvalidInputError
 from ..params import CTVParams, as_bool
 from ..provenance import InputRead, model_record, software_versions
 from ..structures import ENCODINGS, Structures
@@ -75,11 +75,13 @@ def _model_summary(provenance: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ServedModel:
-    """One loaded checkpoint: its network, the parameters its results are computed with (the checkpoint's
-    own, then the ``--conf`` overrides), its provenance record (which names those parameters) and its QAM.
-    A request holds one of these from pre-processing to writing, so a swap never mixes two models."""
+    """One loaded checkpoint: its network, the engine that runs it (``lib/engines.py``: chosen for this
+    version on this machine), the parameters its results are computed with (the checkpoint's own, then the
+    ``--conf`` overrides), its provenance record (which names those parameters) and its QAM. A request
+    holds one of these from pre-processing to writing, so a swap never mixes two models."""
 
     network: torch.nn.Module
+    engine: Engine
     params: CTVParams
     record: dict[str, Any]
     qam: dict[str, Any] | None
@@ -100,13 +102,16 @@ class CTVInfer(BasicInferTask):
         defaults: CTVParams | None = None,
         description: str = "Cervical-cancer CTV on planning CT (residual SE-DynUNet)",
         missing: str | None = None,
+        engine_settings: EngineSettings | None = None,
         **kwargs,
     ):
         """``params``: those of the checkpoint at start, with ``overrides`` (``--conf <name>_<param>``)
         applied; ``overrides`` apply again to every checkpoint swapped in later. ``defaults``: the model's
         parameters for a checkpoint that records none (default ``CTVParams()``). ``missing``: what a
-        request is told while there are no weights at ``path`` (default: train or give some)."""
+        request is told while there are no weights at ``path`` (default: train or give some).
+        ``engine_settings``: how each loaded version's engine is chosen (default: measured, ``auto``)."""
         self.name = name
+        self.engine_settings = engine_settings or EngineSettings()
         self.missing = missing
         # Called with (model, image id, bitmask, structures, affine, version) for each result on a datastore
         # study (the request's ``datastore_image``, set by the app): monitoring keeps it.
@@ -154,6 +159,14 @@ class CTVInfer(BasicInferTask):
             params = self.params
         return {**self._config, "flip_tta": params.flip_tta, "threshold": params.threshold}
 
+    def info(self) -> dict[str, Any]:
+        """MONAI Label's, with the engine serving the model now and how it was chosen."""
+        try:
+            engine = self.served().engine.record
+        except ModelUnavailableError:
+            engine = None
+        return {**super().info(), "engine": engine}
+
     def _model(self) -> ServedModel:
         """The model of the request this thread runs; outside a request, the one served now."""
         return getattr(self._request, "model", None) or self.served()
@@ -178,7 +191,7 @@ class CTVInfer(BasicInferTask):
         served = getattr(self._request, "model", None) or self.served(device)
         if data is not None:
             data["model_record"] = served.record
-        return served.network
+        return served.engine.network
 
     def served(self, device: str | None = None) -> ServedModel:
         """The served model, reloaded when the checkpoint file changes (a training run published one, or
@@ -213,9 +226,10 @@ class CTVInfer(BasicInferTask):
 
     def check_weights(self, path: str) -> dict[str, Any]:
         """The provenance record of weights this task would serve; raises if it cannot load them."""
-        return self._load(path, "cpu", os.stat(path).st_mtime).record
+        return self._load(path, "cpu", os.stat(path).st_mtime, choose=False).record
 
-    def _load(self, path: str, device: str, mtime: float) -> ServedModel:
+    def _load(self, path: str, device: str, mtime: float, choose: bool = True) -> ServedModel:
+        """``choose``: pick its engine (measured; cached by the version's sha256), else PyTorch."""
         with open(path, "rb") as f:
             blob = f.read()
         checkpoint = load_checkpoint(io.BytesIO(blob), map_location=device)
@@ -237,7 +251,12 @@ class CTVInfer(BasicInferTask):
         network.load_state_dict(checkpoint["model"], strict=True)
         network.eval()
         record = model_record(self.name, path, checkpoint, hashlib.sha256(blob).hexdigest(), params)
-        return ServedModel(network, params, record, checkpoint.get("meta", {}).get("qam"), mtime)
+        engine = Engine(network, "torch", "f32")
+        if choose:
+            inferer = build_inferer(params, device=device, flip_tta=False)
+            engine = ENGINES_BY_VERSION.get(record["sha256"], device, self.engine_settings,
+                                            lambda: choose_engine(network, params, device, self.engine_settings, inferer))  # fmt: skip
+        return ServedModel(network, engine, params, record, checkpoint.get("meta", {}).get("qam"), mtime)
 
     def model_record(self) -> dict[str, Any]:
         """Provenance of the model now served (loading it if needed)."""
@@ -274,6 +293,7 @@ class CTVInfer(BasicInferTask):
                 "affine": affine.tolist(),
             },
             "model": data.get("model_record"),
+            "engine": self._model().engine.record,
             "software": software_versions(),
             "request": {
                 "flip_tta": data.get("flip_tta", self.params.flip_tta),
