@@ -15,9 +15,14 @@
    26 outputs, random weights; 1.5 mm; ScaleIntensity to [-1, 1]; SlidingWindowInferer roi 96^3,
    sw_batch_size 2, overlap 0.4). --quick times a sample of its window batches and scales by
    the number of batches (said in the output); the full run times it whole.
+   Engines: the served model run by the engine the server chose on this machine (lib/engines.py:
+   OpenVINO at a measured precision) beside the same model forced to PyTorch fp32 (``--conf
+   inference_engine torch``), each its own server, requests alternated; the ratio, the stages, the peak
+   RSS, the masks' agreement per structure (Dice) and what choosing the engine cost at load.
 3. The limit: FLOPs of the network over the whole volume (torch's FLOP counter on one window,
-   times the windows), achieved GFLOP/s, and the fraction of this CPU's fp32 peak measured as a
-   large matmul on the same threads.
+   times the windows), achieved GFLOP/s, and the fraction of this machine's peak at the precision
+   served: the best 2048x2048 GEMM among the installed libraries (PyTorch, OpenVINO) on the same
+   threads, fp32 and bf16, with the library named, and the CPU's nominal figure beside it.
 4. Training: patches/s of a training step, plain and with quality weighting (QAM + OCM).
 5. GPU: the same figures when torch sees one (none on the project's machines so far).
 """
@@ -45,6 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from monailabel.client import MONAILabelClient  # noqa: E402
 
+from ctv_app.lib.engines import masks_agree  # noqa: E402
 from ctv_app.lib.losses import DeepSupervisionLoss  # noqa: E402
 from ctv_app.lib.metrics import dice  # noqa: E402
 from ctv_app.lib.networks import network_for  # noqa: E402
@@ -90,11 +96,6 @@ def summarise(runs: list[tuple[float, dict]]) -> dict:
     return {"seconds": median, "stages": stages, "runs": len(runs)}
 
 
-def end_to_end(client: MONAILabelClient, image_id: str, repeats: int) -> dict:
-    timed_infer(client, image_id)  # warm-up
-    return summarise([timed_infer(client, image_id) for _ in range(repeats)])
-
-
 def single_structure_checkpoint(folder: Path) -> Path:
     """The CTV-only checkpoint shipped before structure sets, read from git (never the tracked file)."""
     spec = f"{SINGLE_STRUCTURE_COMMIT}:apps/ctv_app/model/ctv.pt"
@@ -124,13 +125,8 @@ def structure_sets(
             "structures": read_params(str(checkpoints[name])).structure_list.names,
             "rss_start_mb": memory_mb(server_pid(servers[name]), "VmRSS"),
         }
-        timed_infer(client, image_id)  # warm-up
-    runs: dict[str, list] = {name: [] for name in clients}
-    for _ in range(repeats):
-        for name, client in clients.items():
-            runs[name].append(timed_infer(client, image_id))
-    for name in clients:
-        rows[name] |= summarise(runs[name]) | {"peak_rss_mb": memory_mb(server_pid(servers[name]), "VmHWM")}
+    for name, row in alternated(clients, image_id, repeats).items():
+        rows[name] |= row | {"peak_rss_mb": memory_mb(server_pid(servers[name]), "VmHWM")}
     single, multi = rows["single"], rows["multi"]
     ratios = {k: multi[k] / single[k] for k in ("seconds", "peak_rss_mb")}
     ratios |= {k: multi["stages"][k] / single["stages"][k] if single["stages"][k] > 0 else float("nan") for k in STAGES}
@@ -169,6 +165,93 @@ def print_structure_sets(figures: dict) -> None:
     print(f"targets: time <= {TARGET_TIME_RATIO}x ({time_ok}), peak RSS <= {TARGET_RSS_RATIO}x ({rss_ok})\n")
 
 
+def alternated(clients: dict[str, MONAILabelClient], image_id: str, repeats: int) -> dict[str, dict]:
+    """After a warm-up each, ``repeats`` rounds of one request to each server in turn (so load from
+    elsewhere on the machine falls on all alike); the median figures of each."""
+    for client in clients.values():
+        timed_infer(client, image_id)
+    runs: dict[str, list] = {name: [] for name in clients}
+    for _ in range(repeats):
+        for name, client in clients.items():
+            runs[name].append(timed_infer(client, image_id))
+    return {name: summarise(r) for name, r in runs.items()}
+
+
+def engines(servers: dict[str, ServerProcess], images: list[str], repeats: int) -> dict:
+    """``servers``: ``engine`` (the server's own choice) and ``torch`` (PyTorch fp32), the same model. Per
+    image: both rows, the ratios engine / torch, and the Dice per structure of their masks."""
+    clients = {name: MONAILabelClient(s.url, tmpdir=str(s.workdir / "client")) for name, s in servers.items()}
+    info = clients["engine"].info()["models"]["ctv"]
+    out: dict = {"engine": info["engine"], "images": {}}
+    for image in images:
+        rows = alternated(clients, image, repeats)
+        masks, structures = {}, []
+        for name, client in clients.items():
+            path, result = client.infer("ctv", image, {"label_encoding": "bitmask"})
+            masks[name] = np.asarray(nib.load(path).dataobj)
+            structures = [s["name"] for s in result["structures"]]
+        agreement = {}
+        for i, name in enumerate(structures):
+            agrees, score, differing = masks_agree((masks["torch"] >> i) & 1 > 0, (masks["engine"] >> i) & 1 > 0)
+            agreement[name] = {"agrees": agrees, "dice": score, "differing": differing}
+        ratios = {"seconds": rows["engine"]["seconds"] / rows["torch"]["seconds"]}
+        ratios |= {k: rows["engine"]["stages"][k] / rows["torch"]["stages"][k] for k in STAGES if rows["torch"]["stages"][k] > 0}
+        out["images"][image] = {"rows": rows, "ratios": ratios, "agreement": agreement}
+    out["peak_rss_mb"] = {name: memory_mb(server_pid(s), "VmHWM") for name, s in servers.items()}
+    return out
+
+
+def print_engines(figures: dict) -> None:
+    e = figures["engine"]
+    print(f"\nengine chosen on this machine: {e['engine']} {e['precision']} ({e['chosen_because']}); "
+          f"measured at load: {json.dumps({k: v['ms_per_window'] for k, v in e['measured'].items()})} ms per window; "
+          f"choosing took {e.get('choose_s', 0):.1f} s (conversion {e.get('convert_s', 0):.1f} s)")  # fmt: skip
+    for image, row in figures["images"].items():
+        for name in ("torch", "engine"):
+            r = row["rows"][name]
+            print(f"{image:28s} {name:7s} {r['seconds']:6.2f} s  " + " ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()))
+        print(f"{image:28s} engine / torch {row['ratios']['seconds']:.2f}; agreement (Dice, voxels differing) "
+              + ", ".join(f"{k} {v['dice']:.4f} ({v['differing']})" for k, v in row["agreement"].items()))  # fmt: skip
+    print(f"peak RSS MB: {figures['peak_rss_mb']}")
+
+
+def gemm_peaks(n: int = 2048, repeats: int = 5) -> dict[str, dict[str, float]]:
+    """GFLOP/s of a n x n GEMM at fp32 and bf16 with each installed library on this process's threads."""
+    peaks: dict[str, dict[str, float]] = {"fp32": {}, "bf16": {}}
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n, dtype=dtype)
+        torch.mm(a, a)
+        peaks[precision]["PyTorch"] = 2 * n**3 / min(_timed(lambda: torch.mm(a, a)) for _ in range(repeats)) / 1e9
+    try:
+        import openvino as ov
+        from openvino import opset13 as ops
+    except ImportError:
+        return peaks
+    x = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    left, right = ops.parameter([n, n], np.float32), ops.parameter([n, n], np.float32)
+    model = ov.Model([ops.matmul(left, right, False, False)], [left, right])
+    for precision, hint in (("fp32", "f32"), ("bf16", "bf16")):
+        try:
+            request = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                             "INFERENCE_NUM_THREADS": torch.get_num_threads()}).create_infer_request()  # fmt: skip
+        except RuntimeError:  # a CPU without it
+            continue
+        request.infer([x, x])
+        peaks[precision]["OpenVINO"] = 2 * n**3 / min(_timed(lambda: request.infer([x, x])) for _ in range(repeats)) / 1e9
+    return peaks
+
+
+def nominal_peak() -> str:
+    """The CPU's own fp32 figure: cores x clock x FMA width, with what it assumes."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    mhz = next((float(line.split(":")[1]) for line in flags.splitlines() if line.startswith("cpu MHz")), 0.0)
+    lanes = 16 if " avx512f" in flags else 8 if " avx2" in flags else 4
+    fma_units = 2  # assumed: two FMA ports per core (this figure is the CPU's nominal, not a measurement)
+    gflops = torch.get_num_threads() * mhz / 1000 * lanes * 2 * fma_units
+    return (f"{gflops:.0f} GFLOP/s fp32 = {torch.get_num_threads()} threads x {mhz / 1000:.2f} GHz x {lanes} lanes x "
+            f"2 (FMA) x {fma_units} FMA units (assumed; vCPUs may share a core)")  # fmt: skip
+
+
 def window_count(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
     """Sliding windows MONAI places over ``shape`` (its scan interval and last-window rule)."""
     n = 1
@@ -186,13 +269,6 @@ def network_flops(net: torch.nn.Module, roi: tuple[int, ...], channels: int = 1)
     with torch.inference_mode(), counter:
         net(torch.zeros(1, channels, *roi))
     return float(counter.get_total_flops())
-
-
-def fp32_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -319,6 +395,22 @@ def structure_sets_rows(figures: dict) -> list[str]:
     return lines
 
 
+def engine_rows(figures: dict) -> list[str]:
+    e = figures["engine"]
+    lines = [f"| engine chosen at load | {e['engine']} {e['precision']}: {e['chosen_because']}; ms per window "
+             + ", ".join(f"{k} {v['ms_per_window']}" for k, v in e["measured"].items())
+             + f"; choosing took {e.get('choose_s', 0):.1f} s (conversion {e.get('convert_s', 0):.1f} s) |"]  # fmt: skip
+    for image, row in figures["images"].items():
+        t, g = row["rows"]["torch"], row["rows"]["engine"]
+        lines.append(f"| {image}: PyTorch fp32 -> engine (median of {g['runs']} alternated) | {t['seconds']:.2f} s -> "
+                     f"{g['seconds']:.2f} s = x{row['ratios']['seconds']:.2f} (network {t['stages']['infer']:.2f} -> "
+                     f"{g['stages']['infer']:.2f} s); masks: " + ", ".join(f"{k} {v['dice']:.4f} ({v['differing']} voxels)"
+                                                          for k, v in row["agreement"].items()) + " |")  # fmt: skip
+    lines.append(f"| peak RSS, PyTorch fp32 / engine server | {figures['peak_rss_mb']['torch']:.0f} / "
+                 f"{figures['peak_rss_mb']['engine']:.0f} MB |")  # fmt: skip
+    return lines
+
+
 def write_report(figures: dict, command: str) -> None:
     s = figures["stock"]
     lines = [
@@ -341,11 +433,16 @@ def write_report(figures: dict, command: str) -> None:
         f"({s['windows']} windows of 96^3 on {s['shape']}) |",
         f"| ours / stock | {figures['ratio_vs_stock']:.3f} |",
         *structure_sets_rows(figures["structure_sets"]),
+        *engine_rows(figures["engines"]),
         f"| non-network share of end to end (512x512x120) | {figures['non_network_share']:.1%} |",
         f"| peak RSS of the server | {figures['peak_rss_mb']:.0f} MB |",
         f"| network FLOPs, 512x512x120 ({figures['windows']} windows) | {figures['flops'] / 1e9:.0f} GFLOP |",
-        f"| achieved / fp32 peak (matmul, {figures['threads']} threads) | {figures['gflops']:.1f} / "
-        f"{figures['peak_gflops']:.1f} GFLOP/s = {figures['frac_of_peak_flops']:.1%} |",
+        f"| achieved / peak at the served precision (best {figures['peak_precision']} GEMM: {figures['peak_library']}, "
+        f"{figures['threads']} threads) | {figures['gflops']:.1f} / {figures['peak_gflops']:.1f} GFLOP/s = "
+        f"{figures['frac_of_peak_flops']:.1%} |",
+        "| GEMMs on this machine, GFLOP/s | " + "; ".join(f"{p} " + ", ".join(f"{lib} {v:.0f}" for lib, v in libs.items())
+                                                  for p, libs in figures["gemm_peaks"].items()) + " |",
+        f"| nominal fp32 peak | {figures['nominal_peak']} |",
         f"| training, patches/s plain / QAM+OCM | {figures['train']['plain']:.2f} / {figures['train']['qam_ocm']:.2f} "
         f"(overhead x{figures['train']['qam_ocm_overhead']:.2f}) |",
         f"| Dice, served path vs fp32 reference path, {len(figures['accuracy'])} SYNTHETIC 512x512x120 phantoms | "
@@ -386,19 +483,20 @@ def main() -> None:
             "single": Path(args.single) if args.single else single_structure_checkpoint(Path(tmp)),
             "multi": Path(args.multi) if args.multi else APP_DIR / "model" / "ctv.pt",
         }
+        conf = {"single": {"ctv_model": str(checkpoints["single"])}, "multi": {"ctv_model": str(checkpoints["multi"])},
+                "multi_torch": {"ctv_model": str(checkpoints["multi"]), "inference_engine": "torch"}}  # fmt: skip
         with ExitStack() as stack:
-            servers = {
-                name: stack.enter_context(ServerProcess(studies, Path(tmp) / name, conf={"ctv_model": str(path)}))
-                for name, path in checkpoints.items()
-            }
-            figures["structure_sets"] = structure_sets(servers, checkpoints, "phantom_full", repeats)
-            # The served model's figures: the multi-structure server's, the real CT after the comparison.
-            figures["e2e"] = {"phantom 512x512x120": figures["structure_sets"]["models"]["multi"]}
-            figures["peak_rss_mb"] = figures["structure_sets"]["models"]["multi"]["peak_rss_mb"]
-            if REAL_CT.exists():
-                multi = MONAILabelClient(servers["multi"].url, tmpdir=str(Path(tmp) / "client"))
-                figures["e2e"]["real CT 122x101x112"] = end_to_end(multi, REAL_CT.name.removesuffix(".nii.gz"), repeats)
+            servers = {name: stack.enter_context(ServerProcess(studies, Path(tmp) / name, conf=c)) for name, c in conf.items()}
+            figures["structure_sets"] = structure_sets({k: servers[k] for k in ("single", "multi")}, checkpoints,
+                                                       "phantom_full", repeats)  # fmt: skip
+            images = ["phantom_full"] + ([REAL_CT.name.removesuffix(".nii.gz")] if REAL_CT.exists() else [])
+            figures["engines"] = engines({"engine": servers["multi"], "torch": servers["multi_torch"]}, images, repeats)
+        # The served model's figures: the multi-structure server's (the engine it chose).
+        figures["e2e"] = {("phantom 512x512x120" if image == "phantom_full" else f"real CT {image}"): row["rows"]["engine"]
+                          for image, row in figures["engines"]["images"].items()}  # fmt: skip
+        figures["peak_rss_mb"] = figures["engines"]["peak_rss_mb"]["engine"]
         print_structure_sets(figures["structure_sets"])
+        print_engines(figures["engines"])
         for name, row in figures["e2e"].items():
             print(f"/infer/ctv {name}: {row['seconds']:.2f} s  " + ", ".join(f"{k} {v:.2f}" for k, v in row["stages"].items()))
         print(f"peak RSS of the server: {figures['peak_rss_mb']:.0f} MB")
@@ -412,12 +510,18 @@ def main() -> None:
     figures["windows"] = window_count(tuple(pre_shape), params.patch_size, params.sw_overlap)
     figures["flops"] = network_flops(net, params.patch_size) * figures["windows"]
     figures["gflops"] = figures["flops"] / e2e["stages"]["infer"] / 1e9
-    figures["peak_gflops"] = fp32_peak_gflops()
+    figures["gemm_peaks"] = gemm_peaks()
+    served = "bf16" if figures["engines"]["engine"]["precision"] == "bf16" else "fp32"
+    figures["peak_library"], figures["peak_gflops"] = max(figures["gemm_peaks"][served].items(), key=lambda kv: kv[1])
+    figures["peak_precision"] = served
+    figures["nominal_peak"] = nominal_peak()
     figures["frac_of_peak_flops"] = figures["gflops"] / figures["peak_gflops"]
     figures["ratio_vs_stock"] = e2e["seconds"] / figures["stock"]["seconds"]
     figures["non_network_share"] = 1 - e2e["stages"]["infer"] / e2e["seconds"]
     print(f"network: {figures['flops'] / 1e9:.0f} GFLOP over {figures['windows']} windows, {figures['gflops']:.1f} GFLOP/s "
-          f"= {figures['frac_of_peak_flops']:.1%} of the measured fp32 peak {figures['peak_gflops']:.1f} GFLOP/s")
+          f"= {figures['frac_of_peak_flops']:.1%} of the best {figures['peak_precision']} GEMM "
+          f"({figures['peak_library']}, {figures['peak_gflops']:.1f} GFLOP/s); GEMMs: {figures['gemm_peaks']}; "
+          f"nominal: {figures['nominal_peak']}")
     figures["train"] = train_throughput(params, steps=2 if args.quick else 6)
     print(f"training: {figures['train']['plain']:.2f} patches/s plain, {figures['train']['qam_ocm']:.2f} with QAM+OCM "
           f"(x{figures['train']['qam_ocm_overhead']:.2f})")
@@ -430,7 +534,7 @@ def main() -> None:
         print("wrote docs/performance.md")
     print(json.dumps({
         "e2e_s": round(e2e["seconds"], 3),
-        "e2e_real_ct_s": round(figures["e2e"].get("real CT 122x101x112", {}).get("seconds", float("nan")), 3),
+        "e2e_real_ct_s": round(next((r["seconds"] for k, r in figures["e2e"].items() if k.startswith("real")), float("nan")), 3),
         "stock_s": round(figures["stock"]["seconds"], 2),
         "stock_timing": "sampled" if args.quick else "whole",
         "ratio_vs_stock": round(figures["ratio_vs_stock"], 4),
@@ -441,6 +545,14 @@ def main() -> None:
         "train_patches_per_s": {k: round(v, 3) for k, v in figures["train"].items()},
         "dice_vs_reference_min": round(min(figures["accuracy"]), 4),
         "structure_sets": structure_sets_summary(figures["structure_sets"]),
+        "engine": {k: figures["engines"]["engine"].get(k) for k in ("engine", "precision", "choose_s", "convert_s")},
+        "engine_vs_torch": {image: {"ratio": round(row["ratios"]["seconds"], 3),
+                                    "torch_s": round(row["rows"]["torch"]["seconds"], 3),
+                                    "engine_s": round(row["rows"]["engine"]["seconds"], 3),
+                                    "agrees": all(v["agrees"] for v in row["agreement"].values()),
+                                    "min_dice": round(min(v["dice"] for v in row["agreement"].values()), 5)}
+                            for image, row in figures["engines"]["images"].items()},
+        "peak_rss_mb_torch": round(figures["engines"]["peak_rss_mb"]["torch"], 1),
     }))
 
 

@@ -3,7 +3,8 @@
 When a model version is loaded, it is converted for OpenVINO (CPU) and every candidate precision is run
 beside the PyTorch fp32 path on calibration volumes (a SYNTHETIC phantom by default, or the site's own
 CTs: ``--conf engine_calibration a.nii.gz,b.nii.gz``), through the served sliding window. The fastest
-candidate whose masks agree with fp32 (Dice >= ``AGREEMENT`` for every structure) serves that version;
+candidate whose masks agree with fp32 (Dice >= ``CALIBRATION_AGREEMENT`` for every structure, so that
+unseen CTs keep ``AGREEMENT``) serves that version;
 the choice, the agreement and the speed of each candidate go into every result's provenance and
 ``/info/``. The machines this runs on differ (with or without bf16 units: bf16 is 4-6x faster than fp32
 on one, 2x slower on another), so the choice is measured here, not written down.
@@ -35,7 +36,27 @@ from .params import CTVParams
 
 logger = logging.getLogger(__name__)
 
-AGREEMENT = 0.999  # Dice per structure against the fp32 PyTorch masks
+AGREEMENT = 0.999  # Dice per structure against the fp32 PyTorch masks: what a served precision keeps
+# Two fp32 implementations summing in another order can put a voxel lying on the threshold on either side:
+# OpenVINO f32 and PyTorch fp32 differ by one voxel of a 154-voxel structure on the real CT (Dice 0.9968). A
+# structure too small for AGREEMENT to allow one voxel agrees when no more than this many differ.
+TOLERATED_VOXELS = 1
+
+
+def masks_agree(reference: np.ndarray, candidate: np.ndarray) -> tuple[bool, float, int]:
+    """Whether a served mask keeps the fp32 mask (``AGREEMENT``, or ``TOLERATED_VOXELS``), its Dice (1.0 when both
+    are empty) and the voxels that differ."""
+    reference, candidate = np.asarray(reference, dtype=bool), np.asarray(candidate, dtype=bool)
+    total = int(reference.sum()) + int(candidate.sum())
+    differing = int(np.count_nonzero(reference != candidate))
+    dice = 1.0 if total == 0 else 1.0 - differing / total
+    return dice >= AGREEMENT or differing <= TOLERATED_VOXELS, dice, differing
+
+
+# What a candidate must show on the calibration volumes to be served: stricter than AGREEMENT, because they are
+# few. On one SYNTHETIC phantom OpenVINO f16 reached 0.9991 and then 0.9984 (Bladder) on the real CT; 0.9995
+# lets no voxel of a structure under 2000 voxels change there. OpenVINO f32 scores 1.0.
+CALIBRATION_AGREEMENT = 0.9995
 ENGINES = ("auto", "torch", "openvino")
 PRECISIONS = ("auto", "f32", "bf16", "f16")
 # OpenVINO's name for each precision, and the CPU capability it needs (OPTIMIZATION_CAPABILITIES).
@@ -154,16 +175,14 @@ def calibration_volumes(params: CTVParams, paths: tuple[str, ...] = ()) -> list[
 
 def mask_agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor], threshold: float,
                    names: list[str]) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Per structure: Dice of the masks (logits above ``threshold``'s logit) over all volumes, and the
-    reference's voxels (0: the structure is absent from the calibration set, so it was not exercised)."""
+    """Per structure: Dice of the masks (logits above ``threshold``'s logit) over all volumes, the voxels that
+    differ, and the reference's voxels (0: the structure is absent from the calibration set: not exercised)."""
     cut = float(np.log(threshold / (1.0 - threshold)))
     out = {}
     for c, name in enumerate(names):
-        ref = torch.cat([r[:, c].flatten() for r in reference]) > cut
-        cand = torch.cat([x[:, c].flatten() for x in candidate]) > cut
-        total = int(ref.sum() + cand.sum())
-        dice = 1.0 if total == 0 else 2.0 * int((ref & cand).sum()) / total
-        out[name] = {"dice": round(dice, 6), "voxels": int(ref.sum())}
+        ref = (torch.cat([r[:, c].flatten() for r in reference]) > cut).numpy()
+        _, dice, differing = masks_agree(ref, (torch.cat([x[:, c].flatten() for x in candidate]) > cut).numpy())
+        out[name] = {"dice": round(dice, 6), "voxels": int(ref.sum()), "differing": differing}
     return out
 
 
@@ -196,8 +215,9 @@ def choose_engine(network: torch.nn.Module, params: CTVParams, device: str, sett
     elif openvino_version() is None:
         why_torch = "openvino is not installed"
     if why_torch:
-        if settings.engine == "openvino":
-            logger.warning(f"inference_engine openvino asked for, but {why_torch}: PyTorch serves")
+        asked = "inference_engine openvino asked for, but " if settings.engine == "openvino" else ""
+        log = logger.info if settings.engine == "torch" else logger.warning
+        log(f"{asked}{why_torch}: PyTorch serves")
         return _with_record(torch_engine, why_torch, {})
     started = time.perf_counter()
     try:
@@ -223,15 +243,18 @@ def choose_engine(network: torch.nn.Module, params: CTVParams, device: str, sett
         agreement = mask_agreement(reference, outputs, params.threshold, params.structure_list.names)
         measured[f"openvino {precision}"] = {"ms_per_window": round(1000 * seconds / windows, 2), "agreement": agreement}
         engines.append(Engine(ov_network, "openvino", precision))
-    if settings.engine == "auto" and settings.precision == "auto":
-        agreeing = [e for e in engines if e.name == "torch" or _agrees(measured[f"{e.name} {e.precision}"])]
-        chosen = min(agreeing, key=lambda e: measured[f"{e.name} {e.precision}"]["ms_per_window"])
-        reason = f"fastest whose masks agree with PyTorch fp32 (Dice >= {AGREEMENT} per structure)"
-    else:  # forced by the site: served as asked, its agreement recorded
-        chosen = min(engines, key=lambda e: measured[f"{e.name} {e.precision}"]["ms_per_window"])
+    key = {id(e): f"{e.name} {e.precision}" for e in engines}
+    agreeing = [e for e in engines if e.name == "torch" or _agrees(measured[key[id(e)]], e.precision)]
+    if settings.precision == "auto" and agreeing:
+        chosen = min(agreeing, key=lambda e: measured[key[id(e)]]["ms_per_window"])
+        reason = f"fastest whose calibration masks agree with PyTorch fp32 (Dice >= {CALIBRATION_AGREEMENT} per structure)"
+        if settings.engine != "auto":
+            reason += f"; inference_engine {settings.engine}"
+    else:  # the precision forced by the site (or, forced to OpenVINO, none agreeing): served as asked
+        chosen = min(engines, key=lambda e: measured[key[id(e)]]["ms_per_window"])
         reason = f"forced (inference_engine {settings.engine}, inference_precision {settings.precision})"
-        if not _agrees(measured[f"{chosen.name} {chosen.precision}"]):
-            logger.warning(f"forced {chosen.name} {chosen.precision} does not agree with fp32: {measured}")
+        if chosen not in agreeing:
+            logger.warning(f"forced {key[id(chosen)]} does not agree with PyTorch fp32 on calibration: {measured}")
     record = _with_record(chosen, reason, measured).record
     record |= {"convert_s": round(convert_s, 2), "choose_s": round(time.perf_counter() - started, 2), "calibration": list(settings.calibration) or [f"SYNTHETIC phantom {CALIBRATION_SEED}"],
                "calibration_windows": windows}  # fmt: skip
@@ -239,8 +262,12 @@ def choose_engine(network: torch.nn.Module, params: CTVParams, device: str, sett
     return Engine(chosen.network, chosen.name, chosen.precision, record)
 
 
-def _agrees(measured: dict[str, Any]) -> bool:
-    return min(s["dice"] for s in measured["agreement"].values()) >= AGREEMENT
+def _agrees(measured: dict[str, Any], precision: str) -> bool:
+    """A reduced precision must have been seen on every structure (a head-and-neck model on the pelvic phantom
+    is not: its masks there are empty, and agree trivially); f32 differs from PyTorch only in summation order."""
+    agreement = measured["agreement"].values()
+    exercised = all(s["voxels"] > 0 for s in agreement)
+    return min(s["dice"] for s in agreement) >= CALIBRATION_AGREEMENT and (exercised or precision == "f32")
 
 
 def _with_record(engine: Engine, reason: str, measured: dict[str, Any]) -> Engine:
