@@ -126,3 +126,21 @@ def test_ctv_trainer_trains_with_quality_weighting_and_publishes_its_qam(tmp_pat
     save_checkpoint(str(served), ckpt["model"], params, {k: v for k, v in ckpt["meta"].items() if k != "qam"})
     with pytest.raises(NoQualityModelError, match="quality_weighting"):
         Review(scoring)({}, store)
+
+
+def test_centred_scores_keep_their_spread_when_the_raw_scores_drift_together():
+    """The softmax ignores a shift common to the batch, so nothing anchors the raw scores: drifted together
+    (here the QAM's last bias at +50), tanh saturates and the OCM gives every sample the same weight.
+    Centred over the batch first, the same scores keep their differences and their order."""
+    torch.manual_seed(0)
+    qam = QualityAwarenessModule(2, in_channels=2, channels=(4, 8))
+    image, label = torch.randn(6, 1, 32, 32), (torch.rand(6, 1, 32, 32) > 0.5).float()
+    raw = qam(image, label).detach()
+    assert float(raw.max() - raw.min()) > 1e-3
+    with torch.no_grad():
+        qam.features[-1].bias += 50.0
+    plain, centred = QualityWeightedLoss(qam, 2.0), QualityWeightedLoss(qam, 2.0, centre=True)
+    w_plain, w_centred = plain.weights(image, label).detach(), centred.weights(image, label).detach()
+    assert float(w_plain.max() / w_plain.min()) < 1 + 1e-4  # saturated: uniform weights
+    assert float(w_centred.max() / w_centred.min()) > 1 + 1e-3
+    assert torch.equal(torch.argsort(w_centred), torch.argsort(raw))  # the QAM's order of quality is kept

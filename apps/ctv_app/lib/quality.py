@@ -53,17 +53,25 @@ def overfitting_control(scores: torch.Tensor, ocm_lambda: float) -> torch.Tensor
 
 class QualityWeightedLoss(nn.Module):
     """sum_i w_i * loss_i with w = softmax over the batch of the QAM scores (OCM-bounded unless
-    ``ocm_lambda`` is None, which is the QAM-only method)."""
+    ``ocm_lambda`` is None, which is the QAM-only method).
 
-    def __init__(self, qam: QualityAwarenessModule, ocm_lambda: float | None = 2.0):
+    ``centre``: subtract the batch's mean score before the OCM. The softmax ignores a shift common to the
+    batch, so the raw scores have no anchor and can drift together until tanh saturates, where every
+    sample's bounded score is about lambda and the weights are uniform again (the plain loss); centred,
+    the scores the OCM bounds are their differences within the batch."""
+
+    def __init__(self, qam: QualityAwarenessModule, ocm_lambda: float | None = 2.0, centre: bool = False):
         super().__init__()
         if ocm_lambda is not None and ocm_lambda <= 0:
             raise ValueError(f"ocm_lambda must be > 0 (or None for QAM alone), got {ocm_lambda}")
         self.qam = qam
         self.ocm_lambda = ocm_lambda
+        self.centre = centre
 
     def weights(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         scores = self.qam(image, label)
+        if self.centre:
+            scores = scores - scores.mean()
         if self.ocm_lambda is not None:
             scores = overfitting_control(scores, self.ocm_lambda)
         return torch.softmax(scores, dim=0)
