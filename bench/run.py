@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from monailabel.client import MONAILabelClient  # noqa: E402
 
+from ctv_app.lib.checkpoint import read_params  # noqa: E402
 from ctv_app.lib.engines import masks_agree  # noqa: E402
 from ctv_app.lib.losses import DeepSupervisionLoss  # noqa: E402
 from ctv_app.lib.metrics import dice  # noqa: E402
@@ -57,13 +58,15 @@ from ctv_app.lib.networks import network_for  # noqa: E402
 from ctv_app.lib.params import CTVParams  # noqa: E402
 from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss  # noqa: E402
 from ctv_datastore.phantom import FULL_SHAPE, FULL_SPACING, make_phantom, save_nifti  # noqa: E402
-from tests.support import APP_DIR, REAL_CT, ServerProcess, memory_mb  # noqa: E402
+from tests.support import APP_DIR, REAL_CT, SHARED_DATA, ServerProcess, memory_mb  # noqa: E402
 
 STAGES = ("pre", "infer", "post", "write")
 # The last commit whose shipped checkpoint contours the CTV alone (before structure sets, issue 17).
 SINGLE_STRUCTURE_COMMIT = "206cd5c"
 # Issue 17's targets for the multi-structure model against the single-structure one.
 TARGET_TIME_RATIO, TARGET_RSS_RATIO = 1.3, 1.2
+OPENKBP = SHARED_DATA / "openkbp"  # real head-and-neck CTs: the body fills less of their field of view
+OPENKBP_CASES = 20
 NOTES_MARKER = "<!-- Written by hand below; bench/run.py keeps it when it rewrites the table above. -->"
 
 
@@ -115,8 +118,6 @@ def structure_sets(
     each, ``repeats`` rounds of one request to each server in turn, so load from elsewhere on the
     machine falls on all alike. Per model: its structures, median end to end and stages, RSS after
     start and peak RSS (VmHWM) of its server; then multi / single ratios, time and peak RSS."""
-    from ctv_app.lib.checkpoint import read_params
-
     clients = {name: MONAILabelClient(s.url, tmpdir=str(s.workdir / "client")) for name, s in servers.items()}
     rows = {}
     for name, client in clients.items():
@@ -250,6 +251,27 @@ def nominal_peak() -> str:
     gflops = torch.get_num_threads() * mhz / 1000 * lanes * 2 * fma_units
     return (f"{gflops:.0f} GFLOP/s fp32 = {torch.get_num_threads()} threads x {mhz / 1000:.2f} GHz x {lanes} lanes x "
             f"2 (FMA) x {fma_units} FMA units (assumed; vCPUs may share a core)")  # fmt: skip
+
+
+def body_crop_saving(cases: list[tuple[str, str, CTVParams]]) -> list[dict]:
+    """Per (name, CT path, model parameters): the windows the full volume's sliding window places, the windows
+    the body crop runs and those it answers as air (``inferers.BodyCropInferer``), counted with a stand-in
+    network (the decisions depend on the CT alone)."""
+    from monai.transforms import Compose
+
+    from ctv_app.lib.inferers import build_inferer
+    from ctv_app.lib.transforms import pre_transforms
+
+    out = []
+    for name, path, params in cases:
+        x = Compose(pre_transforms(params))({"image": path})["image"].as_tensor()[None]
+        inferer = build_inferer(params, flip_tta=False)
+        channels = len(params.structures)
+        inferer(x, lambda w: torch.zeros(w.shape[0], channels, *w.shape[2:]))
+        runs, air = inferer.last_windows
+        full = window_count(tuple(x.shape[2:]), params.patch_size, params.sw_overlap)
+        out.append({"case": name, "windows": full, "run": runs, "air": air, "saved": 1 - runs / full})
+    return out
 
 
 def window_count(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
@@ -528,6 +550,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         figures["accuracy"] = accuracy_vs_reference([9600] if args.quick else [9600, 9601, 9602], Path(tmp))
     print(f"Dice served vs reference path: {[round(d, 4) for d in figures['accuracy']]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        phantom = Path(tmp) / "phantom_full.nii.gz"
+        save_nifti(make_phantom(9500, FULL_SHAPE, FULL_SPACING), str(phantom))
+        cases = [("SYNTHETIC phantom 512x512x120 (ctv)", str(phantom), read_params(str(APP_DIR / "model" / "ctv.pt")))]
+        if REAL_CT.exists():
+            cases.append((f"{REAL_CT.name} (ctv)", str(REAL_CT), cases[0][2]))
+        hn = read_params(str(APP_DIR / "model" / "hn.pt"))
+        cases += [(f"{p.name} (hn)", str(p), hn) for p in sorted(OPENKBP.glob("openkbp_train_*.nii.gz"))[:OPENKBP_CASES]]
+        figures["body_crop"] = body_crop_saving(cases)
+    for row in figures["body_crop"][:2]:
+        print(f"body crop {row['case']}: {row['run']} of {row['windows']} windows run, {row['air']} answered as air")
+    real = [r for r in figures["body_crop"] if r["case"].startswith("openkbp")]
+    if real:
+        print(f"body crop on {len(real)} real OpenKBP CTs (hn): windows run {np.mean([r['run'] for r in real]):.1f} of "
+              f"{np.mean([r['windows'] for r in real]):.1f} on average, saved {np.mean([r['saved'] for r in real]):.1%} "
+              f"(range {min(r['saved'] for r in real):.1%}-{max(r['saved'] for r in real):.1%})")  # fmt: skip
     figures["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none on this machine"
     if not args.quick:
         write_report(figures, "python bench/run.py")

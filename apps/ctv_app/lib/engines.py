@@ -230,31 +230,39 @@ def choose_engine(network: torch.nn.Module, params: CTVParams, device: str, sett
             wanted = [settings.precision] if settings.precision in available else []
             if not wanted:
                 raise RuntimeError(f"this CPU cannot compute in {settings.precision} (it offers {available})")
-        compiled = {p: OpenVINONetwork(_compile(ov_model, p), params.patch_size) for p in wanted}
+        first = OpenVINONetwork(_compile(ov_model, wanted[-1]), params.patch_size)  # fails here if OpenVINO cannot
     except Exception as e:  # a model OpenVINO cannot take: keep serving with PyTorch
         logger.warning(f"OpenVINO could not take this model ({type(e).__name__}: {e}); PyTorch serves")
         return _with_record(torch_engine, f"OpenVINO failed: {type(e).__name__}: {e}", {})
     volumes = calibration_volumes(params, settings.calibration)
     reference, seconds, windows = _timed_run(network, volumes, inferer, params.patch_size)
     measured: dict[str, dict[str, Any]] = {"torch f32": {"ms_per_window": round(1000 * seconds / windows, 2)}}
-    engines = [torch_engine] if settings.engine == "auto" else []
-    for precision, ov_network in compiled.items():
+    forced = settings.precision != "auto"
+    # One compiled model at a time, only the best so far kept: each holds its own copy of the weights.
+    best = torch_engine if settings.engine == "auto" else None
+    for precision in reversed(wanted):  # f32 first: forced to OpenVINO, it is the fallback
+        ov_network = first if precision == wanted[-1] else OpenVINONetwork(_compile(ov_model, precision), params.patch_size)
         outputs, seconds, _ = _timed_run(ov_network, volumes, inferer, params.patch_size)
         agreement = mask_agreement(reference, outputs, params.threshold, params.structure_list.names)
-        measured[f"openvino {precision}"] = {"ms_per_window": round(1000 * seconds / windows, 2), "agreement": agreement}
-        engines.append(Engine(ov_network, "openvino", precision))
-    key = {id(e): f"{e.name} {e.precision}" for e in engines}
-    agreeing = [e for e in engines if e.name == "torch" or _agrees(measured[key[id(e)]], e.precision)]
-    if settings.precision == "auto" and agreeing:
-        chosen = min(agreeing, key=lambda e: measured[key[id(e)]]["ms_per_window"])
+        key = f"openvino {precision}"
+        measured[key] = {"ms_per_window": round(1000 * seconds / windows, 2), "agreement": agreement,
+                         "agrees": _agrees({"agreement": agreement}, precision)}  # fmt: skip
+        faster = best is None or measured[key]["ms_per_window"] < measured[f"{best.name} {best.precision}"]["ms_per_window"]
+        if forced or (measured[key]["agrees"] and faster):
+            best = Engine(ov_network, "openvino", precision)
+    chosen = best
+    if forced:
+        reason = f"forced (inference_precision {settings.precision})"
+        if not measured[f"openvino {settings.precision}"]["agrees"]:
+            logger.warning(f"forced openvino {settings.precision} does not agree with PyTorch fp32 on calibration: {measured}")
+    else:
         reason = f"fastest whose calibration masks agree with PyTorch fp32 (Dice >= {CALIBRATION_AGREEMENT} per structure)"
-        if settings.engine != "auto":
+        if chosen is None:  # inference_engine openvino, and no precision agrees: f32, as close as OpenVINO gets
+            chosen = Engine(first, "openvino", wanted[-1])
+            reason = "inference_engine openvino: no precision agreed on calibration, f32 serves"
+            logger.warning(f"{reason}: {measured}")
+        elif settings.engine != "auto":
             reason += f"; inference_engine {settings.engine}"
-    else:  # the precision forced by the site (or, forced to OpenVINO, none agreeing): served as asked
-        chosen = min(engines, key=lambda e: measured[key[id(e)]]["ms_per_window"])
-        reason = f"forced (inference_engine {settings.engine}, inference_precision {settings.precision})"
-        if chosen not in agreeing:
-            logger.warning(f"forced {key[id(chosen)]} does not agree with PyTorch fp32 on calibration: {measured}")
     record = _with_record(chosen, reason, measured).record
     record |= {"convert_s": round(convert_s, 2), "choose_s": round(time.perf_counter() - started, 2), "calibration": list(settings.calibration) or [f"SYNTHETIC phantom {CALIBRATION_SEED}"],
                "calibration_windows": windows}  # fmt: skip
