@@ -433,6 +433,18 @@ def engine_rows(figures: dict) -> list[str]:
     return lines
 
 
+def body_crop_rows(rows: list[dict]) -> list[str]:
+    lines = [f"| body crop, {r['case']}: windows run / placed | {r['run']} / {r['windows']} ({r['air']} answered as air) |"
+             for r in rows if not r["case"].startswith("openkbp")]  # fmt: skip
+    real = [r for r in rows if r["case"].startswith("openkbp")]
+    if real:
+        lines.append(f"| body crop, {len(real)} real OpenKBP CTs (hn): windows run / placed, mean | "
+                     f"{np.mean([r['run'] for r in real]):.1f} / {np.mean([r['windows'] for r in real]):.1f}: "
+                     f"{np.mean([r['saved'] for r in real]):.1%} saved (range {min(r['saved'] for r in real):.1%}-"
+                     f"{max(r['saved'] for r in real):.1%}) |")  # fmt: skip
+    return lines
+
+
 def write_report(figures: dict, command: str) -> None:
     s = figures["stock"]
     lines = [
@@ -456,6 +468,7 @@ def write_report(figures: dict, command: str) -> None:
         f"| ours / stock | {figures['ratio_vs_stock']:.3f} |",
         *structure_sets_rows(figures["structure_sets"]),
         *engine_rows(figures["engines"]),
+        *body_crop_rows(figures["body_crop"]),
         f"| non-network share of end to end (512x512x120) | {figures['non_network_share']:.1%} |",
         f"| peak RSS of the server | {figures['peak_rss_mb']:.0f} MB |",
         f"| network FLOPs, 512x512x120 ({figures['windows']} windows) | {figures['flops'] / 1e9:.0f} GFLOP |",
