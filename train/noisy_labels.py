@@ -222,6 +222,17 @@ def run_table(args: argparse.Namespace, log=print) -> list[dict]:
     return rows
 
 
+def write_rows(path: str, rows: list[dict]) -> None:
+    """Merge ``rows`` into the JSON list at ``path``: a row of the same (noisy, level, method) is replaced,
+    the others kept in their order, new ones appended; so a variant's rows join the table they compare with."""
+    key = lambda r: (r["noisy"], r["level"], r["method"])  # noqa: E731
+    kept = json.load(open(path)) if os.path.exists(path) else []
+    new = {key(r): {k: v for k, v in r.items() if k != "train_seconds"} for r in rows}
+    merged = [new.pop(key(r), r) for r in kept] + list(new.values())
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=1)
+
+
 def table_markdown(rows: list[dict], command: str) -> str:
     lines = [
         "| noisy | level | method | ours: lungs / heart / clavicles / mean | published | train min |",
@@ -289,8 +300,7 @@ def main() -> None:
     if args.command == "table":
         rows = run_table(args)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump([{k: v for k, v in r.items() if k != "train_seconds"} for r in rows], f, indent=1)
+            write_rows(args.json, rows)
         print(table_markdown(rows, "python -m ctv_train.noisy_labels " + " ".join(sys.argv[1:])))
     elif args.command == "train":
         if (args.noisy > 0) != (args.level != "-"):

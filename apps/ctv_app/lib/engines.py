@@ -55,7 +55,7 @@ def masks_agree(reference: np.ndarray, candidate: np.ndarray) -> tuple[bool, flo
 
 # What a candidate must show on the calibration volumes to be served: stricter than AGREEMENT, because they are
 # few. On one SYNTHETIC phantom OpenVINO f16 reached 0.9991 and then 0.9984 (Bladder) on the real CT; 0.9995
-# lets no voxel of a structure under 2000 voxels change there. OpenVINO f32 scores 1.0.
+# lets no voxel of a structure under 1000 voxels change there. OpenVINO f32 scores 1.0.
 CALIBRATION_AGREEMENT = 0.9995
 ENGINES = ("auto", "torch", "openvino")
 PRECISIONS = ("auto", "f32", "bf16", "f16")
