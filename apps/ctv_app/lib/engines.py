@@ -162,7 +162,7 @@ def calibration_volumes(params: CTVParams, paths: tuple[str, ...] = ()) -> list[
 
     from .transforms import pre_transforms
 
-    chain = Compose(pre_transforms(params))
+    chain = Compose(pre_transforms(params, size_limit=False))  # the site's CTV_MAX_VOXELS is for requests
     if paths:
         return [chain({"image": p})["image"].as_tensor()[None] for p in paths]
     from ctv_datastore.phantom import make_phantom, save_nifti
@@ -234,8 +234,12 @@ def choose_engine(network: torch.nn.Module, params: CTVParams, device: str, sett
     except Exception as e:  # a model OpenVINO cannot take: keep serving with PyTorch
         logger.warning(f"OpenVINO could not take this model ({type(e).__name__}: {e}); PyTorch serves")
         return _with_record(torch_engine, f"OpenVINO failed: {type(e).__name__}: {e}", {})
-    volumes = calibration_volumes(params, settings.calibration)
-    reference, seconds, windows = _timed_run(network, volumes, inferer, params.patch_size)
+    try:
+        volumes = calibration_volumes(params, settings.calibration)
+        reference, seconds, windows = _timed_run(network, volumes, inferer, params.patch_size)
+    except Exception as e:  # without a calibration nothing can be shown to agree: keep serving with PyTorch
+        logger.warning(f"engine calibration failed ({type(e).__name__}: {e}); PyTorch serves")
+        return _with_record(torch_engine, f"calibration failed: {type(e).__name__}: {e}", {})
     measured: dict[str, dict[str, Any]] = {"torch f32": {"ms_per_window": round(1000 * seconds / windows, 2)}}
     forced = settings.precision != "auto"
     # One compiled model at a time, only the best so far kept: each holds its own copy of the weights.

@@ -33,17 +33,18 @@ from .validation import LoadCTImaged, ValidateCTd
 INPUT_HU_KEY = "image_hu"
 
 
-def pre_transforms(params: CTVParams, with_label: bool = False, keep_input: bool = False) -> list:
+def pre_transforms(params: CTVParams, with_label: bool = False, keep_input: bool = False, size_limit: bool = True) -> list:
     """Load, validate, orient to RAS, resample to the target spacing, window and normalise; a label is
     resampled as stored (nearest neighbour keeps a label map or bitmask exact), then decoded into one
     channel per structure (finish it with ``MarkUncontouredd``: ``train_transforms`` and ``val_transforms``).
 
     ``keep_input``: also keep the CT as read under ``INPUT_HU_KEY`` (inference: ``post_transforms`` needs it),
-    and what was read under ``image_read`` (an ``InputRead``: the writer names and references it)."""
+    and what was read under ``image_read`` (an ``InputRead``: the writer names and references it).
+    ``size_limit``: refuse inputs over ``CTV_MAX_VOXELS`` (off only for the server's own files)."""
     keys = ["image", "label"] if with_label else ["image"]
     lo, hi = params.window
     chain = [
-        LoadCTImaged(keys=keys, keep_read=keep_input, dtype=None),  # as stored (int16 CT): float32 later
+        LoadCTImaged(keys=keys, keep_read=keep_input, size_limit=size_limit, dtype=None),  # as stored (int16): float32 later
         EnsureChannelFirstd(keys=keys),
         ValidateCTd(keys="image"),
     ]

@@ -39,9 +39,12 @@ class LoadCTImaged(LoadImaged):
     a private copy written as it is hashed, so a file replaced meanwhile changes neither. (Off in
     training: a DataLoader cannot batch an ``InputRead``.)"""
 
-    def __init__(self, keys: KeysCollection, keep_read: bool = False, **kwargs):
+    def __init__(self, keys: KeysCollection, keep_read: bool = False, size_limit: bool = True, **kwargs):
+        """``size_limit``: refuse files over ``MAX_VOXELS`` from their header (off only for the server's own
+        files, e.g. the engine's calibration phantom, which a site's small limit must not refuse)."""
         super().__init__(keys, **{**kwargs, "image_only": True})
         self.keep_read = keep_read
+        self.size_limit = size_limit
 
     def __call__(self, data, reader=None):
         d = dict(data)
@@ -57,7 +60,7 @@ class LoadCTImaged(LoadImaged):
             if self.keep_read and isinstance(path, str) and os.path.isfile(path):
                 source = os.path.join(private, os.path.basename(path))  # same name: same reader, same messages
                 read = InputRead(_copy_hashing(path, source))
-            if isinstance(source, str):
+            if isinstance(source, str) and self.size_limit:
                 check_size(source)
             if reader is None and isinstance(path, str) and os.path.isdir(path):
                 reader = DicomSeriesReader()  # named explicitly: its errors reach the caller unchanged
