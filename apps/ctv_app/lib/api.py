@@ -136,14 +136,26 @@ class ClientErrors:
             await JSONResponse({"detail": f"{type(e).__name__}: {detail}"}, status_code=status)(scope, receive, send)
 
 
+WHOLE_LOG_BYTES = 16 * 2**20
+
+
 def server_log(
     lines: int = Query(300, ge=0, le=1_000_000),
     html: bool = True,
     text: bool = False,
     refresh: int = Query(0, ge=0, le=3600),
 ):
-    """MONAI Label's log view with its numbers bounded (a huge ``lines`` was a 500)."""
+    """MONAI Label's log view with its numbers bounded (a huge ``lines`` was a 500). ``lines=0`` (the whole
+    file) is read once and sent as read, at most its last ``WHOLE_LOG_BYTES``: MONAI Label streamed the file
+    with the length it had when asked, and a log that grew or rotated meanwhile broke the response."""
     path = os.path.join(settings.MONAI_LABEL_APP_DIR, "logs", "app.log")
+    if lines == 0:
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - WHOLE_LOG_BYTES))
+                return Response(content=f.read(), media_type="text/plain")
+        except FileNotFoundError:
+            raise HTTPException(status_code=404, detail="no server log yet") from None
     return monailabel_logs.get_logs(path, lines, html, text, refresh)
 
 
