@@ -52,6 +52,7 @@ from monailabel.client import MONAILabelClient  # noqa: E402
 
 from ctv_app.lib.checkpoint import read_params  # noqa: E402
 from ctv_app.lib.engines import masks_agree  # noqa: E402
+from ctv_app.lib.inferers import window_starts  # noqa: E402
 from ctv_app.lib.losses import DeepSupervisionLoss  # noqa: E402
 from ctv_app.lib.metrics import dice  # noqa: E402
 from ctv_app.lib.networks import network_for  # noqa: E402
@@ -275,13 +276,8 @@ def body_crop_saving(cases: list[tuple[str, str, CTVParams]]) -> list[dict]:
 
 
 def window_count(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
-    """Sliding windows MONAI places over ``shape`` (its scan interval and last-window rule)."""
-    n = 1
-    for size, r in zip(shape, roi):
-        r = min(r, size)
-        step = max(int(r * (1 - overlap)), 1)
-        n *= int(np.ceil((size - r) / step)) + 1 if size > r else 1
-    return n
+    """Sliding windows MONAI places over ``shape`` (``inferers.window_starts`` along each axis)."""
+    return int(np.prod([len(window_starts(size, r, overlap)) for size, r in zip(shape, roi)]))
 
 
 def network_flops(net: torch.nn.Module, roi: tuple[int, ...], channels: int = 1) -> float:
