@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from ctv_datastore.build import build
-from ctv_train.annotator_styles import STYLES, make_styled_datastore, restyle, roc_auc
+from ctv_app.lib.metrics import roc_auc
+from ctv_train.annotator_styles import STYLES, make_styled_datastore, restyle
 from ctv_train.data import find_pairs
 
 EPOCHS = 30  # CI-sized: 6 mm voxels, filters 8-64
@@ -39,6 +40,10 @@ def test_styles_change_the_label_the_way_they_say():
     kept = missing.any(axis=(0, 1))
     assert kept.sum() == 12 - info["slices"] and 3 <= info["slices"] <= 6
     assert np.array_equal(missing[..., kept], label[..., kept])
+    shifted, info = restyle(label, "shift", rng)
+    dx, dy, dz = info["vector"]
+    assert dz == 0 and abs(np.hypot(dx, dy) - info["voxels"]) <= 0.71 and 2 <= info["voxels"] <= 4
+    assert np.array_equal(shifted, np.roll(label, (dx, dy), axis=(0, 1)))  # moved whole, nothing else
     with pytest.raises(ValueError, match="unknown annotator style"):
         restyle(label, "sloppy", rng)
 
@@ -57,13 +62,13 @@ def test_styled_datastore_restyles_the_requested_fraction(tmp_path):
 
 def test_styled_structure_sets_restyle_each_structure_and_keep_what_they_contain(tmp_path):
     """A datastore of recorded structure sets (real clinical sets, e.g. OpenKBP's) is restyled structure by
-    structure: an untouched label keeps its bitmask, a wide one grows every structure it contains and a tight
-    one shrinks every one, overlaps stay possible, and the styled copy records the same (partial) structures."""
+    structure: an untouched label keeps its bitmask, a wide one grows every structure it contains, a tight
+    one shrinks every one, a shifted one moves them all by one vector, overlaps stay possible, and the styled copy records the same (partial) structures."""
     from ctv_app.lib.datastore import CTVDatastore
     from ctv_app.lib.structures import Structures, voxels_of
     from ctv_app.lib.transforms.labels import ENCODING_KEY, STRUCTURES_KEY
 
-    seeds = [41, 42, 43, 44, 45, 46]
+    seeds = [41, 42, 43, 44, 45, 46, 47, 48]
     build(str(tmp_path / "clean"), seeds, labelled=set())
     structures = Structures(["CTV", "Bladder", "Rectum"])
     store = CTVDatastore(str(tmp_path / "clean"), structures, auto_reload=False)
@@ -81,7 +86,7 @@ def test_styled_structure_sets_restyle_each_structure_and_keep_what_they_contain
         store.save_label(f"phantom_{seed:05d}", str(label), "final", {"encoding": "bitmask", "label_names": contains})
 
     record = make_styled_datastore(str(tmp_path / "clean"), str(tmp_path / "styled"), 0.5, seed=3, margin=(1, 2))
-    assert sorted(r["style"] for r in record.values()) == sorted(["true"] * 3 + list(STYLES))
+    assert sorted(r["style"] for r in record.values()) == sorted(["true"] * 4 + list(STYLES))
     clean = {p["id"]: p for p in find_pairs(str(tmp_path / "clean"))}
     for pair in find_pairs(str(tmp_path / "styled")):
         truth_pair, style = clean[pair["id"]], record[pair["id"]]["style"]
@@ -97,6 +102,10 @@ def test_styled_structure_sets_restyle_each_structure_and_keep_what_they_contain
             elif style == "missing_slices":
                 kept = got.any(axis=(0, 1))
                 assert np.array_equal(got[..., kept], want[..., kept]) and kept.sum() < want.any(axis=(0, 1)).sum()
+            elif style == "shift":  # one vector for the whole structure set: the annotator's, not the organ's
+                vector = record[pair["id"]]["structures"][name]["vector"]
+                assert vector == record[pair["id"]]["structures"]["CTV"]["vector"] and any(vector), name
+                assert np.array_equal(got, np.roll(want, vector[:2], axis=(0, 1))), name
         if style == "wide":  # grown structures overlap more, both bits kept
             assert ((styled & 3) == 3).sum() > ((truth & 3) == 3).sum()
         assert 0 < record[pair["id"]]["dice_to_truth"] <= 1

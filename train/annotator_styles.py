@@ -10,11 +10,13 @@ are scored on held-out phantoms. With ``--data``, a labelled datastore of real c
 (e.g. OpenKBP's, ``ctv_datastore.openkbp``) is the truth, every structure a label contains is restyled,
 the styled copy is saved through ``CTVDatastore.save_label`` with the same recorded structures, and the
 models are scored on the ``--test`` datastore. Either way a fraction of the cases (default 50%) is
-re-contoured by one of three simulated annotator styles:
+re-contoured by one of the simulated annotator styles (``--styles``, taken in turn):
 
 - ``wide``: every axial contour dilated by 2-4 voxels (in plane, slice by slice);
 - ``tight``: eroded by 2-4 voxels in the same way;
-- ``missing_slices``: the cranial or caudal 25-50% of the CTV's axial slices left empty.
+- ``missing_slices``: the cranial or caudal 25-50% of the CTV's axial slices left empty;
+- ``shift``: every contour moved by 2-4 voxels in one in-plane direction, the same vector for all the
+  structures of a case (an annotator who draws consistently off, or on a misregistered image).
 
 The arms (``ARMS``) train the same network, seed and budget with ``ctv_train.train``: the true
 labels (reference), the styled labels with the plain loss, and the styled labels with quality
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ctv_app.lib.metrics import dice, summarise
+from ctv_app.lib.metrics import dice, roc_auc, summarise
 from ctv_app.lib.params import CTVParams
 from ctv_app.lib.structures import Structures, voxels_of
 from ctv_app.lib.transforms.labels import ENCODING_KEY, STRUCTURES_KEY
@@ -49,7 +51,7 @@ from .data import find_pairs
 from .evaluate import evaluate, evaluate_pairs, served_infer_task
 from .train import TrainConfig, train
 
-STYLES = ("wide", "tight", "missing_slices")
+STYLES = ("wide", "tight", "missing_slices", "shift")
 ARMS = {
     # name: (labels, quality weighting, QAM learning rate)
     "true_labels": ("clean", False, None),
@@ -83,6 +85,12 @@ def restyle(
         out = mask.copy()
         out[..., dropped] = False
         return out.astype(np.uint8), {"style": style, "end": end, "slices": int(n_missing)}
+    if style == "shift":
+        voxels = int(rng.integers(margin[0], margin[1] + 1))
+        angle = rng.uniform(0.0, 2.0 * np.pi)
+        vector = (int(round(voxels * np.cos(angle))), int(round(voxels * np.sin(angle))), 0)
+        out = ndimage.shift(mask.astype(np.uint8), vector, order=0, mode="constant", cval=0)
+        return out, {"style": style, "voxels": voxels, "vector": list(vector)}
     raise ValueError(f"unknown annotator style {style!r}; one of {STYLES}")
 
 
@@ -97,6 +105,8 @@ def make_styled_datastore(
     """A copy of the ``clean`` folder datastore (images linked) where ``fraction`` of the labels are
     restyled, styles taken in turn. Returns ``{id: {"style", ..., "dice_to_truth"}}`` (style
     ``true`` for the untouched ones), also written to ``<out>/annotators.json``.
+
+    A ``shift`` is one vector per case: every structure of the case moves by it.
 
     A datastore that records its labels' structures (real structure sets) has every structure of a
     restyled label restyled, and its copy is saved as a bitmask of the same structures through the
@@ -120,8 +130,15 @@ def make_styled_datastore(
         truth = np.asarray(truth_img.dataobj)
         style = styles[restyled % len(styles)] if i in chosen else "true"
         restyled += i in chosen
+        # A shift is the annotator's, not the structure's: every structure of the case gets the same draws.
+        case_seed = int(rng.integers(2**63)) if style == "shift" else None
+
+        def style_rng() -> np.random.Generator:
+            return rng if case_seed is None else np.random.default_rng(case_seed)
+
         if store is None:
-            styled, info = restyle(truth, style, rng, margin) if style != "true" else (truth.astype(np.uint8), {})
+            truth = truth.astype(np.uint8)
+            styled, info = restyle(truth, style, style_rng(), margin) if style != "true" else (truth, {})
             nib.save(nib.Nifti1Image(styled, truth_img.affine), os.path.join(out, "labels", "final", name))
             record[pair["id"]] = {"style": style, **info, "dice_to_truth": dice(styled, truth)}
             continue
@@ -129,7 +146,7 @@ def make_styled_datastore(
         styled_masks, per_structure, dices = {}, {}, []
         for structure, value in structures.items():
             mask = voxels_of(truth, value, encoding)
-            styled_mask, info = restyle(mask, style, rng, margin) if style != "true" else (mask, {})
+            styled_mask, info = restyle(mask, style, style_rng(), margin) if style != "true" else (mask, {})
             styled_masks[structure], per_structure[structure] = styled_mask > 0, info
             dices.append(dice(styled_mask, mask))
         bitmask = store.structures.pack([styled_masks.get(n) for n in store.structures.names])
@@ -163,15 +180,6 @@ def _structure_datastore(folder: str, pairs: list[dict]):
     return CTVDatastore(folder, Structures(names), auto_reload=False)
 
 
-def roc_auc(positive_scores, negative_scores) -> float:
-    """Probability that a positive scores above a negative (ties count half): the ROC AUC."""
-    pos, neg = np.asarray(positive_scores, dtype=float), np.asarray(negative_scores, dtype=float)
-    if pos.size == 0 or neg.size == 0:
-        raise ValueError("ROC AUC needs at least one positive and one negative score")
-    diff = pos[:, None] - neg[None, :]
-    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
-
-
 def _label_info(pair: dict) -> dict | None:
     """The label info a datastore pair carries (its encoding and structures), as the scorer reads it."""
     if STRUCTURES_KEY not in pair:
@@ -189,8 +197,7 @@ def label_quality_auc(model: str, pairs: list[dict], record: dict[str, dict], na
     styled = [s for i, s in scores.items() if record[i]["style"] != "true"]
     by_style = {
         style: roc_auc(true, [s for i, s in scores.items() if record[i]["style"] == style])
-        for style in STYLES
-        if any(r["style"] == style for r in record.values())
+        for style in dict.fromkeys(r["style"] for r in record.values() if r["style"] != "true")
     }
     return {"auc": roc_auc(true, styled), "auc_by_style": by_style, "scores": scores}
 
@@ -203,7 +210,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         clean, test_pairs = os.path.join(args.out, "clean"), None
         build(clean, parse_seeds(args.train_seeds), labelled=set(parse_seeds(args.train_seeds)))
     margin = tuple(int(v) for v in args.margin.split("-"))
-    record = make_styled_datastore(clean, styled, args.fraction, args.seed, margin=margin)
+    record = make_styled_datastore(clean, styled, args.fraction, args.seed, tuple(args.styles), margin)
     folders = {"clean": clean, "styled": styled}
     params = CTVParams().updated(json.loads(args.params) if args.params else PARAMS)
     results = {}
@@ -250,7 +257,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             json.dump(result, f, indent=1)
         results[arm] = result
         log(f"{arm}: held-out Dice {held_out['mean']:.3f} +- {held_out['sd']:.3f} after {seconds / 60:.1f} min")
-    styles = {s: summarise({i: r["dice_to_truth"] for i, r in record.items() if r["style"] == s}) for s in STYLES}
+    styles = {s: summarise({i: r["dice_to_truth"] for i, r in record.items() if r["style"] == s}) for s in args.styles}
     return {
         "command": "python -m ctv_train.annotator_styles " + " ".join(sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
@@ -288,7 +295,8 @@ def main() -> None:
     ap.add_argument("--name", default="ctv", help="the model's infer task (hn for head-and-neck structures)")
     ap.add_argument("--params", help=f"JSON CTVParams overrides (default {json.dumps(PARAMS)})")
     ap.add_argument("--fraction", type=float, default=0.5, help="fraction of cases restyled")
-    ap.add_argument("--margin", default="2-4", help="voxels a wide or tight annotator grows or shrinks by (range)")
+    ap.add_argument("--styles", nargs="+", choices=STYLES, default=list(STYLES), help="annotator styles, in turn")
+    ap.add_argument("--margin", default="2-4", help="voxels a wide, tight or shifted annotator is off by (range)")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--volumes-per-batch", type=int, default=4)

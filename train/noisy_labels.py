@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from ctv_app.lib.checkpoint import load_checkpoint
 from ctv_app.lib.losses import DeepSupervisionLoss
-from ctv_app.lib.metrics import dice
+from ctv_app.lib.metrics import dice, roc_auc
 from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss
 
 N_TRAIN = 165
@@ -143,6 +143,27 @@ def scores(pred: np.ndarray, truth: np.ndarray, structures: list[str]) -> dict[s
     return {**{s: float(v) for s, v in zip(structures, d)}, "mean": float(d.mean())}
 
 
+@torch.no_grad()
+def quality_scores(weighting: QualityWeightedLoss, x: torch.Tensor, y: torch.Tensor, batch: int = 32) -> np.ndarray:
+    """The QAM's raw score of every (image, label) pair, as the review would rank them."""
+    return torch.cat([weighting.qam(x[s : s + batch], y[s : s + batch]) for s in range(0, len(x), batch)]).numpy()
+
+
+def progress(net, weighting, x, y, corrupted: list[int], test: tuple[np.ndarray, np.ndarray], size: int) -> dict:
+    """A point of the training curve: the test split's mean Dice (never used to pick a model: the
+    last epoch is the result) and, with a QAM, its raw scores' spread and the label-review ROC AUC
+    (clean training labels scoring above corrupted ones), which says whether the QAM tells them apart."""
+    pred = predict(net, test[0], size).astype(bool)
+    point = {"test_mean": float(dice_per_structure(pred, test[1].astype(bool)).mean())}
+    if weighting is not None:
+        raw = quality_scores(weighting, x, y)
+        clean = np.setdiff1d(np.arange(len(x)), corrupted)
+        point.update(score_mean=float(raw.mean()), score_sd=float(raw.std()))
+        if len(corrupted) and len(clean):
+            point["review_auc"] = roc_auc(raw[clean], raw[corrupted])
+    return point
+
+
 def train(args: argparse.Namespace, log=print) -> dict:
     torch.manual_seed(args.seed)
     images, masks, structures = load_npz(args.data)
@@ -164,6 +185,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
     opt = torch.optim.Adam(params)
     rng = np.random.default_rng(args.seed)
     t_start = time.time()
+    curve, test = [], (images[test_idx], masks[test_idx])
     for epoch in range(args.epochs):
         net.train()
         order = rng.permutation(len(x))
@@ -176,9 +198,15 @@ def train(args: argparse.Namespace, log=print) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         if (epoch + 1) % args.log_every == 0 or epoch + 1 == args.epochs:
-            log(f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses):.4f} ({time.time() - t_start:.0f}s)")
+            t_point = time.time()
+            point = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
+                     **progress(net, weighting, x, y, corrupted, test, args.size)}  # fmt: skip
+            curve.append(point)
+            t_start += time.time() - t_point  # the curve is a diagnostic: its time is not training time
+            log(f"epoch {epoch + 1}/{args.epochs} ({time.time() - t_start:.0f}s) "
+                + " ".join(f"{k} {v:.4g}" for k, v in point.items() if k != "epoch"))  # fmt: skip
     train_seconds = time.time() - t_start
     result = scores(predict(net, images[test_idx], args.size), masks[test_idx], structures)
     config = {k: v for k, v in vars(args).items() if k not in ("func",)}
@@ -188,11 +216,15 @@ def train(args: argparse.Namespace, log=print) -> dict:
         "test_names": [str(n) for n in names[test_idx]] if names is not None else [],
         "corrupted_train_indices": corrupted,
         "test_dice": result,
+        "curve": curve,
         "train_seconds": train_seconds,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save({"model": net.state_dict(), "config": config, "structures": structures, "meta": meta}, args.out)
+    checkpoint = {"model": net.state_dict(), "config": config, "structures": structures, "meta": meta}
+    if weighting is not None:
+        checkpoint["qam"] = weighting.qam.state_dict()
+    torch.save(checkpoint, args.out)
     log(f"saved {args.out}; test Dice {json.dumps(result)} after {train_seconds:.0f}s")
     return {**result, "train_seconds": train_seconds}
 

@@ -1,4 +1,5 @@
-"""Contour metrics per structure: Dice, HD95, mean surface distance, surface Dice, volume difference.
+"""Contour metrics per structure: Dice, HD95, mean surface distance, surface Dice, volume difference;
+and the ROC AUC that judges a label-quality score (the review).
 
 The one implementation the evaluation, cross-validation, ablation, tests and the server's commissioning
 use. Published metric code differs between institutions by up to 50% on the same contours, so the
@@ -234,3 +235,12 @@ def summarise(per_case: Mapping[str, float | None]) -> dict:
         else dict.fromkeys(("mean", "sd", "median", "min", "max"))
     )
     return {"n": int(values.size), "n_undefined": len(per_case) - int(values.size), **stats, "per_case": dict(per_case)}
+
+
+def roc_auc(positive_scores, negative_scores) -> float:
+    """Probability that a positive scores above a negative (ties count half): the ROC AUC."""
+    pos, neg = np.asarray(positive_scores, dtype=float), np.asarray(negative_scores, dtype=float)
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("ROC AUC needs at least one positive and one negative score")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
