@@ -156,18 +156,19 @@ def test_torchrun_two_cpu_ranks_hold_identical_weights(tmp_path):
     assert weights_digest(network_for(CTVParams.from_dict(ckpt["params"]))) != digests["0"]
 
 
-def test_quality_weighted_training_keeps_its_qam_and_needs_a_real_batch(tmp_path):
+@pytest.mark.parametrize("per_case", [False, True], ids=["per_patch", "centred_per_case"])
+def test_quality_weighted_training_keeps_its_qam_and_needs_a_real_batch(tmp_path, per_case):
     with pytest.raises(ValueError, match="quality weighting"):
         TrainConfig(quality_weighting=True, volumes_per_batch=1, patches_per_volume=4)
     data = tmp_path / "data"
     build(str(data), [21, 22, 23, 24, 25], labelled={21, 22, 23, 24, 25})
     params = CTVParams(filters=(8, 16, 32), patch_size=(32, 32, 32), target_spacing=(6, 6, 6))
-    cfg = TrainConfig(
-        epochs=1, lr=1e-3, val_fraction=0.2, volumes_per_batch=2, patches_per_volume=2, quality_weighting=True
-    )
+    cfg = TrainConfig(epochs=1, lr=1e-3, val_fraction=0.2, volumes_per_batch=2, patches_per_volume=2,
+                      quality_weighting=True, quality_centre=per_case, quality_per_case=per_case)  # fmt: skip
     result = train(find_pairs(str(data)), str(tmp_path / "ctv.pt"), params, cfg, log=lambda m: None)
     ckpt = load_checkpoint(str(tmp_path / "ctv.pt"))
     assert ckpt["meta"]["train_config"]["quality_weighting"] is True
+    assert ckpt["meta"]["train_config"]["quality_per_case"] is per_case
     assert any(k.startswith("qam.features") for k in ckpt["meta"]["qam"])
     assert 0.0 <= result["best_val_dice"] <= 1.0
 

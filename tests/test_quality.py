@@ -79,7 +79,7 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="ocm_lambda"):
         QualityWeightedLoss(QualityAwarenessModule(2, 2), 0.0)
     weighting = QualityWeightedLoss(QualityAwarenessModule(2, 2, channels=(4,)), 2.0)
-    with pytest.raises(ValueError, match="one loss per sample"):
+    with pytest.raises(ValueError, match="one loss per case"):
         weighting(torch.tensor(1.0), torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))
 
 
@@ -144,3 +144,35 @@ def test_centred_scores_keep_their_spread_when_the_raw_scores_drift_together():
     assert float(w_plain.max() / w_plain.min()) < 1 + 1e-4  # saturated: uniform weights
     assert float(w_centred.max() / w_centred.min()) > 1 + 1e-3
     assert torch.equal(torch.argsort(w_centred), torch.argsort(raw))  # the QAM's order of quality is kept
+
+
+def test_per_case_weighting_scores_and_weighs_whole_cases():
+    """Patches of a case come in consecutive runs (MONAI's list collate of a multi-sample crop). Per case,
+    the loss is taken over all the case's voxels (a patch with little foreground no longer decides its
+    case's Dice), the case's score is the mean of its patches', and the softmax is over the cases."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 2, 8, 8, 8)
+    target = torch.zeros(4, 2, 8, 8, 8)
+    target[0, :, 2:6, 2:6, 2:6] = 1  # case 0: a patch full of structure, and one that grazes it
+    target[1, :, 7:, 7:, 7:] = 1
+    target[2:, :, 1:7, 1:7, 1:7] = 1  # case 1: both patches well inside
+    per_case = DeepSupervisionLoss(reduction="none", patches_per_case=2)(logits, target)
+    whole_cases = [torch.cat([logits[i], logits[i + 1]], dim=-1) for i in (0, 2)]
+    targets = [torch.cat([target[i], target[i + 1]], dim=-1) for i in (0, 2)]
+    expected = DeepSupervisionLoss(reduction="none")(torch.stack(whole_cases), torch.stack(targets))
+    assert torch.allclose(per_case, expected, atol=1e-6)
+    per_patch = DeepSupervisionLoss(reduction="none")(logits, target)
+    assert not torch.allclose(per_case, per_patch.reshape(2, 2).mean(1), atol=1e-3)  # not a mean of patches
+
+    qam = QualityAwarenessModule(3, in_channels=3, channels=(4,))
+    image = torch.randn(4, 1, 8, 8, 8)
+    weighting = QualityWeightedLoss(qam, 2.0, patches_per_case=2)
+    raw = qam(image, target).detach()
+    expected_weights = torch.softmax(overfitting_control(raw.reshape(2, 2).mean(1), 2.0), dim=0)
+    assert torch.allclose(weighting.weights(image, target).detach(), expected_weights, atol=1e-6)
+    loss = weighting(per_case, image, target)
+    assert torch.allclose(loss, (expected_weights * per_case).sum(), atol=1e-6)
+    with pytest.raises(ValueError, match="one loss per case"):
+        weighting(per_patch, image, target)
+    with pytest.raises(ValueError, match="not whole cases"):
+        DeepSupervisionLoss(reduction="none", patches_per_case=3)(logits, target)

@@ -20,8 +20,8 @@ re-contoured by one of the simulated annotator styles (``--styles``, taken in tu
 
 The arms (``ARMS``) train the same network, seed and budget with ``ctv_train.train``: the true
 labels (reference), the styled labels with the plain loss, and the styled labels with quality
-weighting (QAM+OCM, at two QAM learning rates). Each is scored by the served pipeline on held-out
-cases with their true labels. The
+weighting (QAM+OCM, at two QAM learning rates, and with issue 22's fixes: centred scores, per-case
+weights). Each is scored by the served pipeline on held-out cases with their true labels. The
 quality-weighted arms' QAMs then score every training label; the ROC AUC says how well a low
 score finds the styled ones (what the ``review`` strategy relies on). A finished arm is kept in
 ``<out>/<arm>/result.json``, so a stopped run continues where it stopped.
@@ -52,12 +52,15 @@ from .evaluate import evaluate, evaluate_pairs, served_infer_task
 from .train import TrainConfig, train
 
 STYLES = ("wide", "tight", "missing_slices", "shift")
-ARMS = {
-    # name: (labels, quality weighting, QAM learning rate)
-    "true_labels": ("clean", False, None),
-    "styled_plain": ("styled", False, None),
-    "styled_qam_ocm": ("styled", True, 1e-4),
-    "styled_qam_ocm_lr1e-3": ("styled", True, 1e-3),
+ARMS: dict[str, tuple[str, dict]] = {
+    # name: (labels, the TrainConfig fields it sets)
+    "true_labels": ("clean", {}),
+    "styled_plain": ("styled", {}),
+    "styled_qam_ocm": ("styled", {"quality_weighting": True}),
+    "styled_qam_ocm_lr1e-3": ("styled", {"quality_weighting": True, "qam_lr": 1e-3}),
+    # issue 22's two named causes fixed: scores centred over the batch, and one score and loss per case
+    "styled_qam_ocm_centred_per_case": ("styled", {"quality_weighting": True, "quality_centre": True,
+                                                   "quality_per_case": True}),  # fmt: skip
 }
 # The CI-sized configuration (6 mm, filters 8-64; docs/ablation.md), to keep each arm in CPU minutes.
 PARAMS = {"target_spacing": [6, 6, 6], "patch_size": [32, 32, 32], "filters": [8, 16, 32, 64]}
@@ -215,7 +218,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     params = CTVParams().updated(json.loads(args.params) if args.params else PARAMS)
     results = {}
     for arm in args.arms:
-        labels, weighted, qam_lr = ARMS[arm]
+        labels, weighting = ARMS[arm]
         arm_dir = os.path.join(args.out, arm)
         result_path = os.path.join(arm_dir, "result.json")
         if os.path.exists(result_path):
@@ -230,8 +233,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             patches_per_volume=args.patches_per_volume,
             seed=args.seed,
             val_every=args.val_every,
-            quality_weighting=weighted,
-            qam_lr=qam_lr or TrainConfig.qam_lr,
+            **weighting,
         )
         pairs = find_pairs(folders[labels])
         model = os.path.join(arm_dir, "ctv.pt")
@@ -244,14 +246,15 @@ def run(args: argparse.Namespace, log=print) -> dict:
             held_out = evaluate_pairs(model, test_pairs, name=args.name)
         result = {
             "labels": labels,
-            "quality_weighting": weighted,
-            "qam_lr": qam_lr,
+            "quality_weighting": cfg.quality_weighting,
+            "qam_lr": cfg.qam_lr if cfg.quality_weighting else None,
+            **{k: v for k, v in weighting.items() if k not in ("quality_weighting", "qam_lr")},
             "best_val_dice": trained["best_val_dice"],
             "train_seconds": seconds,
             "held_out_dice": {k: v for k, v in held_out.items() if k != "per_case"},
             "held_out_per_case": held_out["per_case"],
         }
-        if weighted:
+        if cfg.quality_weighting:
             result["label_quality"] = label_quality_auc(model, pairs, record, args.name)
         with open(result_path, "w") as f:
             json.dump(result, f, indent=1)

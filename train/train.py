@@ -55,6 +55,8 @@ class TrainConfig:
     quality_weighting: bool = False
     ocm_lambda: float = 2.0
     qam_lr: float = 1e-4
+    quality_centre: bool = False  # centre the QAM's scores over the batch before the OCM
+    quality_per_case: bool = False  # weigh cases, not patches: one score and one loss per case
     # A checkpoint to start from (e.g. a model of fewer structures): its weights where shapes match, and
     # each output channel of a structure it also contours; the rest starts from random initialisation.
     init: str = ""
@@ -158,10 +160,12 @@ def train(pairs: list[dict[str, str]], out: str, params: CTVParams, cfg: TrainCo
         log(f"starting from {cfg.init}: {warm_start(net, params, load_checkpoint(cfg.init))}")
     net = net.to(cfg.device)
     groups = [{"params": net.parameters(), "lr": cfg.lr}]
-    loss_fn = DeepSupervisionLoss(params.loss, reduction="none")
+    patches_per_case = cfg.patches_per_volume if cfg.quality_weighting and cfg.quality_per_case else 1
+    loss_fn = DeepSupervisionLoss(params.loss, reduction="none", patches_per_case=patches_per_case)
     weighting = None
     if cfg.quality_weighting:
-        weighting = QualityWeightedLoss(QualityAwarenessModule(3, in_channels=1 + len(params.structures)), cfg.ocm_lambda).to(cfg.device)
+        qam = QualityAwarenessModule(3, in_channels=1 + len(params.structures))
+        weighting = QualityWeightedLoss(qam, cfg.ocm_lambda, cfg.quality_centre, patches_per_case).to(cfg.device)
         groups.append({"params": weighting.parameters(), "lr": cfg.qam_lr})
     opt = torch.optim.Adam(groups)
 

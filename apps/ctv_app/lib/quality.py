@@ -58,18 +58,28 @@ class QualityWeightedLoss(nn.Module):
     ``centre``: subtract the batch's mean score before the OCM. The softmax ignores a shift common to the
     batch, so the raw scores have no anchor and can drift together until tanh saturates, where every
     sample's bounded score is about lambda and the weights are uniform again (the plain loss); centred,
-    the scores the OCM bounds are their differences within the batch."""
+    the scores the OCM bounds are their differences within the batch.
 
-    def __init__(self, qam: QualityAwarenessModule, ocm_lambda: float | None = 2.0, centre: bool = False):
+    ``patches_per_case``: the batch holds that many consecutive patches of each case, and a label's quality
+    is its case's: the case's score is the mean of its patches' scores, the softmax is over the cases, and
+    the loss weighted is one per case (``DeepSupervisionLoss(patches_per_case=...)``)."""
+
+    def __init__(self, qam: QualityAwarenessModule, ocm_lambda: float | None = 2.0, centre: bool = False,
+                 patches_per_case: int = 1):  # fmt: skip
         super().__init__()
         if ocm_lambda is not None and ocm_lambda <= 0:
             raise ValueError(f"ocm_lambda must be > 0 (or None for QAM alone), got {ocm_lambda}")
+        if patches_per_case < 1:
+            raise ValueError(f"patches_per_case must be >= 1, got {patches_per_case}")
         self.qam = qam
         self.ocm_lambda = ocm_lambda
         self.centre = centre
+        self.patches_per_case = patches_per_case
 
     def weights(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         scores = self.qam(image, label)
+        if self.patches_per_case > 1:
+            scores = scores.reshape(-1, self.patches_per_case).mean(1)
         if self.centre:
             scores = scores - scores.mean()
         if self.ocm_lambda is not None:
@@ -77,6 +87,7 @@ class QualityWeightedLoss(nn.Module):
         return torch.softmax(scores, dim=0)
 
     def forward(self, per_sample_loss: torch.Tensor, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        if per_sample_loss.dim() != 1 or per_sample_loss.shape[0] != image.shape[0]:
-            raise ValueError(f"need one loss per sample ([{image.shape[0]}]), got shape {tuple(per_sample_loss.shape)}")
+        n = image.shape[0] // self.patches_per_case
+        if per_sample_loss.dim() != 1 or per_sample_loss.shape[0] != n:
+            raise ValueError(f"need one loss per case ([{n}]), got shape {tuple(per_sample_loss.shape)}")
         return (self.weights(image, label) * per_sample_loss).sum()
