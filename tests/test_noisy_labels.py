@@ -9,7 +9,18 @@ import sys
 import numpy as np
 import pytest
 
-from ctv_train.noisy_labels import N_TRAIN, add_label_noise, perturb, split
+from ctv_app.lib.metrics import roc_auc
+from ctv_train.noisy_labels import (
+    METHODS,
+    N_TRAIN,
+    _prepare,
+    _prepare_masks,
+    add_label_noise,
+    load_npz,
+    perturb,
+    quality_scores,
+    split,
+)
 
 
 def test_split_is_fixed_and_disjoint():
@@ -65,7 +76,7 @@ def toy_npz(folder) -> str:
 TINY = ["--epochs", "2", "--size", "32", "--features", "4", "8", "16", "32", "64", "4"]
 
 
-@pytest.mark.parametrize("method", ["baseline", "qam_ocm"])
+@pytest.mark.parametrize("method", ["baseline", "qam_ocm", "qam_ocm_centred_lr1e-3"])
 def test_train_and_evaluate_cli_agree(tmp_path, method):
     data = toy_npz(tmp_path)
     model = tmp_path / "m.pt"
@@ -81,6 +92,27 @@ def test_train_and_evaluate_cli_agree(tmp_path, method):
     assert set(scores) == {"lungs", "heart", "clavicles", "mean"}
     assert scores["mean"] == pytest.approx(at_training["mean"])
     assert 0.0 <= scores["mean"] <= 1.0
+
+    # The training curve ends at the last epoch with the final test Dice; a QAM run keeps its QAM, and the
+    # curve's label-review AUC is what that QAM gives the corrupted and clean training labels.
+    import torch
+
+    from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss
+
+    ckpt = torch.load(model, weights_only=False)
+    last = ckpt["meta"]["curve"][-1]
+    assert last["epoch"] == 2 and last["test_mean"] == pytest.approx(scores["mean"])
+    assert ("qam" in ckpt) == METHODS[method].quality == ("review_auc" in last)
+    if METHODS[method].quality:
+        images, masks, structures = load_npz(data)
+        train_idx, _ = split(len(images))
+        noisy, corrupted = add_label_noise(masks[train_idx], 0.25, (1, 8), seed=0)
+        assert corrupted == ckpt["meta"]["corrupted_train_indices"]
+        weighting = QualityWeightedLoss(QualityAwarenessModule(2, in_channels=1 + len(structures)))
+        weighting.qam.load_state_dict(ckpt["qam"])
+        raw = quality_scores(weighting, _prepare(images[train_idx], 32), _prepare_masks(noisy, 32))
+        clean = np.setdiff1d(np.arange(len(raw)), corrupted)
+        assert last["review_auc"] == pytest.approx(roc_auc(raw[clean], raw[corrupted]))
 
 
 def test_table_trains_missing_runs_once_and_writes_json_rows(tmp_path):

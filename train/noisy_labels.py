@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,10 +58,28 @@ PUBLISHED: dict[tuple[float, str, str], tuple[float, float, float, float]] = {
     (0.75, "5-13", "qam"): (0.770, 0.772, 0.366, 0.636),
     (0.75, "5-13", "qam_ocm"): (0.938, 0.937, 0.801, 0.892),
 }
-# The published methods, then the variants tried against them (issue 22): qam_ocm_centred centres the QAM's
-# scores over the batch before the OCM (quality.QualityWeightedLoss, ``centre``).
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a run weighs its samples: not at all (baseline), by the QAM's softmax, bounded by the OCM or not;
+    ``centre`` centres the scores over the batch before the OCM; ``qam_lr`` replaces ``--qam-lr``."""
+
+    quality: bool = True
+    ocm: bool = True
+    centre: bool = False
+    qam_lr: float | None = None
+
+
+# The published methods, then the variants tried against them (issue 22, docs/noisy_labels.md).
 PUBLISHED_METHODS = ("baseline", "qam", "qam_ocm")
-METHODS = (*PUBLISHED_METHODS, "qam_ocm_centred")
+METHODS: dict[str, Method] = {
+    "baseline": Method(quality=False),
+    "qam": Method(ocm=False),
+    "qam_ocm": Method(),
+    "qam_ocm_centred": Method(centre=True),
+    "qam_ocm_centred_lr1e-3": Method(centre=True, qam_lr=1e-3),
+}
 LEVELS = {"-": (0, 0), "1-8": (1, 8), "5-13": (5, 13)}
 
 
@@ -177,11 +196,11 @@ def train(args: argparse.Namespace, log=print) -> dict:
     per_sample_loss = DeepSupervisionLoss(reduction="none")
     params = [{"params": net.parameters(), "lr": args.lr}]
     weighting = None
-    if args.method != "baseline":
+    method = METHODS[args.method]
+    if method.quality:
         qam = QualityAwarenessModule(2, in_channels=1 + len(structures))
-        weighting = QualityWeightedLoss(qam, args.ocm_lambda if args.method.startswith("qam_ocm") else None,
-                                        centre=args.method == "qam_ocm_centred")  # fmt: skip
-        params.append({"params": qam.parameters(), "lr": args.qam_lr})
+        weighting = QualityWeightedLoss(qam, args.ocm_lambda if method.ocm else None, centre=method.centre)
+        params.append({"params": qam.parameters(), "lr": method.qam_lr or args.qam_lr})
     opt = torch.optim.Adam(params)
     rng = np.random.default_rng(args.seed)
     t_start = time.time()
@@ -315,14 +334,14 @@ def main() -> None:
     t = sub.add_parser("train", help="train one method on one noise setting, test on the clean test split")
     add_run_arguments(t)
     t.add_argument("--out", required=True)
-    t.add_argument("--method", choices=METHODS, default="qam_ocm")
+    t.add_argument("--method", choices=list(METHODS), default="qam_ocm")
     t.add_argument("--noisy", type=float, default=0.0, help="fraction of noisy training samples")
     t.add_argument("--level", choices=sorted(LEVELS), default="-")
     tb = sub.add_parser("table", help="train the missing runs of a table, then print it")
     add_run_arguments(tb)
     tb.add_argument("--out", required=True, help="folder of the runs' checkpoints")
     tb.add_argument("--rows", nargs="+", default=["0:-", "0.5:1-8", "0.75:1-8", "0.5:5-13", "0.75:5-13"])
-    tb.add_argument("--methods", nargs="+", choices=METHODS, default=list(PUBLISHED_METHODS))
+    tb.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(PUBLISHED_METHODS))
     tb.add_argument("--json", help="write the rows here (docs/noisy_labels.json)")
     e = sub.add_parser("evaluate", help="Dice of a checkpoint on an npz of the same format")
     e.add_argument("--model", required=True)
