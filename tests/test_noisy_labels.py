@@ -16,9 +16,11 @@ from ctv_train.noisy_labels import (
     _prepare,
     _prepare_masks,
     add_label_noise,
+    build_net,
     load_npz,
     perturb,
     quality_scores,
+    sample_losses,
     split,
 )
 
@@ -93,8 +95,9 @@ def test_train_and_evaluate_cli_agree(tmp_path, method):
     assert scores["mean"] == pytest.approx(at_training["mean"])
     assert 0.0 <= scores["mean"] <= 1.0
 
-    # The training curve ends at the last epoch with the final test Dice; a QAM run keeps its QAM, and the
-    # curve's label-review AUC is what that QAM gives the corrupted and clean training labels.
+    # The training curve ends at the last epoch with the final test Dice. Its loss AUC is what the saved
+    # network's losses give the clean and corrupted training labels; a QAM run keeps its QAM, and the
+    # curve's label-review AUC is what that QAM gives them.
     import torch
 
     from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss
@@ -103,15 +106,20 @@ def test_train_and_evaluate_cli_agree(tmp_path, method):
     last = ckpt["meta"]["curve"][-1]
     assert last["epoch"] == 2 and last["test_mean"] == pytest.approx(scores["mean"])
     assert ("qam" in ckpt) == METHODS[method].quality == ("review_auc" in last)
+    images, masks, structures = load_npz(data)
+    train_idx, _ = split(len(images))
+    noisy, corrupted = add_label_noise(masks[train_idx], 0.25, (1, 8), seed=0)
+    assert corrupted == ckpt["meta"]["corrupted_train_indices"]
+    x, y = _prepare(images[train_idx], 32), _prepare_masks(noisy, 32)
+    clean = np.setdiff1d(np.arange(len(x)), corrupted)
+    net = build_net((4, 8, 16, 32, 64, 4), len(structures))
+    net.load_state_dict(ckpt["model"])
+    losses = sample_losses(net, x, y)
+    assert last["loss_auc"] == pytest.approx(roc_auc(-losses[clean], -losses[corrupted]))
     if METHODS[method].quality:
-        images, masks, structures = load_npz(data)
-        train_idx, _ = split(len(images))
-        noisy, corrupted = add_label_noise(masks[train_idx], 0.25, (1, 8), seed=0)
-        assert corrupted == ckpt["meta"]["corrupted_train_indices"]
         weighting = QualityWeightedLoss(QualityAwarenessModule(2, in_channels=1 + len(structures)))
         weighting.qam.load_state_dict(ckpt["qam"])
-        raw = quality_scores(weighting, _prepare(images[train_idx], 32), _prepare_masks(noisy, 32))
-        clean = np.setdiff1d(np.arange(len(raw)), corrupted)
+        raw = quality_scores(weighting, x, y)
         assert last["review_auc"] == pytest.approx(roc_auc(raw[clean], raw[corrupted]))
 
 

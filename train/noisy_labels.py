@@ -168,17 +168,30 @@ def quality_scores(weighting: QualityWeightedLoss, x: torch.Tensor, y: torch.Ten
     return torch.cat([weighting.qam(x[s : s + batch], y[s : s + batch]) for s in range(0, len(x), batch)]).numpy()
 
 
+@torch.no_grad()
+def sample_losses(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 32) -> np.ndarray:
+    """The network's loss on every training sample, as the weighting sees it."""
+    net.eval()
+    loss = DeepSupervisionLoss(reduction="none")
+    return torch.cat([loss(net(x[s : s + batch]), y[s : s + batch]) for s in range(0, len(x), batch)]).numpy()
+
+
 def progress(net, weighting, x, y, corrupted: list[int], test: tuple[np.ndarray, np.ndarray], size: int) -> dict:
     """A point of the training curve: the test split's mean Dice (never used to pick a model: the
-    last epoch is the result) and, with a QAM, its raw scores' spread and the label-review ROC AUC
-    (clean training labels scoring above corrupted ones), which says whether the QAM tells them apart."""
+    last epoch is the result); with corrupted labels, ``loss_auc``, how often a clean training sample has
+    a lower loss than a corrupted one (the signal any weighting learns from); with a QAM, its raw scores'
+    spread and ``review_auc``, how often a clean label scores above a corrupted one (what it learnt)."""
     pred = predict(net, test[0], size).astype(bool)
     point = {"test_mean": float(dice_per_structure(pred, test[1].astype(bool)).mean())}
+    clean = np.setdiff1d(np.arange(len(x)), corrupted)
+    separable = len(corrupted) > 0 and len(clean) > 0
+    if separable:
+        losses = sample_losses(net, x, y)
+        point["loss_auc"] = roc_auc(-losses[clean], -losses[corrupted])
     if weighting is not None:
         raw = quality_scores(weighting, x, y)
-        clean = np.setdiff1d(np.arange(len(x)), corrupted)
         point.update(score_mean=float(raw.mean()), score_sd=float(raw.std()))
-        if len(corrupted) and len(clean):
+        if separable:
             point["review_auc"] = roc_auc(raw[clean], raw[corrupted])
     return point
 
