@@ -63,12 +63,15 @@ PUBLISHED: dict[tuple[float, str, str], tuple[float, float, float, float]] = {
 @dataclass(frozen=True)
 class Method:
     """How a run weighs its samples: not at all (baseline), by the QAM's softmax, bounded by the OCM or not;
-    ``centre`` centres the scores over the batch before the OCM; ``qam_lr`` replaces ``--qam-lr``."""
+    ``centre`` centres the scores over the batch before the OCM; ``qam_lr`` replaces ``--qam-lr``;
+    ``sees_prediction`` gives the QAM the network's (detached) probabilities beside the image and label,
+    which the published QAM does not see."""
 
     quality: bool = True
     ocm: bool = True
     centre: bool = False
     qam_lr: float | None = None
+    sees_prediction: bool = False
 
 
 # The published methods, then the variants tried against them (issue 22, docs/noisy_labels.md).
@@ -79,6 +82,7 @@ METHODS: dict[str, Method] = {
     "qam_ocm": Method(),
     "qam_ocm_centred": Method(centre=True),
     "qam_ocm_centred_lr1e-3": Method(centre=True, qam_lr=1e-3),
+    "qam_ocm_centred_sees_prediction": Method(centre=True, sees_prediction=True),
 }
 LEVELS = {"-": (0, 0), "1-8": (1, 8), "5-13": (5, 13)}
 
@@ -163,9 +167,21 @@ def scores(pred: np.ndarray, truth: np.ndarray, structures: list[str]) -> dict[s
 
 
 @torch.no_grad()
-def quality_scores(weighting: QualityWeightedLoss, x: torch.Tensor, y: torch.Tensor, batch: int = 32) -> np.ndarray:
-    """The QAM's raw score of every (image, label) pair, as the review would rank them."""
-    return torch.cat([weighting.qam(x[s : s + batch], y[s : s + batch]) for s in range(0, len(x), batch)]).numpy()
+def qam_image(x: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+    """What the QAM sees beside the label: the image, and the network's probabilities when the method says."""
+    return x if logits is None else torch.cat([x, torch.sigmoid(logits.detach())], dim=1)
+
+
+@torch.no_grad()
+def quality_scores(weighting: QualityWeightedLoss, x: torch.Tensor, y: torch.Tensor, batch: int = 32,
+                   net: torch.nn.Module | None = None) -> np.ndarray:  # fmt: skip
+    """The QAM's raw score of every (image, label) pair, as the review would rank them; ``net``: the network
+    whose probabilities a ``sees_prediction`` QAM sees."""
+    if net is not None:
+        net.eval()
+    parts = [(x[s : s + batch], y[s : s + batch]) for s in range(0, len(x), batch)]
+    scores = [weighting.qam(qam_image(xb, net(xb) if net is not None else None), yb) for xb, yb in parts]
+    return torch.cat(scores).numpy()
 
 
 @torch.no_grad()
@@ -176,7 +192,8 @@ def sample_losses(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch:
     return torch.cat([loss(net(x[s : s + batch]), y[s : s + batch]) for s in range(0, len(x), batch)]).numpy()
 
 
-def progress(net, weighting, x, y, corrupted: list[int], test: tuple[np.ndarray, np.ndarray], size: int) -> dict:
+def progress(net, weighting, x, y, corrupted: list[int], test: tuple[np.ndarray, np.ndarray], size: int,
+             sees_prediction: bool = False) -> dict:  # fmt: skip
     """A point of the training curve: the test split's mean Dice (never used to pick a model: the
     last epoch is the result); with corrupted labels, ``loss_auc``, how often a clean training sample has
     a lower loss than a corrupted one (the signal any weighting learns from); with a QAM, its raw scores'
@@ -189,7 +206,7 @@ def progress(net, weighting, x, y, corrupted: list[int], test: tuple[np.ndarray,
         losses = sample_losses(net, x, y)
         point["loss_auc"] = roc_auc(-losses[clean], -losses[corrupted])
     if weighting is not None:
-        raw = quality_scores(weighting, x, y)
+        raw = quality_scores(weighting, x, y, net=net if sees_prediction else None)
         point.update(score_mean=float(raw.mean()), score_sd=float(raw.std()))
         if separable:
             point["review_auc"] = roc_auc(raw[clean], raw[corrupted])
@@ -211,7 +228,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
     weighting = None
     method = METHODS[args.method]
     if method.quality:
-        qam = QualityAwarenessModule(2, in_channels=1 + len(structures))
+        qam = QualityAwarenessModule(2, in_channels=1 + len(structures) * (2 if method.sees_prediction else 1))
         weighting = QualityWeightedLoss(qam, args.ocm_lambda if method.ocm else None, centre=method.centre)
         params.append({"params": qam.parameters(), "lr": method.qam_lr or args.qam_lr})
     opt = torch.optim.Adam(params)
@@ -225,8 +242,12 @@ def train(args: argparse.Namespace, log=print) -> dict:
         for start in range(0, len(order), args.batch):
             idx = torch.as_tensor(order[start : start + args.batch])
             xb, yb = x[idx], y[idx]
-            per_sample = per_sample_loss(net(xb), yb)
-            loss = weighting(per_sample, xb, yb) if weighting is not None else per_sample.mean()
+            logits = net(xb)
+            per_sample = per_sample_loss(logits, yb)
+            if weighting is not None:
+                loss = weighting(per_sample, qam_image(xb, logits if method.sees_prediction else None), yb)
+            else:
+                loss = per_sample.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -234,7 +255,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
         if (epoch + 1) % args.log_every == 0 or epoch + 1 == args.epochs:
             t_point = time.time()
             point = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
-                     **progress(net, weighting, x, y, corrupted, test, args.size)}  # fmt: skip
+                     **progress(net, weighting, x, y, corrupted, test, args.size, method.sees_prediction)}  # fmt: skip
             curve.append(point)
             t_start += time.time() - t_point  # the curve is a diagnostic: its time is not training time
             log(f"epoch {epoch + 1}/{args.epochs} ({time.time() - t_start:.0f}s) "
