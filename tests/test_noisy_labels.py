@@ -78,7 +78,7 @@ def toy_npz(folder) -> str:
 TINY = ["--epochs", "2", "--size", "32", "--features", "4", "8", "16", "32", "64", "4"]
 
 
-@pytest.mark.parametrize("method", ["baseline", "qam_ocm", "qam_ocm_centred_lr1e-3"])
+@pytest.mark.parametrize("method", ["baseline", "qam_ocm", "qam_ocm_centred_lr1e-3", "qam_ocm_centred_sees_prediction"])
 def test_train_and_evaluate_cli_agree(tmp_path, method):
     data = toy_npz(tmp_path)
     model = tmp_path / "m.pt"
@@ -105,6 +105,9 @@ def test_train_and_evaluate_cli_agree(tmp_path, method):
     ckpt = torch.load(model, weights_only=False)
     last = ckpt["meta"]["curve"][-1]
     assert last["epoch"] == 2 and last["test_mean"] == pytest.approx(scores["mean"])
+    cmd = [sys.executable, "-m", "ctv_train.noisy_labels", "curve", "--models", str(model)]
+    printed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert printed.returncode == 0 and f"| 2 | {scores['mean']:.3f} | {last['loss_auc']:.3f} |" in printed.stdout
     assert ("qam" in ckpt) == METHODS[method].quality == ("review_auc" in last)
     images, masks, structures = load_npz(data)
     train_idx, _ = split(len(images))
@@ -117,9 +120,11 @@ def test_train_and_evaluate_cli_agree(tmp_path, method):
     losses = sample_losses(net, x, y)
     assert last["loss_auc"] == pytest.approx(roc_auc(-losses[clean], -losses[corrupted]))
     if METHODS[method].quality:
-        weighting = QualityWeightedLoss(QualityAwarenessModule(2, in_channels=1 + len(structures)))
+        sees = METHODS[method].sees_prediction  # the QAM also reads the network's probabilities
+        qam = QualityAwarenessModule(2, in_channels=1 + len(structures) * (2 if sees else 1))
+        weighting = QualityWeightedLoss(qam)
         weighting.qam.load_state_dict(ckpt["qam"])
-        raw = quality_scores(weighting, x, y)
+        raw = quality_scores(weighting, x, y, net=net if sees else None)
         assert last["review_auc"] == pytest.approx(roc_auc(raw[clean], raw[corrupted]))
 
 

@@ -333,6 +333,22 @@ def table_markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines + ["", "```", command, "```", ""])
 
 
+def curves_markdown(models: list[str], every: int = 1) -> str:
+    """One row per logged epoch; per checkpoint its test mean Dice, then, where logged, the loss AUC and the
+    QAM's review AUC (``progress``)."""
+    curves = {os.path.basename(m).removesuffix(".pt"): load_checkpoint(m)["meta"]["curve"] for m in models}
+    keys = ("test_mean", "loss_auc", "review_auc")
+    columns = [(name, k) for name, curve in curves.items() for k in keys if any(k in p for p in curve)]
+    epochs = sorted({p["epoch"] for curve in curves.values() for p in curve})
+    epochs = [e for i, e in enumerate(epochs) if (i + 1) % every == 0 or e == epochs[-1]]
+    points = {(name, p["epoch"]): p for name, curve in curves.items() for p in curve}
+    lines = ["| epoch | " + " | ".join(f"{name}: {k}" for name, k in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for e in epochs:
+        cells = [points.get((name, e), {}).get(k) for name, k in columns]
+        lines.append(f"| {e} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")
+    return "\n".join(lines)
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     ckpt = load_checkpoint(args.model)
     config = ckpt["config"]
@@ -381,8 +397,13 @@ def main() -> None:
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--split", choices=["test", "all"], default="all", help="test: the checkpoint's test split")
+    c = sub.add_parser("curve", help="the training curves of checkpoints, side by side, as a markdown table")
+    c.add_argument("--models", nargs="+", required=True)
+    c.add_argument("--every", type=int, default=1, help="keep every n-th point (and the last)")
     args = ap.parse_args()
-    if args.command == "table":
+    if args.command == "curve":
+        print(curves_markdown(args.models, args.every))
+    elif args.command == "table":
         rows = run_table(args)
         if args.json:
             write_rows(args.json, rows)
