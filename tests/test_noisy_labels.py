@@ -78,7 +78,9 @@ def toy_npz(folder) -> str:
 TINY = ["--epochs", "2", "--size", "32", "--features", "4", "8", "16", "32", "64", "4"]
 
 
-@pytest.mark.parametrize("method", ["baseline", "qam_ocm", "qam_ocm_centred_lr1e-3", "qam_ocm_centred_sees_prediction"])
+@pytest.mark.parametrize(
+    "method", ["baseline", "qam_ocm", "qam_ocm_centred_lr1e-3", "qam_ocm_centred_sees_prediction", "small_loss_ocm"]
+)
 def test_train_and_evaluate_cli_agree(tmp_path, method):
     data = toy_npz(tmp_path)
     model = tmp_path / "m.pt"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ctv_app.lib.losses import DeepSupervisionLoss
-from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss, overfitting_control
+from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss, overfitting_control, small_loss_weights
 
 
 def test_ocm_bounds_scores_and_the_weight_ratio():
@@ -176,3 +176,18 @@ def test_per_case_weighting_scores_and_weighs_whole_cases():
         weighting(per_patch, image, target)
     with pytest.raises(ValueError, match="not whole cases"):
         DeepSupervisionLoss(reduction="none", patches_per_case=3)(logits, target)
+
+
+def test_small_loss_weights_favour_low_losses_within_the_ocm_bound():
+    """No QAM: the batch's own losses, standardised and bounded by lambda*tanh, rank the samples. The
+    weights are detached, so each sample's gradient is its weight."""
+    losses = torch.tensor([0.05, 0.2, 0.9, 0.1, 0.4], requires_grad=True)
+    w = small_loss_weights(losses, 2.0)
+    assert torch.isclose(w.sum(), torch.tensor(1.0)) and not w.requires_grad
+    assert torch.equal(torch.argsort(w), torch.argsort(-losses.detach()))  # lower loss, more weight
+    assert float(w.max() / w.min()) <= math.exp(4.0) + 1e-4
+    (w * losses).sum().backward()
+    assert torch.allclose(losses.grad, w)
+    assert torch.allclose(small_loss_weights(torch.full((4,), 0.3)), torch.full((4,), 0.25))
+    with pytest.raises(ValueError, match="ocm_lambda"):
+        small_loss_weights(losses, 0.0)

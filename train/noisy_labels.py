@@ -31,7 +31,7 @@ from scipy import ndimage
 from ctv_app.lib.checkpoint import load_checkpoint
 from ctv_app.lib.losses import DeepSupervisionLoss
 from ctv_app.lib.metrics import dice, roc_auc
-from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss
+from ctv_app.lib.quality import QualityAwarenessModule, QualityWeightedLoss, small_loss_weights
 
 N_TRAIN = 165
 # The published table (Dice lungs / heart / clavicles / mean), keyed by (noisy fraction, level, method).
@@ -65,13 +65,15 @@ class Method:
     """How a run weighs its samples: not at all (baseline), by the QAM's softmax, bounded by the OCM or not;
     ``centre`` centres the scores over the batch before the OCM; ``qam_lr`` replaces ``--qam-lr``;
     ``sees_prediction`` gives the QAM the network's (detached) probabilities beside the image and label,
-    which the published QAM does not see."""
+    which the published QAM does not see; ``small_loss`` weighs by the batch's losses, bounded as by the
+    OCM, with no QAM (``quality.small_loss_weights``)."""
 
     quality: bool = True
     ocm: bool = True
     centre: bool = False
     qam_lr: float | None = None
     sees_prediction: bool = False
+    small_loss: bool = False
 
 
 # The published methods, then the variants tried against them (issue 22, docs/noisy_labels.md).
@@ -83,6 +85,7 @@ METHODS: dict[str, Method] = {
     "qam_ocm_centred": Method(centre=True),
     "qam_ocm_centred_lr1e-3": Method(centre=True, qam_lr=1e-3),
     "qam_ocm_centred_sees_prediction": Method(centre=True, sees_prediction=True),
+    "small_loss_ocm": Method(quality=False, small_loss=True),
 }
 LEVELS = {"-": (0, 0), "1-8": (1, 8), "5-13": (5, 13)}
 
@@ -246,6 +249,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
             per_sample = per_sample_loss(logits, yb)
             if weighting is not None:
                 loss = weighting(per_sample, qam_image(xb, logits if method.sees_prediction else None), yb)
+            elif method.small_loss:
+                loss = (small_loss_weights(per_sample, args.ocm_lambda) * per_sample).sum()
             else:
                 loss = per_sample.mean()
             opt.zero_grad(set_to_none=True)

@@ -91,3 +91,16 @@ class QualityWeightedLoss(nn.Module):
         if per_sample_loss.dim() != 1 or per_sample_loss.shape[0] != n:
             raise ValueError(f"need one loss per case ([{n}]), got shape {tuple(per_sample_loss.shape)}")
         return (self.weights(image, label) * per_sample_loss).sum()
+
+
+def small_loss_weights(per_sample_loss: torch.Tensor, ocm_lambda: float = 2.0) -> torch.Tensor:
+    """Weights from the losses themselves, no QAM: each sample's loss standardised over the batch, bounded
+    by the OCM's ``lambda * tanh`` (a low loss weighs up to e^(2 lambda) times a high one), softmax over the
+    batch. Detached: the weights steer the network, they are not trained. A corrupted label has the higher
+    loss under a network that has learnt the consistent labels (the "small-loss" criterion of
+    co-teaching, Han et al. 2018)."""
+    if ocm_lambda <= 0:
+        raise ValueError(f"ocm_lambda must be > 0, got {ocm_lambda}")
+    loss = per_sample_loss.detach()
+    z = (loss - loss.mean()) / loss.std().clamp(min=1e-8) if loss.numel() > 1 else torch.zeros_like(loss)
+    return torch.softmax(overfitting_control(-z, ocm_lambda), dim=0)
