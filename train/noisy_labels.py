@@ -169,7 +169,6 @@ def scores(pred: np.ndarray, truth: np.ndarray, structures: list[str]) -> dict[s
     return {**{s: float(v) for s, v in zip(structures, d)}, "mean": float(d.mean())}
 
 
-@torch.no_grad()
 def qam_image(x: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
     """What the QAM sees beside the label: the image, and the network's probabilities when the method says."""
     return x if logits is None else torch.cat([x, torch.sigmoid(logits.detach())], dim=1)
