@@ -21,10 +21,11 @@ re-contoured by one of the simulated annotator styles (``--styles``, taken in tu
 The arms (``ARMS``) train the same network, seed and budget with ``ctv_train.train``: the true
 labels (reference), the styled labels with the plain loss, and the styled labels with quality
 weighting (QAM+OCM, at two QAM learning rates, and with issue 22's fixes: centred scores, per-case
-weights). Each is scored by the served pipeline on held-out cases with their true labels. The
-quality-weighted arms' QAMs then score every training label; the ROC AUC says how well a low
-score finds the styled ones (what the ``review`` strategy relies on). A finished arm is kept in
-``<out>/<arm>/result.json``, so a stopped run continues where it stopped.
+weights). Each is scored by the served pipeline on held-out cases with their true labels. Each arm's
+model then scores every training label with the ``review`` strategy's scores (``lib/review.py``): its
+agreement with the label, and for the quality-weighted arms their QAM's score; the ROC AUC says how
+well a low score finds the styled ones. A finished arm is kept in ``<out>/<arm>/result.json``, so a
+stopped run continues where it stopped (and gains any review score it lacks).
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ ARMS: dict[str, tuple[str, dict]] = {
     # issue 22's two named causes fixed: scores centred over the batch, and one score and loss per case
     "styled_qam_ocm_centred_per_case": ("styled", {"quality_weighting": True, "quality_centre": True,
                                                    "quality_per_case": True}),  # fmt: skip
+    # the 2-D lead (docs/noisy_labels.md, 1d): centred scores with a 10x faster QAM, by case or by patch
+    "styled_qam_ocm_centred_lr1e-3": ("styled", {"quality_weighting": True, "quality_centre": True, "qam_lr": 1e-3}),
+    "styled_qam_ocm_centred_lr1e-3_per_case": ("styled", {"quality_weighting": True, "quality_centre": True,
+                                                          "qam_lr": 1e-3, "quality_per_case": True}),  # fmt: skip
 }
 # The CI-sized configuration (6 mm, filters 8-64; docs/ablation.md), to keep each arm in CPU minutes.
 PARAMS = {"target_spacing": [6, 6, 6], "patch_size": [32, 32, 32], "filters": [8, 16, 32, 64]}
@@ -113,8 +118,9 @@ def make_styled_datastore(
 
     A datastore that records its labels' structures (real structure sets) has every structure of a
     restyled label restyled, and its copy is saved as a bitmask of the same structures through the
-    app's datastore; ``dice_to_truth`` is then the mean over the label's structures. Plain label
-    files (phantoms) are restyled as one mask."""
+    app's datastore. Plain label files (phantoms: label maps in the model's values) have each value's
+    structure restyled and are saved as label maps. ``dice_to_truth`` is the mean over the label's
+    structures."""
     pairs = find_pairs(clean)
     rng = np.random.default_rng(seed)
     chosen = set(rng.choice(len(pairs), size=int(round(fraction * len(pairs))), replace=False).tolist())
@@ -141,9 +147,17 @@ def make_styled_datastore(
 
         if store is None:
             truth = truth.astype(np.uint8)
-            styled, info = restyle(truth, style, style_rng(), margin) if style != "true" else (truth, {})
+            styled, per_value, dices = np.zeros_like(truth), {}, []
+            # each structure of the label map (its value) restyled alone; where grown ones meet, the lower
+            # value keeps the voxel, as a label map holds one structure per voxel
+            for value in np.unique(truth[truth > 0]).tolist():
+                mask = truth == value
+                styled_mask, info = restyle(mask, style, style_rng(), margin) if style != "true" else (mask, {})
+                styled[(styled_mask > 0) & (styled == 0)] = value
+                per_value[int(value)] = info
+                dices.append(dice(styled == value, mask))
             nib.save(nib.Nifti1Image(styled, truth_img.affine), os.path.join(out, "labels", "final", name))
-            record[pair["id"]] = {"style": style, **info, "dice_to_truth": dice(styled, truth)}
+            record[pair["id"]] = {"style": style, "structures": per_value, "dice_to_truth": float(np.mean(dices))}
             continue
         encoding, structures = pair[ENCODING_KEY], pair[STRUCTURES_KEY]
         styled_masks, per_structure, dices = {}, {}, []
@@ -190,11 +204,9 @@ def _label_info(pair: dict) -> dict | None:
     return {"encoding": pair[ENCODING_KEY], "structures": pair[STRUCTURES_KEY]}
 
 
-def label_quality_auc(model: str, pairs: list[dict], record: dict[str, dict], name: str = "ctv") -> dict:
-    """Score every label with the model's QAM; AUC of 'true labels score above styled ones'."""
-    from ctv_app.lib.review import LabelQualityScoring
-
-    scoring = LabelQualityScoring(served_infer_task(model, None, name))
+def review_auc(scoring, pairs: list[dict], record: dict[str, dict]) -> dict:
+    """Score every label with a review score (``lib/review.py``); the ROC AUC of 'true labels score above
+    styled ones', over all styles and per style."""
     scores = {p["id"]: scoring.score(p["image"], p["label"], _label_info(p)) for p in pairs}
     true = [s for i, s in scores.items() if record[i]["style"] == "true"]
     styled = [s for i, s in scores.items() if record[i]["style"] != "true"]
@@ -203,6 +215,17 @@ def label_quality_auc(model: str, pairs: list[dict], record: dict[str, dict], na
         for style in dict.fromkeys(r["style"] for r in record.values() if r["style"] != "true")
     }
     return {"auc": roc_auc(true, styled), "auc_by_style": by_style, "scores": scores}
+
+
+def review_aucs(model: str, pairs: list[dict], record: dict[str, dict], name: str, quality: bool) -> dict:
+    """``review_auc`` of the model's label agreement, and of its QAM when it has one (``quality``)."""
+    from ctv_app.lib.review import LabelAgreementScoring, LabelQualityScoring
+
+    task = served_infer_task(model, None, name)
+    out = {"label_agreement": review_auc(LabelAgreementScoring(task), pairs, record)}
+    if quality:
+        out["label_quality"] = review_auc(LabelQualityScoring(task), pairs, record)
+    return out
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
@@ -215,6 +238,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     margin = tuple(int(v) for v in args.margin.split("-"))
     record = make_styled_datastore(clean, styled, args.fraction, args.seed, tuple(args.styles), margin)
     folders = {"clean": clean, "styled": styled}
+    styled_pairs = find_pairs(styled)
     params = CTVParams().updated(json.loads(args.params) if args.params else PARAMS)
     results = {}
     for arm in args.arms:
@@ -224,6 +248,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
         if os.path.exists(result_path):
             with open(result_path) as f:
                 results[arm] = json.load(f)
+            if "label_agreement" not in results[arm]:  # an arm finished before the agreement score existed
+                results[arm].update(review_aucs(os.path.join(arm_dir, "ctv.pt"), styled_pairs, record, args.name,
+                                                results[arm]["quality_weighting"]))  # fmt: skip
+                with open(result_path, "w") as f:
+                    json.dump(results[arm], f, indent=1)
             continue
         os.makedirs(arm_dir, exist_ok=True)
         cfg = TrainConfig(
@@ -254,8 +283,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             "held_out_dice": {k: v for k, v in held_out.items() if k != "per_case"},
             "held_out_per_case": held_out["per_case"],
         }
-        if cfg.quality_weighting:
-            result["label_quality"] = label_quality_auc(model, pairs, record, args.name)
+        # the styled labels, whichever the arm trained on: a true-label model checks them as an independent one
+        result.update(review_aucs(model, styled_pairs, record, args.name, cfg.quality_weighting))
         with open(result_path, "w") as f:
             json.dump(result, f, indent=1)
         results[arm] = result
@@ -281,10 +310,11 @@ def markdown(summary: dict) -> str:
             f" {r['train_seconds'] / 60:.1f} |"
         )
     for arm, r in summary["arms"].items():
-        if "label_quality" in r:
-            q = r["label_quality"]
-            by_style = ", ".join(f"{s} {v:.2f}" for s, v in q["auc_by_style"].items())
-            lines += ["", f"{arm}: label-quality ROC AUC (true labels above styled) {q['auc']:.2f} ({by_style})."]
+        for score in ("label_agreement", "label_quality"):
+            if score in r:
+                q = r[score]
+                by_style = ", ".join(f"{s} {v:.2f}" for s, v in q["auc_by_style"].items())
+                lines += ["", f"{arm}: {score} ROC AUC (true labels above styled) {q['auc']:.2f} ({by_style})."]
     return "\n".join(lines)
 
 
