@@ -1,9 +1,13 @@
 """Simulated annotator styles, and the review loop finding them: the ``ctv`` trainer with quality
-weighting on a phantom datastore where some labels were under-contoured on purpose (eroded, or
-slices missing); its QAM must score those lower (ROC AUC >= 0.8) and ``review`` must offer one of
-them first."""
+weighting on a phantom datastore where half the labels were re-contoured the ways careless annotators
+do (too wide, too tight, slices missing, shifted). The model's agreement with each label must score
+every style lower (ROC AUC >= 0.8) and ``review`` must offer a restyled label first; the QAM must find
+the under-contoured ones (eroded, or slices missing), the ones its volume-following score can see."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -15,6 +19,7 @@ from ctv_train.annotator_styles import STYLES, make_styled_datastore, restyle
 from ctv_train.data import find_pairs
 
 EPOCHS = 30  # CI-sized: 6 mm voxels, filters 8-64
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "apps" / "ctv_app" / "model" / "ctv.pt"  # tests serve a copy
 
 
 def test_roc_auc():
@@ -113,32 +118,55 @@ def test_styled_structure_sets_restyle_each_structure_and_keep_what_they_contain
 
 def test_review_finds_restyled_labels(tmp_path):
     from ctv_app.lib.datastore import CTVDatastore
+    from ctv_app.lib.checkpoint import read_params
     from ctv_app.lib.structures import CERVIX
     from ctv_app.lib.infers.ctv import CTVInfer
     from ctv_app.lib.networks import network_for
     from ctv_app.lib.params import CTVParams
-    from ctv_app.lib.review import LabelQualityScoring, Review
+    from ctv_app.lib.review import LabelAgreementScoring, LabelQualityScoring, Review
     from ctv_app.lib.trainers.ctv import CTVTrain
 
     seeds = list(range(5000, 5012))
     build(str(tmp_path / "clean"), seeds, labelled=set(seeds))
-    # Under-contoured labels: the QAM's score follows label volume, so over-contouring ("wide") is
-    # not what it finds (docs/noisy_labels.md, section 2).
-    styles = ("tight", "missing_slices")
-    record = make_styled_datastore(str(tmp_path / "clean"), str(tmp_path / "studies"), 0.5, 0, styles)
+    record = make_styled_datastore(str(tmp_path / "clean"), str(tmp_path / "studies"), 0.5, 0, STYLES)
     # The cervix datastore of the model's structures: its labels, saved without a structure record, are
-    # label maps in the model's values that draw the CTV alone (as before datastores recorded structures).
+    # label maps in the model's values.
     store = CTVDatastore(str(tmp_path / "studies"), structures=CERVIX, auto_reload=False)
+
+    def auc(scores: dict, styles) -> float:
+        true = [s for i, s in scores.items() if record[i]["style"] == "true"]
+        return roc_auc(true, [s for i, s in scores.items() if record[i]["style"] in styles])
+
+    # Agreement needs a model that contours these structures well: the shipped phantom weights (a copy).
+    shipped = tmp_path / "shipped" / "ctv.pt"
+    shipped.parent.mkdir()
+    shutil.copy(SHIPPED_MODEL, shipped)
+    params = read_params(str(shipped))
+    infer = CTVInfer(path=str(shipped), network=network_for(params), params=params, preload=True)
+    agreement = LabelAgreementScoring(infer)
+    scores = agreement({}, store)["scores"]
+    report = {i: (record[i]["style"], round(s, 3)) for i, s in scores.items()}
+    assert set(scores) == {f"phantom_{s:05d}" for s in seeds}
+    for style in STYLES:  # over-contouring and shifts too, which the QAM misses
+        assert auc(scores, {style}) >= 0.8, (style, report)
+    stored = store.get_label_info("phantom_05001", "final")["label_agreement"]
+    assert stored["score"] == scores["phantom_05001"] and stored["model"] == infer.model_record()["sha256"]
+    assert "CTV" in stored["structures"] and set(stored["structures"]) <= set(CERVIX)
+    assert all(0 <= f["surface_dice_voxel"] <= 1 and f["label_ml"] > 0 for f in stored["structures"].values())
+    chosen = Review(agreement)({}, store)
+    assert chosen["method"] == "label_agreement" and record[chosen["id"]]["style"] != "true"
+    assert chosen["score"] == min(scores.values()) and chosen["scored"] == 12
+    assert chosen["median_score"] == pytest.approx(float(np.median(list(scores.values()))))
+
+    # The QAM of a model trained with quality weighting on these labels.
     params = CTVParams(filters=(8, 16, 32, 64), patch_size=(32, 32, 32), target_spacing=(6, 6, 6))
     served = tmp_path / "model" / "ctv.pt"
     request = {"max_epochs": EPOCHS, "train_batch_size": 4, "patches_per_volume": 2, "val_split": 0.2}
     request.update({"quality_weighting": True, "pretrained": False, "learning_rate": 3e-3, "multi_gpu": False})
     CTVTrain(served_path=str(served), params=params)(request, store)
-
     infer = CTVInfer(path=str(served), network=network_for(params), params=params, preload=True)
     scores = LabelQualityScoring(infer)({}, store)["scores"]
-    true = [s for i, s in scores.items() if record[i]["style"] == "true"]
-    styled = [s for i, s in scores.items() if record[i]["style"] != "true"]
-    assert roc_auc(true, styled) >= 0.8, {i: (record[i]["style"], round(s, 4)) for i, s in scores.items()}
-    assert record[Review(LabelQualityScoring(infer))({}, store)["id"]]["style"] != "true"
+    report = {i: (record[i]["style"], round(s, 4)) for i, s in scores.items()}
+    assert auc(scores, {"tight", "missing_slices"}) >= 0.8, report
+    assert record[Review(LabelQualityScoring(infer))({}, store)["id"]]["style"] in ("tight", "missing_slices")
 

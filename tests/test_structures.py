@@ -445,9 +445,12 @@ def test_each_model_has_its_own_weights_overrides_defaults_and_task_names(tmp_pa
     # Spacing, patch, width...: the defaults, until chosen by measurement; here the structures and the overrides.
     assert {k for k, v in hn.params.to_dict().items() if v != defaults[k]} == {"structures", "threshold", "window"}
     assert sorted(ctv.strategy()) == ["review", "uncertain"] and sorted(hn.strategy()) == ["hn_review", "hn_uncertain"]
-    assert sorted(hn.scoring_method()) == ["hn_epistemic", "hn_label_quality", "hn_tta"]
+    assert sorted(hn.scoring_method()) == ["hn_epistemic", "hn_label_agreement", "hn_label_quality", "hn_tta"]
     assert hn.scoring_method()["hn_epistemic"].method == "hn_epistemic"  # its key in the image info
-    assert sorted(ctv.scoring_method()) == ["epistemic", "label_quality", "tta"]
+    assert sorted(ctv.scoring_method()) == ["epistemic", "label_agreement", "label_quality", "tta"]
+    # review ranks by the model's agreement with each label unless told to use the QAM
+    assert ctv.strategy()["review"].scoring is ctv.scoring_method()["label_agreement"]
+    assert hn.strategy()["hn_review"].scoring is hn.scoring_method()["hn_label_agreement"]
     with pytest.raises(ModelUnavailableError, match=f"no hn weights at {tmp_path / 'hn.pt'}") as e:
         hn.infer().served("cpu")
     assert e.value.status_code == 503 and "--conf hn_model" in str(e.value)

@@ -18,9 +18,10 @@ For the model named ``<name>``:
   ``--conf <name>_<param>`` overrides, e.g. ``--conf ctv_flip_tta true``, ``--conf hn_threshold 0.4``
   (``params.conf_overrides``); the overrides never re-label a checkpoint's structures;
 - the task names: infer and train task ``<name>``; scoring methods and strategies keep their plain names
-  (``uncertain``, ``review``, ``epistemic``, ``tta``, ``label_quality``) for the first model served and are
-  ``<name>_uncertain``... for the others (``init(..., primary=False)``), so two models never replace each
-  other's, and each stores its scores in the image and label info under its own method name.
+  (``uncertain``, ``review``, ``epistemic``, ``tta``, ``label_agreement``, ``label_quality``) for the first
+  model served and are ``<name>_uncertain``... for the others (``init(..., primary=False)``), so two models
+  never replace each other's, and each stores its scores in the image and label info under its own
+  method name.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from ..infers.ctv import CTVInfer
 from ..networks import network_for
 from ..params import CTVParams, as_bool, conf_overrides
 from ..provenance import file_sha256
-from ..review import LabelQualityScoring, Review
+from ..review import LabelAgreementScoring, LabelQualityScoring, Review
 from ..trainers.ctv import CTVTrain
 from ..versions import ModelVersions
 
@@ -146,6 +147,7 @@ class ContouringConfig(TaskConfig):
                     dropout=float(self.conf.get("epistemic_dropout", 0.1)),
                 ),
                 TTAScoring(self.infer()),
+                LabelAgreementScoring(self.infer()),
                 LabelQualityScoring(self.infer()),
             ]
             for scorer in scorers:
@@ -155,7 +157,8 @@ class ContouringConfig(TaskConfig):
 
     def strategy(self) -> dict[str, Strategy]:
         """``uncertain``: by ``--conf uncertain_method epistemic|tta`` (or the request's ``method``);
-        ``--conf uncertain_max_compute N`` bounds the studies scored inside one request."""
+        ``--conf uncertain_max_compute N`` bounds the studies scored inside one request. ``review``: by
+        ``--conf review_method label_agreement|label_quality`` (``lib/review.py``)."""
         method = self.conf.get("uncertain_method", "epistemic")
         uncertainty = {
             k.removeprefix(self.task_prefix): v
@@ -165,9 +168,12 @@ class ContouringConfig(TaskConfig):
         if method not in uncertainty:
             raise ValueError(f"uncertain_method must be one of {sorted(uncertainty)}, got {method!r}")
         max_compute = int(self.conf.get("uncertain_max_compute", 4))
+        review_method = self.conf.get("review_method", LabelAgreementScoring.method)
+        if review_method not in (LabelAgreementScoring.method, LabelQualityScoring.method):
+            raise ValueError(f"review_method must be label_agreement or label_quality, got {review_method!r}")
         return {
             f"{self.task_prefix}uncertain": Uncertain(uncertainty, method=method, max_compute=max_compute),
-            f"{self.task_prefix}review": Review(self.scoring_method()[f"{self.task_prefix}label_quality"]),
+            f"{self.task_prefix}review": Review(self.scoring_method()[self.task_prefix + review_method]),
         }
 
     def trainer(self) -> Optional[TrainTask]:
