@@ -231,3 +231,46 @@ def test_auto_training_starts_after_n_saved_labels(tmp_path):
         assert status["status"] == "RUNNING" and status["request"]["model"] == "ctv", status
         stopped = requests.delete(f"{proc.url}/train/", timeout=30)
         assert stopped.json()["status"] == "STOPPED"
+
+
+def test_review_offers_the_label_the_served_model_disagrees_with(tmp_path):
+    """``/activelearning/review`` through the real server, ranked by ``label_agreement`` (the default): of
+    three labelled phantoms, the one an annotator drew 4 voxels off is offered, its score and per-structure
+    figures are stored with the label, and a label with none of the model's structures is left out."""
+    from ctv_train.annotator_styles import restyle
+
+    studies = tmp_path / "studies"
+    build(str(studies), [3200, 3201, 3202], labelled={3200, 3201, 3202})
+    save_nifti(make_water_phantom(), str(studies / "water_qa_phantom.nii.gz"))
+    shifted = studies / "labels" / "final" / "phantom_03201.nii.gz"
+    label = nib.load(shifted)
+    truth = np.asarray(label.dataobj)
+    moved = np.zeros_like(truth)
+    for value in np.unique(truth[truth > 0]).tolist():  # every structure by the same vector: one annotator
+        mask, _ = restyle(truth == value, "shift", np.random.default_rng(7), margin=(4, 4))
+        moved[(mask > 0) & (moved == 0)] = value
+    assert not np.array_equal(moved, truth)
+    nib.save(nib.Nifti1Image(moved, label.affine), shifted)
+    model = tmp_path / "model" / "ctv.pt"  # the shipped weights, as a copy
+    model.parent.mkdir()
+    model.write_bytes((Path(__file__).resolve().parents[1] / "apps" / "ctv_app" / "model" / "ctv.pt").read_bytes())
+    with ServerProcess(studies, tmp_path / "server", conf={"ctv_model": str(model)}) as server:
+        client = MONAILabelClient(server.url, tmpdir=str(tmp_path / "client"))
+        empty = tmp_path / "empty.nii.gz"
+        source = nib.load(studies / "water_qa_phantom.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros(source.shape, np.uint8), source.affine), empty)
+        client.save_label("water_qa_phantom", str(empty), tag="final", params={"annotator": "dr_q"})
+
+        chosen = requests.post(f"{server.url}/activelearning/review", json={}, timeout=600)
+        assert chosen.status_code == 200, chosen.text
+        chosen = chosen.json()
+        assert chosen["id"] == "phantom_03201" and chosen["method"] == "label_agreement"
+        assert chosen["scored"] == 3 and chosen["score"] < 0.5 < chosen["median_score"], chosen
+        info = requests.get(f"{server.url}/datastore/label/info", params={"label": "phantom_03201", "tag": "final"},
+                            timeout=30).json()  # fmt: skip
+        record = info["label_agreement"]
+        assert record["score"] == chosen["score"] and record["model"] == chosen["model"]
+        assert record["structures"]["CTV"]["surface_dice_voxel"] < 0.5 and record["structures"]["CTV"]["label_ml"] > 0
+        assert "label_agreement" not in requests.get(
+            f"{server.url}/datastore/label/info", params={"label": "water_qa_phantom", "tag": "final"}, timeout=30
+        ).json()
