@@ -25,7 +25,6 @@ import time
 from typing import Any
 
 import numpy as np
-
 import torch
 from monai.transforms import Compose
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
@@ -117,19 +116,15 @@ class LabelAgreementScoring(LabelReviewScoring):
         case = contour_and_compare(
             self.infer, image_path, label_path, keys.get(ENCODING_KEY) or "labelmap", keys.get(STRUCTURES_KEY)
         )  # fmt: skip
-        figures = {
-            name: {k: f[k] for k in ("surface_dice_voxel", "dice", "volume_pred_ml", "volume_truth_ml")}
-            for name, f in case.figures.items()
-        }
-        # None: the structure is in neither mask (a partial label that lacks it and a model that agrees)
-        scored = [f["surface_dice_voxel"] for f in figures.values() if f["surface_dice_voxel"] is not None]
-        if not scored:
-            raise UnscorableLabelError(f"the label {label_path} contains none of the model's structures")
         structures = {
             name: {"surface_dice_voxel": f["surface_dice_voxel"], "dice": f["dice"],
                    "label_ml": f["volume_truth_ml"], "model_ml": f["volume_pred_ml"]}
-            for name, f in figures.items()
+            for name, f in case.figures.items()
         }  # fmt: skip
+        # None: a structure the label holds empty and the model does not draw either; nothing to compare
+        scored = [f["surface_dice_voxel"] for f in structures.values() if f["surface_dice_voxel"] is not None]
+        if not scored:
+            raise UnscorableLabelError(f"the label {label_path} contains none of the model's structures")
         return float(np.mean(scored)), version, {"structures": structures}
 
 
