@@ -7,7 +7,6 @@ the under-contoured ones (eroded, or slices missing), the ones its volume-follow
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -18,8 +17,10 @@ from ctv_app.lib.metrics import roc_auc
 from ctv_train.annotator_styles import STYLES, make_styled_datastore, restyle
 from ctv_train.data import find_pairs
 
+from .support import APP_DIR
+
 EPOCHS = 30  # CI-sized: 6 mm voxels, filters 8-64
-SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "apps" / "ctv_app" / "model" / "ctv.pt"  # tests serve a copy
+SHIPPED_MODEL = APP_DIR / "model" / "ctv.pt"  # tests serve a copy
 
 
 def test_roc_auc():

@@ -26,7 +26,7 @@ from ctv_app.lib.metrics import dice
 from ctv_datastore.build import HELD_OUT_SEED_START, build
 from ctv_datastore.phantom import make_water_phantom, save_nifti
 
-from .support import REAL_CT, ServerProcess
+from .support import APP_DIR, REAL_CT, ServerProcess
 
 TRAIN_SEEDS = list(range(3000, 3016))
 HELD_OUT = [HELD_OUT_SEED_START, HELD_OUT_SEED_START + 1]
@@ -253,7 +253,7 @@ def test_review_offers_the_label_the_served_model_disagrees_with(tmp_path):
     nib.save(nib.Nifti1Image(moved, label.affine), shifted)
     model = tmp_path / "model" / "ctv.pt"  # the shipped weights, as a copy
     model.parent.mkdir()
-    model.write_bytes((Path(__file__).resolve().parents[1] / "apps" / "ctv_app" / "model" / "ctv.pt").read_bytes())
+    model.write_bytes((APP_DIR / "model" / "ctv.pt").read_bytes())
     with ServerProcess(studies, tmp_path / "server", conf={"ctv_model": str(model)}) as server:
         client = MONAILabelClient(server.url, tmpdir=str(tmp_path / "client"))
         empty = tmp_path / "empty.nii.gz"

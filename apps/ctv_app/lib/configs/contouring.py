@@ -44,7 +44,7 @@ from ..infers.ctv import CTVInfer
 from ..networks import network_for
 from ..params import CTVParams, as_bool, conf_overrides
 from ..provenance import file_sha256
-from ..review import LabelAgreementScoring, LabelQualityScoring, Review
+from ..review import LabelAgreementScoring, LabelQualityScoring, LabelReviewScoring, Review
 from ..trainers.ctv import CTVTrain
 from ..versions import ModelVersions
 
@@ -169,11 +169,16 @@ class ContouringConfig(TaskConfig):
             raise ValueError(f"uncertain_method must be one of {sorted(uncertainty)}, got {method!r}")
         max_compute = int(self.conf.get("uncertain_max_compute", 4))
         review_method = self.conf.get("review_method", LabelAgreementScoring.method)
-        if review_method not in (LabelAgreementScoring.method, LabelQualityScoring.method):
-            raise ValueError(f"review_method must be label_agreement or label_quality, got {review_method!r}")
+        review = {
+            k.removeprefix(self.task_prefix): v
+            for k, v in self.scoring_method().items()
+            if isinstance(v, LabelReviewScoring)
+        }
+        if review_method not in review:
+            raise ValueError(f"review_method must be one of {sorted(review)}, got {review_method!r}")
         return {
             f"{self.task_prefix}uncertain": Uncertain(uncertainty, method=method, max_compute=max_compute),
-            f"{self.task_prefix}review": Review(self.scoring_method()[self.task_prefix + review_method]),
+            f"{self.task_prefix}review": Review(review[review_method]),
         }
 
     def trainer(self) -> Optional[TrainTask]:
