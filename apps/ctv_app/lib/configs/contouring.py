@@ -160,26 +160,22 @@ class ContouringConfig(TaskConfig):
         ``--conf uncertain_max_compute N`` bounds the studies scored inside one request. ``review``: by
         ``--conf review_method label_agreement|label_quality`` (``lib/review.py``)."""
         method = self.conf.get("uncertain_method", "epistemic")
-        uncertainty = {
-            k.removeprefix(self.task_prefix): v
-            for k, v in self.scoring_method().items()
-            if isinstance(v, UncertaintyScoring)
-        }
+        uncertainty = self._scorers_of(UncertaintyScoring)
         if method not in uncertainty:
             raise ValueError(f"uncertain_method must be one of {sorted(uncertainty)}, got {method!r}")
         max_compute = int(self.conf.get("uncertain_max_compute", 4))
         review_method = self.conf.get("review_method", LabelAgreementScoring.method)
-        review = {
-            k.removeprefix(self.task_prefix): v
-            for k, v in self.scoring_method().items()
-            if isinstance(v, LabelReviewScoring)
-        }
+        review = self._scorers_of(LabelReviewScoring)
         if review_method not in review:
             raise ValueError(f"review_method must be one of {sorted(review)}, got {review_method!r}")
         return {
             f"{self.task_prefix}uncertain": Uncertain(uncertainty, method=method, max_compute=max_compute),
             f"{self.task_prefix}review": Review(review[review_method]),
         }
+
+    def _scorers_of(self, kind: type) -> dict[str, ScoringMethod]:
+        """This model's scoring methods of one kind, by their plain names (``epistemic``, ``label_agreement``)."""
+        return {k.removeprefix(self.task_prefix): v for k, v in self.scoring_method().items() if isinstance(v, kind)}
 
     def trainer(self) -> Optional[TrainTask]:
         return CTVTrain(served_path=self.path, params=self.params, name=self.name, description=self.description,
